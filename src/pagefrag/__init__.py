@@ -1,0 +1,37 @@
+"""pagefrag: know when the network stack is really finished with your memory.
+
+Per-paged-fragment destructors (Linux "net: add support for per-paged-fragment
+destructors") and a socket-buffer model with the kernel's reference rules.
+"""
+
+from ._destructor import FragDestructor
+from ._skbuff import MAX_SKB_FRAGS, Frag, SkBuff
+from .errors import (
+    DestructorError,
+    DoubleFreeError,
+    FragError,
+    FragSharedError,
+    InvalidRangeError,
+    NotContiguousError,
+    PageFragError,
+    SkbFreedError,
+    TooManyFragsError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAX_SKB_FRAGS",
+    "DestructorError",
+    "DoubleFreeError",
+    "Frag",
+    "FragDestructor",
+    "FragError",
+    "FragSharedError",
+    "InvalidRangeError",
+    "NotContiguousError",
+    "PageFragError",
+    "SkBuff",
+    "SkbFreedError",
+    "TooManyFragsError",
+]

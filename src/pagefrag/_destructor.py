@@ -1,0 +1,242 @@
+"""FragDestructor: the shared, reference-counted destructor of paged fragments.
+
+Kernel counterpart: ``struct skb_frag_destructor`` with ``skb_frag_destructor_ref`` and
+``skb_frag_destructor_unref`` from "net: add support for per-paged-fragment destructors".
+The count starts at one, the creator's reference; every holder of a page of the
+operation adds one; ``destroy(data)`` runs when the count reaches zero, exactly once, in
+the thread that dropped the last reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import Callable, Generator
+from typing import Any
+
+from . import leaks
+from .errors import DestructorError
+
+__all__ = ["FragDestructor"]
+
+DoneCallback = Callable[["FragDestructor"], object]
+
+
+def _unraisable_args_type() -> Any:
+    # sys.unraisablehook only accepts the interpreter's own UnraisableHookArgs type,
+    # which has no public name: catch one instance to learn it.
+    seen: list[Any] = []
+    old = sys.unraisablehook
+    sys.unraisablehook = seen.append
+
+    class _Probe:
+        def __del__(self) -> None:
+            raise RuntimeError("probe")
+
+    try:
+        _Probe()
+    finally:
+        sys.unraisablehook = old
+    return type(seen[0])
+
+
+_UnraisableHookArgs = _unraisable_args_type()
+
+
+def report_unraisable(exc: BaseException, msg: str, obj: object) -> None:
+    """Hand an exception nobody can catch to ``sys.unraisablehook``."""
+    sys.unraisablehook(_UnraisableHookArgs((type(exc), exc, exc.__traceback__, msg, obj)))
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class FragDestructor:
+    """A destructor shared by the pages of one higher-level operation.
+
+    Kernel counterpart: ``struct skb_frag_destructor``. Created holding one reference,
+    the creator's; the creator drops it with :meth:`unref` once every page is handed
+    over. Awaitable (``await d``) from any event loop, whichever thread fires it.
+    """
+
+    __slots__ = (
+        "_destroy",
+        "data",
+        "_lock",
+        "_refcount",
+        "_dead",
+        "_done",
+        "_event",
+        "_callbacks",
+        "_created_at",
+        "_records",
+        "name",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        destroy: Callable[[Any], object] | None = None,
+        data: Any = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        self._destroy = destroy
+        self.data = data
+        self.name = name
+        self._lock = threading.Lock()
+        self._refcount = 1
+        self._dead = False  # count reached zero: no ref() may succeed any more
+        self._done = False  # destroy(data) has returned (or raised)
+        self._event: threading.Event | None = None
+        self._callbacks: list[DoneCallback] = []
+        self._created_at = ""
+        self._records: list[tuple[int, leaks.HolderRecord]] | None = None
+        if leaks.enabled:
+            self._created_at = leaks.call_site()
+            if leaks.paranoid:
+                self._records = [(0, self._holder_record(None))]
+            leaks.watch(self)
+
+    # -- references ---------------------------------------------------------------
+    def ref(self, *, holder: object | None = None) -> None:
+        """Take one more reference. Kernel: ``skb_frag_destructor_ref``.
+
+        ``holder`` names who holds it, for leak reports. Raises
+        :class:`DestructorError` (and changes nothing) once the destructor has fired.
+        Refs: +1."""
+        with self._lock:
+            if self._dead:
+                raise DestructorError(f"ref() on {self!r}, which has already been destroyed")
+            self._refcount += 1
+            if self._records is not None:
+                self._records.append((id(holder), self._holder_record(holder)))
+
+    def unref(self, *, holder: object | None = None) -> None:
+        """Drop one reference; the last one runs ``destroy(data)`` in this thread.
+        Kernel: ``skb_frag_destructor_unref``.
+
+        Raises :class:`DestructorError` (and changes nothing) when no reference is
+        left. Refs: -1."""
+        with self._lock:
+            if self._refcount <= 0:
+                raise DestructorError(f"unref() on {self!r} with no reference left")
+            self._refcount -= 1
+            if self._records is not None:
+                self._forget_record(id(holder))
+            if self._refcount:
+                return
+            self._dead = True
+        self._fire()
+
+    def _fire(self) -> None:
+        if self._destroy is not None:
+            try:
+                self._destroy(self.data)
+            except BaseException as exc:  # noqa: BLE001 - reported, never lost
+                report_unraisable(exc, f"Exception ignored in destroy of {self!r}", self._destroy)
+        with self._lock:
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, []
+            if self._event is not None:
+                self._event.set()
+        for cb in callbacks:
+            self._run_callback(cb)
+
+    def _run_callback(self, cb: DoneCallback) -> None:
+        try:
+            cb(self)
+        except BaseException as exc:  # noqa: BLE001 - reported, never lost
+            report_unraisable(exc, f"Exception ignored in done callback of {self!r}", cb)
+
+    # -- state --------------------------------------------------------------------
+    @property
+    def refcount(self) -> int:
+        """References currently held (kernel: ``atomic_read(&destroy->ref)``)."""
+        return self._refcount
+
+    @property
+    def done(self) -> bool:
+        """True once ``destroy(data)`` has run."""
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the destructor has fired; False if ``timeout`` ran out first."""
+        with self._lock:
+            if self._done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+    def add_done_callback(self, fn: DoneCallback) -> None:
+        """Call ``fn(self)`` after ``destroy`` ran, in the thread that fired it; at
+        once (in this thread) when it already has."""
+        with self._lock:
+            if not self._done:
+                self._callbacks.append(fn)
+                return
+        self._run_callback(fn)
+
+    def remove_done_callback(self, fn: DoneCallback) -> bool:
+        """Forget a callback that has not run yet; True if it was found."""
+        with self._lock:
+            try:
+                self._callbacks.remove(fn)
+            except ValueError:
+                return False
+            return True
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if self._done:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = fut.get_loop()
+
+        def wake(_: FragDestructor) -> None:
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+        self.add_done_callback(wake)
+        try:
+            yield from fut.__await__()
+        finally:
+            # A cancelled waiter leaves nothing behind; the destructor is untouched.
+            self.remove_done_callback(wake)
+
+    # -- leak detection -------------------------------------------------------------
+    @staticmethod
+    def _holder_record(holder: object | None) -> leaks.HolderRecord:
+        return leaks.HolderRecord(
+            holder="creator" if holder is None else repr(holder),
+            site=leaks.call_site(),
+            stack=leaks.call_stack(),
+        )
+
+    def _forget_record(self, holder_id: int) -> None:
+        records = self._records
+        assert records is not None
+        for i, (hid, _) in enumerate(records):
+            if hid == holder_id:
+                del records[i]
+                return
+        if records:  # an unnamed unref releases the oldest record
+            del records[0]
+
+    def _leak_record(self) -> leaks.LeakRecord | None:
+        with self._lock:
+            if self._dead:
+                return None
+            holders = tuple(r for _, r in self._records or ())
+            return leaks.LeakRecord(repr(self), self._refcount, self._created_at, holders)
+
+    def __repr__(self) -> str:
+        label = f" {self.name!r}" if self.name else ""
+        state = "done" if self._done else f"refcount={self._refcount}"
+        return f"<FragDestructor{label} {state} at {id(self):#x}>"
