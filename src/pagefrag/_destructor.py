@@ -10,6 +10,7 @@ the thread that dropped the last reference.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 from collections.abc import Callable, Generator
@@ -63,18 +64,18 @@ class FragDestructor:
     """
 
     __slots__ = (
-        "_destroy",
-        "data",
-        "_lock",
-        "_refcount",
-        "_dead",
-        "_done",
-        "_event",
+        "__weakref__",
         "_callbacks",
         "_created_at",
+        "_dead",
+        "_destroy",
+        "_done",
+        "_event",
+        "_lock",
         "_records",
+        "_refcount",
+        "data",
         "name",
-        "__weakref__",
     )
 
     def __init__(
@@ -136,7 +137,7 @@ class FragDestructor:
         if self._destroy is not None:
             try:
                 self._destroy(self.data)
-            except BaseException as exc:  # noqa: BLE001 - reported, never lost
+            except BaseException as exc:
                 report_unraisable(exc, f"Exception ignored in destroy of {self!r}", self._destroy)
         with self._lock:
             self._done = True
@@ -149,7 +150,7 @@ class FragDestructor:
     def _run_callback(self, cb: DoneCallback) -> None:
         try:
             cb(self)
-        except BaseException as exc:  # noqa: BLE001 - reported, never lost
+        except BaseException as exc:
             report_unraisable(exc, f"Exception ignored in done callback of {self!r}", cb)
 
     # -- state --------------------------------------------------------------------
@@ -198,10 +199,9 @@ class FragDestructor:
         loop = fut.get_loop()
 
         def wake(_: FragDestructor) -> None:
-            try:
+            # A closed loop has nobody waiting any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, fut)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
 
         self.add_done_callback(wake)
         try:

@@ -70,7 +70,7 @@ class Frag:
     holds it does.
     """
 
-    __slots__ = ("_page", "_pageview", "_offset", "_size", "_destructor", "_shared")
+    __slots__ = ("_destructor", "_offset", "_page", "_pageview", "_shared", "_size")
 
     def __init__(
         self,
@@ -185,7 +185,7 @@ class _SharedInfo:
 
     Holds one reference per frag descriptor in ``frags``."""
 
-    __slots__ = ("head", "frags", "dataref", "lock", "owner_id", "__weakref__")
+    __slots__ = ("__weakref__", "dataref", "frags", "head", "lock", "owner_id")
 
     def __init__(self, head: bytes, frags: list[Frag], owner_id: int) -> None:
         self.head = head
@@ -217,7 +217,7 @@ class SkBuff:
     and then releases its references.
     """
 
-    __slots__ = ("_sh", "_freed", "_id", "_created_at", "__weakref__")
+    __slots__ = ("__weakref__", "_created_at", "_freed", "_id", "_sh")
 
     def __init__(self, head: object = b"") -> None:
         self._id = next(_skb_ids)
@@ -597,7 +597,9 @@ class SkBuff:
             stop = min(start + mss, total)
             hlen = len(sh.head)
             lin = header + head_payload[start - header_len : stop - header_len]
-            pieces = _frag_range(sh.frags, max(start, hlen) - hlen, stop - hlen) if stop > hlen else []
+            pieces = (
+                _frag_range(sh.frags, max(start, hlen) - hlen, stop - hlen) if stop > hlen else []
+            )
             segs.append(self._new(lin, pieces))
         return segs
 
@@ -644,5 +646,7 @@ class SkBuff:
             return f"<SkBuff#{self._id} freed>"
         sh = self._sh
         size = len(sh.head) + sum(f._size for f in sh.frags)
-        return f"<SkBuff#{self._id} len={size} head={len(sh.head)} frags={len(sh.frags)} dataref={sh.dataref}>"
-
+        return (
+            f"<SkBuff#{self._id} len={size} head={len(sh.head)} "
+            f"frags={len(sh.frags)} dataref={sh.dataref}>"
+        )

@@ -62,32 +62,46 @@ def run_trace(
 
     def record(holder: str, action: str, kernel: str) -> None:
         states = tuple(
-            SkbState(name, len(s), s.head_len, s.nr_frags, s.dataref)
-            for name, s in live.items()
+            SkbState(name, len(s), s.head_len, s.nr_frags, s.dataref) for name, s in live.items()
         )
         steps.append(TraceStep(len(steps), holder, action, kernel, d.refcount, bool(fired), states))
 
-    record("owner", "create the write's destructor (the owner holds one reference)",
-           "struct skb_frag_destructor")
+    record(
+        "owner",
+        "create the write's destructor (the owner holds one reference)",
+        "struct skb_frag_destructor",
+    )
     rtx = SkBuff()
     for off in range(0, size, page_size):
         rtx.add_frag(buffer, off, min(page_size, size - off), d)
     live["rtx-queue"] = rtx
-    record("owner", f"inject {size} bytes as {rtx.nr_frags} frags sharing the destructor",
-           "skb_fill_page_desc + skb_frag_set_destructor")
+    record(
+        "owner",
+        f"inject {size} bytes as {rtx.nr_frags} frags sharing the destructor",
+        "skb_fill_page_desc + skb_frag_set_destructor",
+    )
     d.unref()
     record("owner", "drop the owner's initial reference", "skb_frag_destructor_unref")
 
     live["wire-1"] = rtx.clone()
-    record("wire-1", "clone for the wire; the original stays on the retransmit queue",
-           "tcp_transmit_skb / skb_clone")
+    record(
+        "wire-1",
+        "clone for the wire; the original stays on the retransmit queue",
+        "tcp_transmit_skb / skb_clone",
+    )
     live["wire-2"] = rtx.clone()
-    record("wire-2", "retransmit timeout: another clone while the first is in flight",
-           "tcp_retransmit_skb / skb_clone")
+    record(
+        "wire-2",
+        "retransmit timeout: another clone while the first is in flight",
+        "tcp_retransmit_skb / skb_clone",
+    )
 
     rtx.trim_head(acked)
-    record("rtx-queue", f"partial ACK of {acked} bytes: unclone, drop frags consumed whole",
-           "tcp_trim_head / pskb_expand_head / __pskb_trim_head")
+    record(
+        "rtx-queue",
+        f"partial ACK of {acked} bytes: unclone, drop frags consumed whole",
+        "tcp_trim_head / pskb_expand_head / __pskb_trim_head",
+    )
     live.pop("wire-1").free()
     record("wire-1", "first transmission completes: the driver frees its clone", "kfree_skb")
 
@@ -95,8 +109,9 @@ def run_trace(
     segments = wire2.segment(mss)
     for i, seg in enumerate(segments):
         live[f"seg-{i}"] = seg
-    record("gso", f"GSO cuts the retransmission into {len(segments)} segments of {mss}",
-           "skb_segment")
+    record(
+        "gso", f"GSO cuts the retransmission into {len(segments)} segments of {mss}", "skb_segment"
+    )
     live.pop("wire-2").free()
     record("wire-2", "the GSO skb is consumed once segmented", "consume_skb")
 
@@ -111,12 +126,18 @@ def run_trace(
     live["receiver"] = received
     first = received.frags[0].size
     received.pull(first + 64)
-    record("receiver", f"receive pull-up of {first + 64} header bytes spanning two frags",
-           "__pskb_pull_tail")
+    record(
+        "receiver",
+        f"receive pull-up of {first + 64} header bytes spanning two frags",
+        "__pskb_pull_tail",
+    )
     live.pop("receiver").free()
     record("receiver", "the receiver consumes the segment", "kfree_skb")
 
     live.pop("rtx-queue").free()
-    record("rtx-queue", "the rest is ACKed: the retransmit queue frees the original; "
-           "the destructor fires", "tcp_clean_rtx_queue / kfree_skb")
+    record(
+        "rtx-queue",
+        "the rest is ACKed: the retransmit queue frees the original; the destructor fires",
+        "tcp_clean_rtx_queue / kfree_skb",
+    )
     return steps
