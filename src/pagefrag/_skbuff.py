@@ -31,12 +31,12 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from . import leaks
+from ._buffers import byte_view
 from ._destructor import FragDestructor
 from .errors import (
     DoubleFreeError,
     FragSharedError,
     InvalidRangeError,
-    NotContiguousError,
     SkbFreedError,
     TooManyFragsError,
 )
@@ -47,18 +47,6 @@ MAX_SKB_FRAGS = 17
 """Kernel ``MAX_SKB_FRAGS`` with 4 KiB pages and 64 KiB GSO."""
 
 _skb_ids = itertools.count(1)
-
-
-def _flat_view(page: object) -> memoryview:
-    try:
-        view = memoryview(page)  # type: ignore[arg-type]
-    except TypeError:
-        raise NotContiguousError(f"a page must be a buffer, not {type(page).__name__}") from None
-    if not view.c_contiguous:
-        raise NotContiguousError("a page must be a C-contiguous buffer")
-    if view.ndim != 1 or view.format != "B":
-        view = view.cast("B")
-    return view
 
 
 class Frag:
@@ -79,7 +67,7 @@ class Frag:
         size: int | None = None,
         destructor: FragDestructor | None = None,
     ) -> None:
-        view = _flat_view(page)
+        view = byte_view(page)
         if size is None:
             size = len(view) - offset
         if offset < 0 or size <= 0 or offset + size > len(view):
@@ -222,7 +210,7 @@ class SkBuff:
     def __init__(self, head: object = b"") -> None:
         self._id = next(_skb_ids)
         self._created_at = leaks.call_site() if leaks.enabled else ""
-        self._sh = _SharedInfo(bytes(_flat_view(head)), [], self._id)
+        self._sh = _SharedInfo(bytes(byte_view(head)), [], self._id)
         self._freed = False
 
     @classmethod

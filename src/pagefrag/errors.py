@@ -19,6 +19,11 @@ __all__ = [
     "FragSharedError",
     "SkbFreedError",
     "DoubleFreeError",
+    "ZeroCopyError",
+    "ZeroCopyUnsupportedError",
+    "CompletionTimeoutError",
+    "SendBufferError",
+    "QueuedSocketError",
 ]
 
 
@@ -59,3 +64,33 @@ class SkbFreedError(FragError):
 
 class DoubleFreeError(SkbFreedError):
     """``free()`` was called on an skb that was already freed (``kfree_skb`` twice)."""
+
+
+class ZeroCopyError(PageFragError):
+    """Base class of the kernel bridge's errors (``MSG_ZEROCOPY`` sends)."""
+
+
+class ZeroCopyUnsupportedError(ZeroCopyError, OSError):
+    """``zerocopy="always"`` on a socket or kernel without ``SO_ZEROCOPY``."""
+
+
+class CompletionTimeoutError(ZeroCopyError, TimeoutError):
+    """The kernel still held pages when the timeout ran out. Nothing was released early:
+    the pinned buffers stay alive and their destructors fire when the completions come."""
+
+    def __init__(self, message: str, outstanding: int = 0, pinned_bytes: int = 0) -> None:
+        super().__init__(message)
+        self.outstanding = outstanding
+        self.pinned_bytes = pinned_bytes
+
+
+class SendBufferError(ZeroCopyError, OSError):
+    """``ENOBUFS`` kept coming (optmem or locked-page limit) until the timeout ran out.
+    No byte of the refused call was sent."""
+
+
+class QueuedSocketError(ZeroCopyError, OSError):
+    """A real socket error read from the error queue (an ICMP error on a UDP socket).
+    ``report`` holds the decoded ``sock_extended_err``."""
+
+    report: object = None

@@ -1,0 +1,69 @@
+"""The few socket calls Python's ``socket`` module does not offer, and the constants it
+does not define. Linux only; everything here is a thin wrapper."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+SO_ZEROCOPY: int = getattr(socket, "SO_ZEROCOPY", 60)
+MSG_ZEROCOPY: int = getattr(socket, "MSG_ZEROCOPY", 0x4000000)
+MSG_ERRQUEUE: int = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+MSG_DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0x40)
+IP_RECVERR: int = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR: int = getattr(socket, "IPV6_RECVERR", 25)
+SOL_IP: int = getattr(socket, "SOL_IP", 0)
+SOL_IPV6: int = getattr(socket, "SOL_IPV6", 41)
+RECVERR_CMSGS = frozenset({(SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR)})
+# One error-queue message: struct sock_extended_err (16) + the offender's sockaddr_in6 (28).
+ERRQUEUE_ANCBUF = socket.CMSG_SPACE(16 + 28)
+
+_libc: ctypes.CDLL | None = None
+
+
+def _c() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    return _libc
+
+
+def disconnect(sock: socket.socket) -> None:
+    """``connect(fd, {AF_UNSPEC})``: for TCP the kernel's ``tcp_disconnect`` (an RST,
+    every queue purged) while the descriptor stays open, so the zero-copy completions
+    of the purged data can still be read. For UDP it dissolves the association."""
+    addr = struct.pack("=H14x", socket.AF_UNSPEC)
+    if _c().connect(sock.fileno(), ctypes.c_char_p(addr), len(addr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass(frozen=True)
+class TcpInfo:
+    """The fields of ``struct tcp_info`` that pagefrag reports."""
+
+    state: int
+    retransmits: int
+    unacked: int
+    lost: int
+    retrans: int
+    total_retrans: int
+    snd_cwnd: int
+    rtt_us: int
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+
+
+def tcp_info(sock: socket.socket) -> TcpInfo:
+    """Read ``TCP_INFO`` (linux/tcp.h layout, stable since 2.6)."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)
+    state, _ca, retransmits = raw[0], raw[1], raw[2]
+    (unacked, _sacked, lost, retrans) = struct.unpack_from("=4I", raw, 24)
+    rtt, _rttvar, _ssthresh, cwnd = struct.unpack_from("=4I", raw, 68)
+    (total_retrans,) = struct.unpack_from("=I", raw, 100)
+    return TcpInfo(state, retransmits, unacked, lost, retrans, total_retrans, cwnd, rtt)

@@ -1,0 +1,87 @@
+"""When to ask the kernel for zero-copy: the ``auto`` / ``always`` / ``never`` policy.
+
+Sans-I/O: the socket asks :meth:`ZeroCopyPolicy.use_zerocopy` before each send call and
+reports every completion. In ``auto`` mode small sends are copied (zero-copy costs more
+than it saves below roughly 10 KB: page pinning and a notification per call), and when
+completions keep saying COPIED — the kernel copied anyway, as it does for local delivery
+over loopback or into another namespace — the policy stops asking for zero-copy and probes
+again now and then, so ``auto`` is never much slower than a plain ``send``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["Mode", "ZeroCopyPolicy"]
+
+
+class Mode(enum.Enum):
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+class ZeroCopyPolicy:
+    """Decides, send by send, whether to pass ``MSG_ZEROCOPY``."""
+
+    def __init__(
+        self,
+        mode: Mode | str = Mode.AUTO,
+        min_size: int = 16 * 1024,
+        *,
+        copied_streak: int = 8,
+        probe_every: int = 1024,
+        probe_interval: float = 2.0,
+    ) -> None:
+        self.mode = Mode(mode)
+        if min_size < 0:
+            raise ValueError("min_zerocopy_size must not be negative")
+        self.min_size = min_size
+        self.copied_streak = copied_streak
+        self.probe_every = probe_every
+        self.probe_interval = probe_interval
+        self.copying = False  # auto found that the kernel copies anyway
+        self._streak = 0
+        self._since_probe = 0
+        self._last_probe = 0.0
+        self._probing = False
+
+    @property
+    def current(self) -> str:
+        """What sends do now: ``zerocopy`` or ``copy``."""
+        if self.mode is Mode.NEVER or (self.mode is Mode.AUTO and self.copying):
+            return "copy"
+        return "zerocopy"
+
+    def use_zerocopy(self, nbytes: int, now: float) -> bool:
+        mode = self.mode
+        if mode is Mode.ALWAYS:
+            return True
+        if mode is Mode.NEVER or nbytes < self.min_size:
+            return False
+        if not self.copying:
+            return True
+        if self._probing:
+            return False
+        self._since_probe += 1
+        if self._since_probe >= self.probe_every or now - self._last_probe >= self.probe_interval:
+            self._probing = True
+            self._since_probe = 0
+            self._last_probe = now
+            return True
+        return False
+
+    def on_completion(self, copied: bool, count: int, now: float) -> None:
+        if self.mode is not Mode.AUTO:
+            return
+        if not copied:
+            self._streak = 0
+            self.copying = self._probing = False
+            return
+        self._streak += count
+        if self._probing or self._streak >= self.copied_streak:
+            if not self.copying:
+                self._last_probe = now
+            self.copying = True
+            self._probing = False
+            self._streak = 0

@@ -1,0 +1,511 @@
+"""ZeroCopySocket: zero-copy sends through Linux ``MSG_ZEROCOPY``, with destructors that
+fire only when the kernel's completion notification says the pages are released.
+
+This module only moves bytes and feeds the sans-I/O :class:`CompletionTracker`; the
+reference rules live in the core. Kernel counterpart: the sender side of
+``Documentation/networking/msg_zerocopy.rst`` (``SO_ZEROCOPY``, ``MSG_ZEROCOPY``, completions
+on ``MSG_ERRQUEUE``).
+
+Theory of operation. Before a zero-copy send call, the socket takes one reference on the
+destructor of every piece it hands the kernel (a frag's destructor, and the call's own
+``destructor=`` argument) and keeps a memoryview of each piece, so Python can neither free
+nor resize the memory. When the call returns ``n`` bytes, the references of the pieces
+past ``n`` are dropped at once; the rest form a *pin*, filed in the tracker under the call's
+id. When the error queue reports that id, the pin is released: views dropped, references
+dropped — and a destructor whose last reference that was fires. A send that is copied
+(small, ``never``, or ``auto`` after the kernel kept copying) takes no references at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import select
+import socket
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from .._buffers import byte_view
+from .._destructor import FragDestructor
+from .._skbuff import SkBuff
+from ..errors import (
+    CompletionTimeoutError,
+    QueuedSocketError,
+    SendBufferError,
+    ZeroCopyUnsupportedError,
+)
+from ._syscalls import (
+    ERRQUEUE_ANCBUF,
+    IP_RECVERR,
+    IPV6_RECVERR,
+    MSG_DONTWAIT,
+    MSG_ERRQUEUE,
+    MSG_ZEROCOPY,
+    RECVERR_CMSGS,
+    SO_ZEROCOPY,
+    SOL_IP,
+    SOL_IPV6,
+    disconnect,
+)
+from .policy import Mode, ZeroCopyPolicy
+from .tracker import CompletionTracker, ErrQueueMessage, ZeroCopyCompletion, parse_extended_err
+
+__all__ = ["ZeroCopySocket", "ZeroCopyStats", "DEFAULT_MIN_ZEROCOPY_SIZE"]
+
+DEFAULT_MIN_ZEROCOPY_SIZE = 16 * 1024
+"""Below this, ``auto`` copies: zero-copy pays off only above roughly 10 KB per call
+(kernel documentation; benchmarks/zerocopy_send.py on this machine)."""
+
+Data = SkBuff | Sequence[Any] | Any
+
+# Pins of sockets that were garbage-collected while the kernel still held their pages.
+# Keeping them forever is a leak, but freeing them could let Python reuse memory the
+# kernel may still transmit.
+_IMMORTAL_PINS: list[object] = []
+
+
+class _Pin:
+    """What one zero-copy send call holds until its completion."""
+
+    __slots__ = ("refs", "views")
+
+    def __init__(self, views: list[memoryview], refs: list[FragDestructor]) -> None:
+        self.views = views
+        self.refs = refs
+
+    def release(self, holder: object) -> None:
+        refs, self.refs, self.views = self.refs, [], []
+        for d in refs:
+            d.unref(holder=holder)
+
+
+@dataclass(frozen=True)
+class ZeroCopyStats:
+    """Counters of one :class:`ZeroCopySocket`."""
+
+    sends: int
+    zerocopy_sends: int
+    completions: int
+    copied_completions: int
+    enobufs_retries: int
+    bytes_sent: int
+    peak_pinned_bytes: int
+    mode: str
+    current_mode: str
+
+
+def _pieces(data: Data) -> tuple[list[memoryview], list[FragDestructor | None]]:
+    """The byte views a send hands the kernel, and the destructor of each."""
+    if isinstance(data, SkBuff):
+        views = data.iovecs()
+        owners: list[FragDestructor | None] = [None] * (len(views) - data.nr_frags)
+        owners.extend(f.destructor for f in data.frags)
+        return views, owners
+    if isinstance(data, (list, tuple)):
+        views = [byte_view(b) for b in data]
+        return views, [None] * len(views)
+    return [byte_view(data)], [None]
+
+
+class ZeroCopySocket:
+    """A connected TCP or UDP socket (IPv4 or IPv6, blocking or not) whose sends hand
+    their pages to the kernel with ``MSG_ZEROCOPY`` and release them only on the kernel's
+    completion.
+
+    ``zerocopy``: ``"auto"`` (zero-copy for sends of at least ``min_zerocopy_size`` while
+    the kernel really does it), ``"always"`` or ``"never"``.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        zerocopy: str = "auto",
+        min_zerocopy_size: int = DEFAULT_MIN_ZEROCOPY_SIZE,
+        enobufs_timeout: float = 30.0,
+        completion_batch: int = 16,
+    ) -> None:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise ValueError(f"ZeroCopySocket needs an IPv4 or IPv6 socket, not {sock.family!r}")
+        if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            raise ValueError(f"ZeroCopySocket needs a TCP or UDP socket, not {sock.type!r}")
+        sock.getpeername()  # raises OSError(ENOTCONN) for an unconnected socket
+        self._sock = sock
+        self._stream = sock.type == socket.SOCK_STREAM
+        self._policy = ZeroCopyPolicy(zerocopy, min_zerocopy_size)
+        self._tracker: CompletionTracker[_Pin] = CompletionTracker()
+        self._enobufs_timeout = enobufs_timeout
+        self._batch = max(1, completion_batch)
+        self._since_poll = 0
+        self._errors: collections.deque[ErrQueueMessage] = collections.deque()
+        self._closed = False
+        self._sends = self._zc_sends = self._enobufs = self._bytes = 0
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), 0)  # POLLERR/POLLHUP are always reported
+        if self._policy.mode is not Mode.NEVER:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
+            except OSError as exc:
+                if self._policy.mode is Mode.ALWAYS:
+                    raise ZeroCopyUnsupportedError(
+                        exc.errno, f"SO_ZEROCOPY is not supported here: {exc.strerror}"
+                    ) from exc
+                self._policy.mode = Mode.NEVER
+        if not self._stream:
+            # Queue ICMP errors on the error queue, where they arrive in order with the
+            # completions and surface as QueuedSocketError.
+            with_v6 = sock.family == socket.AF_INET6
+            sock.setsockopt(SOL_IPV6 if with_v6 else SOL_IP, IPV6_RECVERR if with_v6 else IP_RECVERR, 1)
+
+    # -- sending -------------------------------------------------------------------------
+    def send(self, data: Data, *, destructor: FragDestructor | None = None) -> int:
+        """Send once and return how many bytes the kernel took, like ``socket.send``:
+        for a stream the caller trims and sends the rest; a datagram socket sends one
+        datagram. ``data``: an :class:`SkBuff`, a buffer, or a sequence of buffers (one
+        ``sendmsg`` with an iovec). ``destructor``, if given, is held until the kernel has
+        released every page of this call.
+
+        Refs: a zero-copy call takes one per piece sent (frag destructors, ``destructor``)
+        and drops them on its completion; a copied call takes none."""
+        self._check_open()
+        self._raise_queued_error()
+        views, owners = _pieces(data)
+        return self._send(views, owners, destructor, 0, None)
+
+    def sendall(
+        self, data: Data, *, destructor: FragDestructor | None = None, timeout: float | None = None
+    ) -> None:
+        """Send every byte, as ``socket.sendall``; ``TimeoutError`` after ``timeout``
+        seconds (what was sent stays sent and pinned until its completion)."""
+        self._check_open()
+        self._raise_queued_error()
+        views, owners = _pieces(data)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # With a deadline, never block inside the kernel: wait in poll() instead.
+        flags = MSG_DONTWAIT if deadline is not None else 0
+        while views:
+            try:
+                n = self._send(views, owners, destructor, flags, deadline)
+            except BlockingIOError:
+                self._wait_writable(deadline)
+                continue
+            if not self._stream:
+                return
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+                owners.pop(0)
+            if n:
+                views[0] = views[0][n:]
+
+    def _send(
+        self,
+        views: list[memoryview],
+        owners: list[FragDestructor | None],
+        destructor: FragDestructor | None,
+        flags: int,
+        deadline: float | None,
+    ) -> int:
+        nbytes = sum(map(len, views))
+        sock = self._sock
+        if not nbytes or not self._policy.use_zerocopy(nbytes, time.monotonic()):
+            n = sock.sendmsg(views, (), flags) if len(views) != 1 else sock.send(views[0], flags)
+            self._sends += 1
+            self._bytes += n
+            if self._tracker.outstanding:
+                self._maybe_poll()
+            return n
+        refs = self._take_refs(owners, destructor)
+        try:
+            n = self._sendmsg_zerocopy(views, flags, deadline)
+        except BaseException:
+            for d in refs:
+                d.unref(holder=self)
+            raise
+        self._sends += 1
+        self._zc_sends += 1
+        self._bytes += n
+        kept_views, kept_refs = self._covered(views, owners, refs, destructor, n)
+        self._tracker.sent(_Pin(kept_views, kept_refs), n)
+        self._maybe_poll()
+        return n
+
+    def _take_refs(
+        self, owners: list[FragDestructor | None], destructor: FragDestructor | None
+    ) -> list[FragDestructor]:
+        """One reference per piece with a destructor, and one on ``destructor``: taken
+        before the kernel sees the pages, so none can fire while it reads them."""
+        refs: list[FragDestructor] = []
+        try:
+            for d in (*owners, destructor):
+                if d is not None:
+                    d.ref(holder=self)
+                    refs.append(d)
+        except BaseException:
+            for d in refs:
+                d.unref(holder=self)
+            raise
+        return refs
+
+    def _covered(
+        self,
+        views: list[memoryview],
+        owners: list[FragDestructor | None],
+        refs: list[FragDestructor],
+        destructor: FragDestructor | None,
+        n: int,
+    ) -> tuple[list[memoryview], list[FragDestructor]]:
+        """Split the call's views and references at byte ``n``: the covered ones are
+        pinned, the others' references are dropped now."""
+        kept_views: list[memoryview] = []
+        kept_refs: list[FragDestructor] = []
+        dropped: list[FragDestructor] = []
+        ref_iter = iter(refs)
+        pos = 0
+        for view, owner in zip(views, owners, strict=True):
+            covered = pos < n
+            if covered:
+                kept_views.append(view if pos + len(view) <= n else view[: n - pos])
+            if owner is not None:
+                (kept_refs if covered else dropped).append(next(ref_iter))
+            pos += len(view)
+        if destructor is not None:
+            (kept_refs if n else dropped).append(next(ref_iter))
+        for d in dropped:
+            d.unref(holder=self)
+        return kept_views, kept_refs
+
+    def _sendmsg_zerocopy(
+        self, views: list[memoryview], flags: int, deadline: float | None
+    ) -> int:
+        """One zero-copy call; on ENOBUFS (optmem or locked-page limit) process
+        completions, wait for more, retry — until the deadline."""
+        limit = time.monotonic() + self._enobufs_timeout
+        if deadline is not None:
+            limit = min(limit, deadline)
+        while True:
+            try:
+                return self._sock.sendmsg(views, (), flags | MSG_ZEROCOPY)
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+            self._enobufs += 1
+            if self._drain_errqueue():
+                continue
+            remaining = limit - time.monotonic()
+            if remaining <= 0:
+                raise SendBufferError(
+                    errno.ENOBUFS,
+                    f"ENOBUFS for {self._enobufs_timeout:g}s with {self.outstanding} sends "
+                    "outstanding (net.core.optmem_max or RLIMIT_MEMLOCK too small)",
+                )
+            self._wait_error_queue(min(remaining, 0.05))
+
+    def _maybe_poll(self) -> None:
+        self._since_poll += 1
+        if self._since_poll >= self._batch:
+            self._since_poll = 0
+            self._drain_errqueue()
+
+    # -- completions ---------------------------------------------------------------------
+    def poll_completions(self, timeout: float | None = 0) -> int:
+        """Read the error queue; return how many send calls completed. With a timeout,
+        wait up to it for the first completion when none is ready."""
+        self._check_open()
+        n = self._drain_errqueue()
+        if not n and timeout != 0 and self._tracker.outstanding:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not n and self._tracker.outstanding:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._wait_error_queue(remaining)
+                n = self._drain_errqueue()
+        self._raise_queued_error()
+        return n
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every zero-copy send has completed. Raises
+        :class:`CompletionTimeoutError` (pins kept, nothing fired) when it runs out."""
+        self._check_open()
+        self._flush(timeout)
+        self._raise_queued_error()
+
+    def _flush(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._drain_errqueue()
+            if not self._tracker.outstanding:
+                return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise CompletionTimeoutError(
+                    f"the kernel still holds {self._tracker.outstanding} sends "
+                    f"({self._tracker.pinned_bytes} bytes) after {timeout:g}s; "
+                    "their buffers stay pinned",
+                    self._tracker.outstanding,
+                    self._tracker.pinned_bytes,
+                )
+            self._wait_error_queue(remaining)
+
+    def _drain_errqueue(self) -> int:
+        """Read every message on the error queue; release the pins of completed calls."""
+        sock = self._sock
+        timeout = sock.gettimeout()
+        if timeout:  # a timeout would make recvmsg wait for *data* first
+            sock.settimeout(0.0)
+        released = 0
+        try:
+            while True:
+                try:
+                    _, ancdata, _, _ = sock.recvmsg(0, ERRQUEUE_ANCBUF, MSG_ERRQUEUE | MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                for level, kind, payload in ancdata:
+                    if (level, kind) in RECVERR_CMSGS:
+                        released += self._on_message(parse_extended_err(payload))
+        finally:
+            if timeout:
+                sock.settimeout(timeout)
+        return released
+
+    def _on_message(self, msg: ZeroCopyCompletion | ErrQueueMessage) -> int:
+        if isinstance(msg, ErrQueueMessage):
+            self._errors.append(msg)
+            return 0
+        pins = self._tracker.complete(msg.lo, msg.hi, msg.copied)
+        self._policy.on_completion(msg.copied, len(pins), time.monotonic())
+        for pin in pins:
+            pin.release(self)
+        return len(pins)
+
+    def _wait_error_queue(self, timeout: float | None) -> None:
+        """Sleep until the error queue has something (POLLERR), at most ``timeout``."""
+        ms = -1 if timeout is None else max(0, int(timeout * 1000) + 1)
+        events = self._poller.poll(ms)
+        if events and not events[0][1] & select.POLLERR:
+            # POLLHUP without POLLERR (a closed connection) would wake us at once,
+            # forever: sleep a little instead of spinning.
+            time.sleep(min(0.01, timeout if timeout is not None else 0.01))
+        elif events and not self._errors:
+            err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:  # a pending socket error (sk_err) also raises POLLERR; consume it
+                self._errors.append(ErrQueueMessage(err, 0, 0, 0, 0, 0))
+
+    def _wait_writable(self, deadline: float | None) -> None:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(f"sendall did not finish in time ({self.outstanding} pinned)")
+        p = select.poll()
+        p.register(self._sock.fileno(), select.POLLOUT)
+        ms = -1 if remaining is None else int(remaining * 1000) + 1
+        if any(ev & select.POLLERR for _, ev in p.poll(ms)):
+            self._drain_errqueue()
+            self._raise_queued_error()
+
+    def _raise_queued_error(self) -> None:
+        if self._errors:
+            msg = self._errors.popleft()
+            exc = QueuedSocketError(msg.errno, f"{os.strerror(msg.errno)} (from the error queue)")
+            exc.report = msg
+            raise exc
+
+    # -- closing -------------------------------------------------------------------------
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, then close: no notification is ever delivered after ``close()``.
+        On :class:`CompletionTimeoutError` the socket stays open and the pins alive."""
+        if self._closed:
+            return
+        self._flush(timeout)
+        self._close()
+
+    def abort(self, timeout: float | None = 10.0) -> None:
+        """Disconnect abortively (TCP: RST, queues purged) while keeping the descriptor
+        open, read the completions of everything purged, then close."""
+        if self._closed:
+            return
+        try:
+            disconnect(self._sock)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTCONN, errno.EINVAL):
+                raise
+        self._flush(timeout)
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._errors.clear()
+        self._poller.unregister(self._sock.fileno())
+        self._sock.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, "ZeroCopySocket is closed")
+
+    def __enter__(self) -> ZeroCopySocket:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True) or not self._tracker.outstanding:
+            return
+        pins = self._tracker.pending_tokens()
+        _IMMORTAL_PINS.extend(pins)
+        warnings.warn(
+            f"ZeroCopySocket collected with {len(pins)} sends still held by the kernel; "
+            "their buffers are kept alive forever (close() or abort() first)",
+            ResourceWarning,
+            stacklevel=2,
+        )
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def outstanding(self) -> int:
+        """Zero-copy send calls the kernel has not released yet."""
+        return self._tracker.outstanding
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self._tracker.pinned_bytes
+
+    @property
+    def stats(self) -> ZeroCopyStats:
+        t = self._tracker
+        return ZeroCopyStats(
+            sends=self._sends,
+            zerocopy_sends=self._zc_sends,
+            completions=t.completions,
+            copied_completions=t.copied_completions,
+            enobufs_retries=self._enobufs,
+            bytes_sent=self._bytes,
+            peak_pinned_bytes=t.peak_pinned_bytes,
+            mode=self._policy.mode.value,
+            current_mode=self._policy.current,
+        )
+
+    @property
+    def socket(self) -> socket.socket:
+        """The wrapped socket (for reads and options; send through this wrapper)."""
+        return self._sock
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"outstanding={self.outstanding}"
+        return f"<ZeroCopySocket fd={self._sock.fileno()} {self._policy.mode.value} {state}>"
