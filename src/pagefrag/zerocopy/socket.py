@@ -160,7 +160,9 @@ class ZeroCopySocket:
             # Queue ICMP errors on the error queue, where they arrive in order with the
             # completions and surface as QueuedSocketError.
             with_v6 = sock.family == socket.AF_INET6
-            sock.setsockopt(SOL_IPV6 if with_v6 else SOL_IP, IPV6_RECVERR if with_v6 else IP_RECVERR, 1)
+            sock.setsockopt(
+                SOL_IPV6 if with_v6 else SOL_IP, IPV6_RECVERR if with_v6 else IP_RECVERR, 1
+            )
 
     # -- sending -------------------------------------------------------------------------
     def send(self, data: Data, *, destructor: FragDestructor | None = None) -> int:
@@ -279,9 +281,7 @@ class ZeroCopySocket:
             d.unref(holder=self)
         return kept_views, kept_refs
 
-    def _sendmsg_zerocopy(
-        self, views: list[memoryview], flags: int, deadline: float | None
-    ) -> int:
+    def _sendmsg_zerocopy(self, views: list[memoryview], flags: int, deadline: float | None) -> int:
         """One zero-copy call; on ENOBUFS (optmem or locked-page limit) process
         completions, wait for more, retry — until the deadline."""
         limit = time.monotonic() + self._enobufs_timeout
@@ -290,7 +290,10 @@ class ZeroCopySocket:
         while True:
             try:
                 return self._sock.sendmsg(views, (), flags | MSG_ZEROCOPY)
+            except (BlockingIOError, InterruptedError):
+                raise  # refused before any notification was allocated: no id used
             except OSError as exc:
+                self._settle_failed_send()
                 if exc.errno != errno.ENOBUFS:
                     raise
             self._enobufs += 1
@@ -304,6 +307,13 @@ class ZeroCopySocket:
                     "outstanding (net.core.optmem_max or RLIMIT_MEMLOCK too small)",
                 )
             self._wait_error_queue(min(remaining, 0.05))
+
+    def _settle_failed_send(self) -> None:
+        """Did the failed call use an id? Its notification, if any, is already queued
+        (the kernel dropped the datagram inside the call): read the queue and see."""
+        sid = self._tracker.failed_send()
+        self._drain_errqueue()
+        self._tracker.settle_failed(sid)
 
     def _maybe_poll(self) -> None:
         self._since_poll += 1

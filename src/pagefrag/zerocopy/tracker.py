@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = [
     "SO_EE_ORIGIN_ZEROCOPY",
@@ -78,6 +78,7 @@ def parse_extended_err(data: bytes) -> ZeroCopyCompletion | ErrQueueMessage:
 
 
 T = TypeVar("T")
+_UNCERTAIN: Any = object()  # the token of an id a failed send may have used
 
 
 class CompletionTracker(Generic[T]):
@@ -94,6 +95,7 @@ class CompletionTracker(Generic[T]):
         self.completions = 0
         self.copied_completions = 0
         self.duplicates = 0
+        self.ids_used_by_failed_sends = 0
 
     @property
     def next_id(self) -> int:
@@ -124,7 +126,9 @@ class CompletionTracker(Generic[T]):
         if span < len(pending):
             ids = [(lo + k) & _U32 for k in range(span + 1)]
         else:  # a wide range: walk what is pending instead
-            ids = sorted((i for i in pending if ((i - lo) & _U32) <= span), key=lambda i: (i - lo) & _U32)
+            ids = sorted(
+                (i for i in pending if ((i - lo) & _U32) <= span), key=lambda i: (i - lo) & _U32
+            )
         released: list[T] = []
         for sid in ids:
             entry = pending.pop(sid, None)
@@ -133,7 +137,8 @@ class CompletionTracker(Generic[T]):
                 continue
             token, nbytes = entry
             self.pinned_bytes -= nbytes
-            released.append(token)
+            if token is not _UNCERTAIN:
+                released.append(token)
         self.completions += len(released)
         if copied:
             self.copied_completions += len(released)
@@ -143,4 +148,28 @@ class CompletionTracker(Generic[T]):
 
     def pending_tokens(self) -> list[T]:
         """Tokens of every send call still pinned (for keeping them alive)."""
-        return [token for token, _ in self._pending.values()]
+        return [token for token, _ in self._pending.values() if token is not _UNCERTAIN]
+
+    def failed_send(self) -> int:
+        """A zero-copy send call failed. The kernel may still have used an id for it: a
+        UDP datagram dropped on the transmit path (``EPERM`` from a netfilter drop,
+        ``ENOBUFS`` from a full queue with ``IP_RECVERR``) returns an error *after* its
+        notification took the id, and that notification is already queued when the call
+        returns. Reserve the id; after reading the error queue call :meth:`settle_failed`.
+        """
+        sid = self._next
+        self._next = (sid + 1) & _U32
+        self._pending[sid] = (_UNCERTAIN, 0)
+        return sid
+
+    def settle_failed(self, sid: int) -> bool:
+        """Resolve :meth:`failed_send`: True if the kernel used the id (its completion
+        was read); otherwise give the id back, as the kernel did."""
+        if sid not in self._pending:
+            self.ids_used_by_failed_sends += 1
+            return True
+        if (sid + 1) & _U32 != self._next:
+            raise RuntimeError("settle_failed must directly follow failed_send")
+        del self._pending[sid]
+        self._next = sid
+        return False
