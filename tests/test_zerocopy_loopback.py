@@ -60,7 +60,10 @@ def test_udp_datagrams_every_destructor_once(fired: Fired) -> None:
     sizes = [1, 1000, 8000, 30000, 50000]  # two pieces of >60 KB can need > 17 pages
     for i, size in enumerate(sizes):
         d = fired.make(i)
-        assert zs.send([bytes([i]) * (size // 2), bytes([i]) * (size - size // 2)], destructor=d) == size
+        assert (
+            zs.send([bytes([i]) * (size // 2), bytes([i]) * (size - size // 2)], destructor=d)
+            == size
+        )
         d.unref()
     zs.close(timeout=10)
     got = [rx_sock.recv(65535) for _ in sizes]
@@ -185,7 +188,9 @@ def test_ipv6_tcp(fired: Fired) -> None:
     server.close()
 
 
-def test_bad_sockets_and_closed_use_are_refused(tcp_pair: tuple[socket.socket, socket.socket]) -> None:
+def test_bad_sockets_and_closed_use_are_refused(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
     with pytest.raises(OSError):
         ZeroCopySocket(socket.socket())  # not connected
     unix_a, unix_b = socket.socketpair()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -67,7 +68,7 @@ def test_any_split_of_the_id_space_into_ranges_releases_each_call_once(
         t.sent(i, 1)
     bounds = sorted({0, n, *cuts})
     released: list[int] = []
-    for lo, hi in reversed(list(zip(bounds, bounds[1:], strict=False))):  # out of order
+    for lo, hi in reversed(list(itertools.pairwise(bounds))):  # out of order
         released += t.complete((first + lo) % 2**32, (first + hi - 1) % 2**32)
     assert sorted(released) == list(range(n)) and t.outstanding == 0 and t.pinned_bytes == 0
 

@@ -1,4 +1,6 @@
-"""Test hosts on this machine: two network namespaces joined by veth.
+"""Test hosts on this machine: two network namespaces joined by veth (root only).
+
+Used by the tests, the benchmarks and ``pagefrag demo --netns``.
 
 Addresses come from 198.18.0.0/15 (the benchmarking range) and live only inside the
 namespaces; nothing is routed from the root namespace. Everything is deleted on exit,
@@ -50,6 +52,7 @@ def _setns(path: str) -> None:
 
 
 def run(*args: str, check: bool = True) -> str:
+    """Run a command; its stdout, or ``RuntimeError`` with its stderr."""
     out = subprocess.run(args, capture_output=True, text=True, timeout=30)
     if check and out.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: {out.stderr.strip()}")
@@ -77,8 +80,21 @@ class NetLab:
     def _build(self) -> None:
         run("ip", "netns", "add", self.sender)
         run("ip", "netns", "add", self.receiver)
-        run("ip", "link", "add", self.sender_if, "netns", self.sender, "type", "veth",
-            "peer", "name", self.receiver_if, "netns", self.receiver)
+        run(
+            "ip",
+            "link",
+            "add",
+            self.sender_if,
+            "netns",
+            self.sender,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.receiver_if,
+            "netns",
+            self.receiver,
+        )
         for ns, dev, ip4, ip6 in (
             (self.sender, self.sender_if, SENDER_IP, SENDER_IP6),
             (self.receiver, self.receiver_if, RECEIVER_IP, RECEIVER_IP6),
@@ -115,8 +131,9 @@ class NetLab:
                 raise OSError(ctypes.get_errno(), "could not return to the home namespace")
             os.close(home)
 
-    def open_socket(self, ns: str, family: int = socket.AF_INET,
-               type: int = socket.SOCK_STREAM) -> socket.socket:
+    def open_socket(
+        self, ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM
+    ) -> socket.socket:
         with self.inside(ns):
             return socket.socket(family, type)
 
@@ -144,16 +161,32 @@ table inet pagefrag_loss {{
   }}
 }}
 """
-        subprocess.run(["ip", "netns", "exec", self.receiver, "nft", "-f", "-"],
-                       input=rules, text=True, check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["ip", "netns", "exec", self.receiver, "nft", "-f", "-"],
+            input=rules,
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
 
     def blackhole_neighbour(self) -> str:
         """A neighbour of the sender whose frames the receiver's veth discards (the MAC
         is nobody's): UDP towards it is transmitted for real, never delivered locally."""
-        self.ns(self.sender, "ip", "neigh", "replace", BLACKHOLE_IP, "lladdr",
-                "02:00:5e:00:53:99", "dev", self.sender_if, "nud", "permanent")
+        self.ns(
+            self.sender,
+            "ip",
+            "neigh",
+            "replace",
+            BLACKHOLE_IP,
+            "lladdr",
+            "02:00:5e:00:53:99",
+            "dev",
+            self.sender_if,
+            "nud",
+            "permanent",
+        )
         return BLACKHOLE_IP
 
     def sysctl(self, ns: str, key: str, value: int | str) -> None:
         self.ns(ns, "sysctl", "-q", "-w", f"{key}={value}")
-
