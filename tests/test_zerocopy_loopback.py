@@ -234,3 +234,31 @@ def test_collected_socket_with_pinned_sends_keeps_their_buffers_alive(
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
     assert len(zsocket._IMMORTAL_PINS) > before
     assert fired.counts == {}, "never fired early: the kernel may still read the pages"
+
+
+def test_python_cannot_resize_or_free_a_buffer_the_kernel_still_holds(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    client, server = tcp_pair
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    zs = ZeroCopySocket(client, zerocopy="always")
+    bufs = [bytearray(b"%d" % i) * (1 << 19) for i in range(40)]
+    with pytest.raises(TimeoutError):
+        for b in bufs:
+            zs.sendall(b, timeout=0.5)
+    pinned = [b for b in bufs if zs.pinned_bytes and _exported(b)]
+    assert pinned, "the stalled peer leaves buffers pinned"
+    server.setblocking(False)
+    rx = Receiver(server)
+    zs.abort()
+    rx.join()
+    assert not any(_exported(b) for b in bufs)  # released: resizable (and freeable) again
+
+
+def _exported(b: bytearray) -> bool:
+    try:
+        b.append(0)
+    except BufferError:
+        return True
+    b.pop()
+    return False

@@ -33,10 +33,10 @@ class ZeroCopyPolicy:
         probe_every: int = 1024,
         probe_interval: float = 2.0,
     ) -> None:
-        self.mode = Mode(mode)
         if min_size < 0:
             raise ValueError("min_zerocopy_size must not be negative")
         self.min_size = min_size
+        self.mode = Mode(mode)
         self.copied_streak = copied_streak
         self.probe_every = probe_every
         self.probe_interval = probe_interval
@@ -45,6 +45,25 @@ class ZeroCopyPolicy:
         self._since_probe = 0
         self._last_probe = 0.0
         self._probing = False
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: Mode) -> None:
+        self._mode = mode
+        self._update()
+
+    def _update(self) -> None:
+        # Sends shorter than this are copied without asking anything else (the hot path);
+        # longer ones ask use_zerocopy, which also counts towards the next probe.
+        if self._mode is Mode.ALWAYS:
+            self.copy_below: float = 0
+        elif self._mode is Mode.NEVER:
+            self.copy_below = float("inf")
+        else:
+            self.copy_below = self.min_size
 
     @property
     def current(self) -> str:

@@ -69,19 +69,10 @@ Data = SkBuff | Sequence[Any] | Any
 _IMMORTAL_PINS: list[object] = []
 
 
-class _Pin:
-    """What one zero-copy send call holds until its completion."""
-
-    __slots__ = ("refs", "views")
-
-    def __init__(self, views: list[memoryview], refs: list[FragDestructor]) -> None:
-        self.views = views
-        self.refs = refs
-
-    def release(self, holder: object) -> None:
-        refs, self.refs, self.views = self.refs, [], []
-        for d in refs:
-            d.unref(holder=holder)
+# What one zero-copy send call holds until its completion: the views (so Python can
+# neither free nor resize the memory) and one destructor reference per piece.
+_Pin = tuple[list[memoryview], list[FragDestructor]]
+_FLAT = (bytes, bytearray)
 
 
 @dataclass(frozen=True)
@@ -174,8 +165,17 @@ class ZeroCopySocket:
 
         Refs: a zero-copy call takes one per piece sent (frag destructors, ``destructor``)
         and drops them on its completion; a copied call takes none."""
-        self._check_open()
-        self._raise_queued_error()
+        if self._closed or self._errors:
+            self._check_open()
+            self._raise_queued_error()
+        if destructor is None and type(data) in _FLAT and len(data) < self._policy.copy_below:
+            # The hot path: one plain buffer, copied (small, or zerocopy="never").
+            n: int = self._sock.send(data)  # type: ignore[arg-type]  # bytes or bytearray
+            self._sends += 1
+            self._bytes += n
+            if self._tracker._pending:
+                self._maybe_poll()
+            return n
         views, owners = _pieces(data)
         return self._send(views, owners, destructor, 0, None)
 
@@ -212,16 +212,18 @@ class ZeroCopySocket:
         flags: int,
         deadline: float | None,
     ) -> int:
-        nbytes = sum(map(len, views))
+        nbytes = sum(map(len, views)) if len(views) != 1 else len(views[0])
         sock = self._sock
         if not nbytes or not self._policy.use_zerocopy(nbytes, time.monotonic()):
-            n = sock.sendmsg(views, (), flags) if len(views) != 1 else sock.send(views[0], flags)
+            n: int = (
+                sock.send(views[0], flags) if len(views) == 1 else sock.sendmsg(views, (), flags)
+            )
             self._sends += 1
             self._bytes += n
-            if self._tracker.outstanding:
+            if self._tracker._pending:
                 self._maybe_poll()
             return n
-        refs = self._take_refs(owners, destructor)
+        refs = self._take_refs(owners, destructor) if destructor or any(owners) else []
         try:
             n = self._sendmsg_zerocopy(views, flags, deadline)
         except BaseException:
@@ -231,9 +233,13 @@ class ZeroCopySocket:
         self._sends += 1
         self._zc_sends += 1
         self._bytes += n
-        kept_views, kept_refs = self._covered(views, owners, refs, destructor, n)
-        self._tracker.sent(_Pin(kept_views, kept_refs), n)
-        self._maybe_poll()
+        # A copy of the list: callers (sendall) go on to trim theirs.
+        pin = (views[:], refs) if n == nbytes else self._covered(views, owners, refs, destructor, n)
+        self._tracker.sent(pin, n)
+        self._since_poll += 1
+        if self._since_poll >= self._batch:
+            self._since_poll = 0
+            self._drain_errqueue()
         return n
 
     def _take_refs(
@@ -260,7 +266,7 @@ class ZeroCopySocket:
         refs: list[FragDestructor],
         destructor: FragDestructor | None,
         n: int,
-    ) -> tuple[list[memoryview], list[FragDestructor]]:
+    ) -> _Pin:
         """Split the call's views and references at byte ``n``: the covered ones are
         pinned, the others' references are dropped now."""
         kept_views: list[memoryview] = []
@@ -289,6 +295,8 @@ class ZeroCopySocket:
             limit = min(limit, deadline)
         while True:
             try:
+                if len(views) == 1:
+                    return self._sock.send(views[0], flags | MSG_ZEROCOPY)
                 return self._sock.sendmsg(views, (), flags | MSG_ZEROCOPY)
             except (BlockingIOError, InterruptedError):
                 raise  # refused before any notification was allocated: no id used
@@ -389,8 +397,9 @@ class ZeroCopySocket:
             return 0
         pins = self._tracker.complete(msg.lo, msg.hi, msg.copied)
         self._policy.on_completion(msg.copied, len(pins), time.monotonic())
-        for pin in pins:
-            pin.release(self)
+        for _views, refs in pins:
+            for d in refs:
+                d.unref(holder=self)
         return len(pins)
 
     def _wait_error_queue(self, timeout: float | None) -> None:
