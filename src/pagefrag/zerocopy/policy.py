@@ -11,6 +11,7 @@ again now and then, so ``auto`` is never much slower than a plain ``send``.
 from __future__ import annotations
 
 import enum
+import time
 
 __all__ = ["Mode", "ZeroCopyPolicy"]
 
@@ -72,7 +73,9 @@ class ZeroCopyPolicy:
             return "copy"
         return "zerocopy"
 
-    def use_zerocopy(self, nbytes: int, now: float) -> bool:
+    def use_zerocopy(self, nbytes: int, now: float | None = None) -> bool:
+        """Whether this send should pass ``MSG_ZEROCOPY``; ``now`` (monotonic seconds)
+        is read only when a probe may be due."""
         mode = self.mode
         if mode is Mode.ALWAYS:
             return True
@@ -83,6 +86,8 @@ class ZeroCopyPolicy:
         if self._probing:
             return False
         self._since_probe += 1
+        if now is None:
+            now = time.monotonic()
         if self._since_probe >= self.probe_every or now - self._last_probe >= self.probe_interval:
             self._probing = True
             self._since_probe = 0

@@ -92,6 +92,8 @@ class ZeroCopyStats:
 
 def _pieces(data: Data) -> tuple[list[memoryview], list[FragDestructor | None]]:
     """The byte views a send hands the kernel, and the destructor of each."""
+    if type(data) in _FLAT:
+        return [memoryview(data)], [None]  # type: ignore[arg-type]  # bytes or bytearray
     if isinstance(data, SkBuff):
         views = data.iovecs()
         owners: list[FragDestructor | None] = [None] * (len(views) - data.nr_frags)
@@ -214,7 +216,7 @@ class ZeroCopySocket:
     ) -> int:
         nbytes = sum(map(len, views)) if len(views) != 1 else len(views[0])
         sock = self._sock
-        if not nbytes or not self._policy.use_zerocopy(nbytes, time.monotonic()):
+        if not nbytes or not self._policy.use_zerocopy(nbytes):
             n: int = (
                 sock.send(views[0], flags) if len(views) == 1 else sock.sendmsg(views, (), flags)
             )
@@ -224,8 +226,20 @@ class ZeroCopySocket:
                 self._maybe_poll()
             return n
         refs = self._take_refs(owners, destructor) if destructor or any(owners) else []
+        # (A pin without references still keeps its views: the memory stays alive.)
         try:
-            n = self._sendmsg_zerocopy(views, flags, deadline)
+            try:
+                if len(views) == 1:
+                    n = sock.send(views[0], flags | MSG_ZEROCOPY)
+                else:
+                    n = sock.sendmsg(views, (), flags | MSG_ZEROCOPY)
+            except (BlockingIOError, InterruptedError):
+                raise  # refused before any notification was allocated: no id used
+            except OSError as exc:
+                self._settle_failed_send()
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                n = self._send_after_enobufs(views, flags, deadline)
         except BaseException:
             for d in refs:
                 d.unref(holder=self)
@@ -287,34 +301,37 @@ class ZeroCopySocket:
             d.unref(holder=self)
         return kept_views, kept_refs
 
-    def _sendmsg_zerocopy(self, views: list[memoryview], flags: int, deadline: float | None) -> int:
-        """One zero-copy call; on ENOBUFS (optmem or locked-page limit) process
-        completions, wait for more, retry — until the deadline."""
-        limit = time.monotonic() + self._enobufs_timeout
-        if deadline is not None:
-            limit = min(limit, deadline)
+    def _send_after_enobufs(
+        self, views: list[memoryview], flags: int, deadline: float | None
+    ) -> int:
+        """ENOBUFS (optmem or locked-page limit): process completions, wait for more,
+        retry — until the deadline. Never spins: it sleeps in poll() for POLLERR."""
+        limit: float | None = None
         while True:
+            self._enobufs += 1
+            if not self._drain_errqueue():
+                if limit is None:
+                    limit = time.monotonic() + self._enobufs_timeout
+                    if deadline is not None:
+                        limit = min(limit, deadline)
+                remaining = limit - time.monotonic()
+                if remaining <= 0:
+                    raise SendBufferError(
+                        errno.ENOBUFS,
+                        f"ENOBUFS for {self._enobufs_timeout:g}s with {self.outstanding} sends "
+                        "outstanding (net.core.optmem_max or RLIMIT_MEMLOCK too small)",
+                    )
+                self._wait_error_queue(min(remaining, 0.05))
             try:
                 if len(views) == 1:
                     return self._sock.send(views[0], flags | MSG_ZEROCOPY)
                 return self._sock.sendmsg(views, (), flags | MSG_ZEROCOPY)
             except (BlockingIOError, InterruptedError):
-                raise  # refused before any notification was allocated: no id used
+                raise
             except OSError as exc:
                 self._settle_failed_send()
                 if exc.errno != errno.ENOBUFS:
                     raise
-            self._enobufs += 1
-            if self._drain_errqueue():
-                continue
-            remaining = limit - time.monotonic()
-            if remaining <= 0:
-                raise SendBufferError(
-                    errno.ENOBUFS,
-                    f"ENOBUFS for {self._enobufs_timeout:g}s with {self.outstanding} sends "
-                    "outstanding (net.core.optmem_max or RLIMIT_MEMLOCK too small)",
-                )
-            self._wait_error_queue(min(remaining, 0.05))
 
     def _settle_failed_send(self) -> None:
         """Did the failed call use an id? Its notification, if any, is already queued

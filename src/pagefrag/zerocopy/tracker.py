@@ -113,7 +113,8 @@ class CompletionTracker(Generic[T]):
         self._next = (sid + 1) & _U32
         self._pending[sid] = (token, nbytes)
         self.pinned_bytes += nbytes
-        self.peak_pinned_bytes = max(self.peak_pinned_bytes, self.pinned_bytes)
+        if self.pinned_bytes > self.peak_pinned_bytes:
+            self.peak_pinned_bytes = self.pinned_bytes
         return sid
 
     def complete(self, lo: int, hi: int, copied: bool = False) -> list[T]:
