@@ -15,7 +15,7 @@ Both zero-copy loops read the error queue every 16 sends and wait for every comp
 before the clock stops. The TCP receiver is another process. UDP datagrams are capped
 at 60,000 bytes (the veth MTU is 64,000; 1 MiB datagrams do not exist).
 
-    python benchmarks/zerocopy_send.py [--seconds 0.5] [--rounds 3] [--json FILE]
+    python benchmarks/zerocopy_send.py [--seconds 0.4] [--rounds 5] [--json FILE]
 
 Needs root for the veth paths (they are skipped otherwise, and said so).
 """
@@ -132,6 +132,14 @@ def measure(connect: Connect, variant: str, size: int, seconds: float) -> dict[s
     return {"gbps": sent / wall / 1e9, "cpu_s_per_gb": cpu / (sent / 1e9)}
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 @contextmanager
 def sink(argv: list[str], host: str) -> Iterator[int]:
     proc = subprocess.Popen(
@@ -183,11 +191,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=0.5, help="per cell and round (0.5)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; median kept (3)")
+    parser.add_argument("--seconds", type=float, default=0.4, help="per cell and round (0.4)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; median kept (5)")
     parser.add_argument("--no-veth", action="store_true", help="loopback only")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
+    if (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {0})
 
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     with paths(not args.no_veth) as ps:

@@ -188,3 +188,32 @@ def test_close_with_data_in_flight_flushes_first(lab: NetLab) -> None:
     assert in_flight > 0, "the test needs data still held by the kernel at close()"
     assert fired == [1] and zs.outstanding == 0
     assert rx.join() == data
+
+
+def test_a_failed_datagram_send_that_used_an_id_keeps_accounting_right(
+    lab: NetLab, fired: Fired
+) -> None:
+    """A netfilter OUTPUT drop makes the UDP send fail with EPERM *after* the kernel gave
+    the call an id and queued its notification; the next ids must still match."""
+    target = lab.blackhole_neighbour()
+    tx = lab.open_socket(lab.sender, type=socket.SOCK_DGRAM)
+    tx.connect((target, 9))
+    zs = ZeroCopySocket(tx, zerocopy="always")
+    d0 = fired.make(0)
+    zs.send(bytearray(1000), destructor=d0)
+    d0.unref()
+    lab.ns(lab.sender, "nft", "add table inet out; add chain inet out o "
+           "{ type filter hook output priority 0; }; add rule inet out o udp dport 9 drop")
+    d1 = fired.make(1)
+    with pytest.raises(PermissionError):
+        zs.send(bytearray(1000), destructor=d1)
+    d1.unref()
+    assert fired.counts.get(1) == 1  # nothing was pinned for the failed call
+    lab.ns(lab.sender, "nft", "delete table inet out")
+    for i in range(2, 10):
+        d = fired.make(i)
+        zs.send(bytearray(1000), destructor=d)
+        d.unref()
+    zs.close(timeout=10)
+    assert fired.once_each(range(10))
+    assert zs.stats.completions == zs.stats.zerocopy_sends == 9

@@ -7,6 +7,7 @@ destructors") and a socket-buffer model with the kernel's reference rules.
 from ._destructor import FragDestructor
 from ._skbuff import MAX_SKB_FRAGS, Frag, SkBuff
 from .errors import (
+    CompletionTimeoutError,
     DestructorError,
     DoubleFreeError,
     FragError,
@@ -14,14 +15,20 @@ from .errors import (
     InvalidRangeError,
     NotContiguousError,
     PageFragError,
+    QueuedSocketError,
+    SendBufferError,
     SkbFreedError,
     TooManyFragsError,
+    ZeroCopyError,
+    ZeroCopyUnsupportedError,
 )
+from .zerocopy import ZeroCopySocket, ZeroCopyStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MAX_SKB_FRAGS",
+    "CompletionTimeoutError",
     "DestructorError",
     "DoubleFreeError",
     "Frag",
@@ -31,7 +38,13 @@ __all__ = [
     "InvalidRangeError",
     "NotContiguousError",
     "PageFragError",
+    "QueuedSocketError",
+    "SendBufferError",
     "SkBuff",
     "SkbFreedError",
     "TooManyFragsError",
+    "ZeroCopyError",
+    "ZeroCopySocket",
+    "ZeroCopyStats",
+    "ZeroCopyUnsupportedError",
 ]

@@ -37,11 +37,11 @@ class ZeroCopyPolicy:
         if min_size < 0:
             raise ValueError("min_zerocopy_size must not be negative")
         self.min_size = min_size
+        self.copying = False  # auto found that the kernel copies anyway
         self.mode = Mode(mode)
         self.copied_streak = copied_streak
         self.probe_every = probe_every
         self.probe_interval = probe_interval
-        self.copying = False  # auto found that the kernel copies anyway
         self._streak = 0
         self._since_probe = 0
         self._last_probe = 0.0
@@ -57,14 +57,21 @@ class ZeroCopyPolicy:
         self._update()
 
     def _update(self) -> None:
-        # Sends shorter than this are copied without asking anything else (the hot path);
-        # longer ones ask use_zerocopy, which also counts towards the next probe.
-        if self._mode is Mode.ALWAYS:
-            self.copy_below: float = 0
-        elif self._mode is Mode.NEVER:
-            self.copy_below = float("inf")
-        else:
-            self.copy_below = self.min_size
+        # The hot paths: sends shorter than copy_below are copied and sends of at least
+        # zerocopy_from go zero-copy, without asking; the others ask use_zerocopy, which
+        # also counts towards the next probe.
+        inf = float("inf")
+        mode = self._mode
+        self.copy_below: float = (
+            0 if mode is Mode.ALWAYS else inf if mode is Mode.NEVER else self.min_size
+        )
+        self.zerocopy_from: float = (
+            0
+            if mode is Mode.ALWAYS
+            else inf
+            if mode is Mode.NEVER or self.copying
+            else self.min_size
+        )
 
     @property
     def current(self) -> str:
@@ -101,6 +108,7 @@ class ZeroCopyPolicy:
         if not copied:
             self._streak = 0
             self.copying = self._probing = False
+            self._update()
             return
         self._streak += count
         if self._probing or self._streak >= self.copied_streak:
@@ -109,3 +117,4 @@ class ZeroCopyPolicy:
             self.copying = True
             self._probing = False
             self._streak = 0
+            self._update()

@@ -170,14 +170,21 @@ class ZeroCopySocket:
         if self._closed or self._errors:
             self._check_open()
             self._raise_queued_error()
-        if destructor is None and type(data) in _FLAT and len(data) < self._policy.copy_below:
-            # The hot path: one plain buffer, copied (small, or zerocopy="never").
-            n: int = self._sock.send(data)  # type: ignore[arg-type]  # bytes or bytearray
-            self._sends += 1
-            self._bytes += n
-            if self._tracker._pending:
-                self._maybe_poll()
-            return n
+        if destructor is None and type(data) in _FLAT:
+            # The hot paths: one plain buffer, no references to take.
+            nbytes = len(data)
+            if nbytes < self._policy.copy_below:
+                n: int = self._sock.send(data)  # type: ignore[arg-type]  # bytes or bytearray
+                self._sends += 1
+                self._bytes += n
+                if self._tracker._pending:
+                    self._maybe_poll()
+                return n
+            if nbytes >= self._policy.zerocopy_from and nbytes:
+                view = memoryview(data)  # type: ignore[arg-type]
+                n = self._zerocopy_call([view], 0, None)
+                self._file_pin(([view], []), n)
+                return n
         views, owners = _pieces(data)
         return self._send(views, owners, destructor, 0, None)
 
@@ -228,33 +235,43 @@ class ZeroCopySocket:
         refs = self._take_refs(owners, destructor) if destructor or any(owners) else []
         # (A pin without references still keeps its views: the memory stays alive.)
         try:
-            try:
-                if len(views) == 1:
-                    n = sock.send(views[0], flags | MSG_ZEROCOPY)
-                else:
-                    n = sock.sendmsg(views, (), flags | MSG_ZEROCOPY)
-            except (BlockingIOError, InterruptedError):
-                raise  # refused before any notification was allocated: no id used
-            except OSError as exc:
-                self._settle_failed_send()
-                if exc.errno != errno.ENOBUFS:
-                    raise
-                n = self._send_after_enobufs(views, flags, deadline)
+            n = self._zerocopy_call(views, flags, deadline)
         except BaseException:
             for d in refs:
                 d.unref(holder=self)
             raise
+        # A copy of the list: callers (sendall) go on to trim theirs.
+        self._file_pin(
+            (views[:], refs) if n == nbytes else self._covered(views, owners, refs, destructor, n),
+            n,
+        )
+        return n
+
+    def _zerocopy_call(self, views: list[memoryview], flags: int, deadline: float | None) -> int:
+        """One ``sendmsg(MSG_ZEROCOPY)``; a failure is settled (did it use an id?), and
+        ENOBUFS retried."""
+        try:
+            if len(views) == 1:
+                return self._sock.send(views[0], flags | MSG_ZEROCOPY)
+            return self._sock.sendmsg(views, (), flags | MSG_ZEROCOPY)
+        except (BlockingIOError, InterruptedError):
+            raise  # refused before any notification was allocated: no id used
+        except OSError as exc:
+            self._settle_failed_send()
+            if exc.errno != errno.ENOBUFS:
+                raise
+        return self._send_after_enobufs(views, flags, deadline)
+
+    def _file_pin(self, pin: _Pin, n: int) -> None:
+        """File what a zero-copy call of ``n`` bytes holds under its id."""
         self._sends += 1
         self._zc_sends += 1
         self._bytes += n
-        # A copy of the list: callers (sendall) go on to trim theirs.
-        pin = (views[:], refs) if n == nbytes else self._covered(views, owners, refs, destructor, n)
         self._tracker.sent(pin, n)
         self._since_poll += 1
         if self._since_poll >= self._batch:
             self._since_poll = 0
             self._drain_errqueue()
-        return n
 
     def _take_refs(
         self, owners: list[FragDestructor | None], destructor: FragDestructor | None
