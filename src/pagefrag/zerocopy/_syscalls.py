@@ -10,14 +10,15 @@ import socket
 import struct
 from dataclasses import dataclass
 
-SO_ZEROCOPY: int = getattr(socket, "SO_ZEROCOPY", 60)
-MSG_ZEROCOPY: int = getattr(socket, "MSG_ZEROCOPY", 0x4000000)
-MSG_ERRQUEUE: int = getattr(socket, "MSG_ERRQUEUE", 0x2000)
-MSG_DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0x40)
-IP_RECVERR: int = getattr(socket, "IP_RECVERR", 11)
-IPV6_RECVERR: int = getattr(socket, "IPV6_RECVERR", 25)
-SOL_IP: int = getattr(socket, "SOL_IP", 0)
-SOL_IPV6: int = getattr(socket, "SOL_IPV6", 41)
+# Plain ints, not the socket module's IntFlag members: "|" on an enum is slow.
+SO_ZEROCOPY: int = int(getattr(socket, "SO_ZEROCOPY", 60))
+MSG_ZEROCOPY: int = int(getattr(socket, "MSG_ZEROCOPY", 0x4000000))
+MSG_ERRQUEUE: int = int(getattr(socket, "MSG_ERRQUEUE", 0x2000))
+MSG_DONTWAIT: int = int(getattr(socket, "MSG_DONTWAIT", 0x40))
+IP_RECVERR: int = int(getattr(socket, "IP_RECVERR", 11))
+IPV6_RECVERR: int = int(getattr(socket, "IPV6_RECVERR", 25))
+SOL_IP: int = int(getattr(socket, "SOL_IP", 0))
+SOL_IPV6: int = int(getattr(socket, "SOL_IPV6", 41))
 RECVERR_CMSGS = frozenset({(SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR)})
 # One error-queue message: struct sock_extended_err (16) + the offender's sockaddr_in6 (28).
 ERRQUEUE_ANCBUF = socket.CMSG_SPACE(16 + 28)
