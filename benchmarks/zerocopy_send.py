@@ -203,6 +203,8 @@ def main() -> None:
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     with paths(not args.no_veth) as ps:
         samples: dict[tuple[str, str, str], list[dict[str, float]]] = {}
+        order = list(VARIANTS)
+        rng = random.Random(1)
         for _ in range(args.rounds):
             for path, (connect, sizes) in ps.items():
                 for size_name in sizes:
@@ -211,7 +213,8 @@ def main() -> None:
                         if not path.startswith("udp")
                         else min(SIZES[size_name], UDP_MAX)
                     )
-                    for variant in VARIANTS:
+                    rng.shuffle(order)  # no variant always runs first
+                    for variant in order:
                         samples.setdefault((path, size_name, variant), []).append(
                             measure(connect, variant, size, args.seconds)
                         )
