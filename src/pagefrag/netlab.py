@@ -28,8 +28,6 @@ _ids = itertools.count()
 SENDER_IP = "198.18.0.1"
 RECEIVER_IP = "198.18.0.2"
 BLACKHOLE_IP = "198.18.0.3"  # a static neighbour whose MAC nobody owns: frames are discarded
-SENDER_IP6 = "2001:2::1"  # 2001:2::/48, the IPv6 benchmarking range
-RECEIVER_IP6 = "2001:2::2"
 
 
 def missing_tools() -> str | None:
@@ -95,13 +93,12 @@ class NetLab:
             "netns",
             self.receiver,
         )
-        for ns, dev, ip4, ip6 in (
-            (self.sender, self.sender_if, SENDER_IP, SENDER_IP6),
-            (self.receiver, self.receiver_if, RECEIVER_IP, RECEIVER_IP6),
+        for ns, dev, ip4 in (
+            (self.sender, self.sender_if, SENDER_IP),
+            (self.receiver, self.receiver_if, RECEIVER_IP),
         ):
             self.ns(ns, "ip", "link", "set", "lo", "up")
             self.ns(ns, "ip", "addr", "add", f"{ip4}/24", "dev", dev)
-            self.ns(ns, "ip", "-6", "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
             self.ns(ns, "ip", "link", "set", dev, "up")
 
     def _destroy(self) -> None:
@@ -137,13 +134,12 @@ class NetLab:
         with self.inside(ns):
             return socket.socket(family, type)
 
-    def tcp_pair(self, family: int = socket.AF_INET) -> tuple[socket.socket, socket.socket]:
+    def tcp_pair(self) -> tuple[socket.socket, socket.socket]:
         """A connected (sender, receiver) TCP pair across the veth."""
-        ip = RECEIVER_IP if family == socket.AF_INET else RECEIVER_IP6
-        listener = self.open_socket(self.receiver, family)
-        listener.bind((ip, 0))
+        listener = self.open_socket(self.receiver)
+        listener.bind((RECEIVER_IP, 0))
         listener.listen(1)
-        client = self.open_socket(self.sender, family)
+        client = self.open_socket(self.sender)
         client.settimeout(10)
         client.connect(listener.getsockname()[:2])
         client.settimeout(None)
