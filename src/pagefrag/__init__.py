@@ -22,12 +22,14 @@ from .errors import (
     ZeroCopyError,
     ZeroCopyUnsupportedError,
 )
+from .pool import BufferPool, PoolBuffer, PoolExhaustedError
 from .zerocopy import ZeroCopySocket, ZeroCopyStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MAX_SKB_FRAGS",
+    "BufferPool",
     "CompletionTimeoutError",
     "DestructorError",
     "DoubleFreeError",
@@ -38,6 +40,8 @@ __all__ = [
     "InvalidRangeError",
     "NotContiguousError",
     "PageFragError",
+    "PoolBuffer",
+    "PoolExhaustedError",
     "QueuedSocketError",
     "SendBufferError",
     "SkBuff",

@@ -32,13 +32,14 @@ from typing import Any
 
 from .._buffers import byte_view
 from .._destructor import FragDestructor
-from .._skbuff import SkBuff
+from .._skbuff import Frag, SkBuff
 from ..errors import (
     CompletionTimeoutError,
     QueuedSocketError,
     SendBufferError,
     ZeroCopyUnsupportedError,
 )
+from ..pool import PoolBuffer
 from ._syscalls import (
     ERRQUEUE_ANCBUF,
     IP_RECVERR,
@@ -55,7 +56,7 @@ from ._syscalls import (
 from .policy import Mode, ZeroCopyPolicy
 from .tracker import CompletionTracker, ErrQueueMessage, ZeroCopyCompletion, parse_extended_err
 
-__all__ = ["ZeroCopySocket", "ZeroCopyStats", "DEFAULT_MIN_ZEROCOPY_SIZE"]
+__all__ = ["DEFAULT_MIN_ZEROCOPY_SIZE", "ZeroCopySocket", "ZeroCopyStats", "pieces"]
 
 DEFAULT_MIN_ZEROCOPY_SIZE = 16 * 1024
 """Below this, ``auto`` copies: zero-copy pays off only above roughly 10 KB per call
@@ -90,8 +91,10 @@ class ZeroCopyStats:
     current_mode: str
 
 
-def _pieces(data: Data) -> tuple[list[memoryview], list[FragDestructor | None]]:
-    """The byte views a send hands the kernel, and the destructor of each."""
+def pieces(data: Data) -> tuple[list[memoryview], list[FragDestructor | None]]:
+    """The byte views a send hands the kernel, and the destructor of each: an
+    :class:`SkBuff` (its head, then its frags), a :class:`Frag`, a :class:`PoolBuffer`
+    (all of it), a buffer, or a list or tuple of frags, pool buffers and buffers."""
     if type(data) in _FLAT:
         return [memoryview(data)], [None]  # type: ignore[arg-type]  # bytes or bytearray
     if isinstance(data, SkBuff):
@@ -99,10 +102,18 @@ def _pieces(data: Data) -> tuple[list[memoryview], list[FragDestructor | None]]:
         owners: list[FragDestructor | None] = [None] * (len(views) - data.nr_frags)
         owners.extend(f.destructor for f in data.frags)
         return views, owners
-    if isinstance(data, (list, tuple)):
-        views = [byte_view(b) for b in data]
-        return views, [None] * len(views)
-    return [byte_view(data)], [None]
+    items = data if isinstance(data, (list, tuple)) else (data,)
+    views, owners = [], []
+    for item in items:
+        if isinstance(item, PoolBuffer):
+            item = item.frag()
+        if isinstance(item, Frag):
+            views.append(item.view())
+            owners.append(item.destructor)
+        else:
+            views.append(byte_view(item))
+            owners.append(None)
+    return views, owners
 
 
 class ZeroCopySocket:
@@ -185,8 +196,8 @@ class ZeroCopySocket:
                 n = self._zerocopy_call([view], 0, None)
                 self._file_pin(([view], []), n)
                 return n
-        views, owners = _pieces(data)
-        return self._send(views, owners, destructor, 0, None)
+        views, owners = pieces(data)
+        return self.send_iov(views, owners, destructor)
 
     def sendall(
         self, data: Data, *, destructor: FragDestructor | None = None, timeout: float | None = None
@@ -195,13 +206,13 @@ class ZeroCopySocket:
         seconds (what was sent stays sent and pinned until its completion)."""
         self._check_open()
         self._raise_queued_error()
-        views, owners = _pieces(data)
+        views, owners = pieces(data)
         deadline = None if timeout is None else time.monotonic() + timeout
         # With a deadline, never block inside the kernel: wait in poll() instead.
         flags = MSG_DONTWAIT if deadline is not None else 0
         while views:
             try:
-                n = self._send(views, owners, destructor, flags, deadline)
+                n = self.send_iov(views, owners, destructor, flags, deadline)
             except BlockingIOError:
                 self._wait_writable(deadline)
                 continue
@@ -213,14 +224,19 @@ class ZeroCopySocket:
             if n:
                 views[0] = views[0][n:]
 
-    def _send(
+    def send_iov(
         self,
         views: list[memoryview],
         owners: list[FragDestructor | None],
-        destructor: FragDestructor | None,
-        flags: int,
-        deadline: float | None,
+        destructor: FragDestructor | None = None,
+        flags: int = 0,
+        deadline: float | None = None,
     ) -> int:
+        """The one send call under :meth:`send` and :meth:`sendall`: ``views`` as one
+        iovec, ``owners[i]`` the destructor of ``views[i]`` (or None), ``destructor`` held
+        for the whole call. ``deadline`` bounds ENOBUFS retries. Returns bytes taken.
+
+        Refs: as :meth:`send`. The lists are not kept: the caller may trim them after."""
         nbytes = sum(map(len, views)) if len(views) != 1 else len(views[0])
         sock = self._sock
         if not nbytes or not self._policy.use_zerocopy(nbytes):
@@ -240,7 +256,7 @@ class ZeroCopySocket:
             for d in refs:
                 d.unref(holder=self)
             raise
-        # A copy of the list: callers (sendall) go on to trim theirs.
+        # A copy of the list: callers (sendall, transports) go on to trim theirs.
         self._file_pin(
             (views[:], refs) if n == nbytes else self._covered(views, owners, refs, destructor, n),
             n,

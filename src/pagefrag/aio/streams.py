@@ -1,0 +1,234 @@
+"""asyncio streams and connection helpers over :class:`ZeroCopyTransport`, shaped like
+``asyncio.open_connection``, ``asyncio.start_server`` and ``loop.create_connection``."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+from .._destructor import FragDestructor
+from ..zerocopy.socket import Data
+from .transport import ZeroCopyTransport
+
+__all__ = [
+    "ZeroCopyStreamWriter",
+    "ZeroCopyServer",
+    "create_connection",
+    "open_connection",
+    "start_server",
+]
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+ClientConnected = Callable[[asyncio.StreamReader, "ZeroCopyStreamWriter"], Awaitable[None] | None]
+_STREAM_LIMIT = 2**16
+
+
+async def _connected_socket(host: str, port: int, **kwargs: Any) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, **kwargs)
+    error: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"no address for {host}:{port}")
+
+
+async def create_connection(
+    protocol_factory: Callable[[], P],
+    host: str,
+    port: int,
+    *,
+    zerocopy: str = "auto",
+    min_zerocopy_size: int | None = None,
+    high_water: int | None = None,
+    **kwargs: Any,
+) -> tuple[ZeroCopyTransport, P]:
+    """Connect and return ``(transport, protocol)``, as ``loop.create_connection``; the
+    transport is a :class:`ZeroCopyTransport`."""
+    sock = await _connected_socket(host, port, **kwargs)
+    protocol = protocol_factory()
+    transport = ZeroCopyTransport(
+        asyncio.get_running_loop(),
+        sock,
+        protocol,
+        zerocopy=zerocopy,
+        min_zerocopy_size=min_zerocopy_size,
+        high_water=high_water,
+    )
+    return transport, protocol
+
+
+class ZeroCopyStreamWriter(asyncio.StreamWriter):
+    """``asyncio.StreamWriter`` with per-write release notification.
+
+    ``write`` returns a handle that is awaitable and completes when the kernel has
+    released every page of that write; ``drain()`` waits while unsent *plus pinned* bytes
+    are above the high-water mark."""
+
+    _transport: ZeroCopyTransport
+
+    def write(  # type: ignore[override]
+        self, data: Data, *, destructor: FragDestructor | None = None
+    ) -> FragDestructor:
+        return self._transport.write(data, destructor)
+
+    def writelines(self, data: Any) -> None:
+        for chunk in data:
+            self._transport.write(chunk)
+
+    async def wait_released(self) -> None:
+        """Wait until every write so far has been released by the kernel."""
+        await self._transport.wait_released()
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes the kernel has not released yet (zero-copy writes in flight)."""
+        return self._transport.pinned_bytes
+
+    def abort(self) -> None:
+        """Disconnect at once (RST); every write's handle still fires exactly once."""
+        self._transport.abort()
+
+
+def _stream_pair(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    limit: int,
+    **transport_kwargs: Any,
+) -> tuple[asyncio.StreamReader, ZeroCopyStreamWriter]:
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport = ZeroCopyTransport(loop, sock, protocol, **transport_kwargs)
+    writer = ZeroCopyStreamWriter(transport, protocol, reader, loop)
+    return reader, writer
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    zerocopy: str = "auto",
+    limit: int = _STREAM_LIMIT,
+    min_zerocopy_size: int | None = None,
+    high_water: int | None = None,
+    **kwargs: Any,
+) -> tuple[asyncio.StreamReader, ZeroCopyStreamWriter]:
+    """Connect and return ``(reader, writer)``, as ``asyncio.open_connection``."""
+    loop = asyncio.get_running_loop()
+    sock = await _connected_socket(host, port, **kwargs)
+    reader, writer = _stream_pair(
+        loop,
+        sock,
+        limit,
+        zerocopy=zerocopy,
+        min_zerocopy_size=min_zerocopy_size,
+        high_water=high_water,
+    )
+    await asyncio.sleep(0)  # let connection_made run, as asyncio's does before returning
+    return reader, writer
+
+
+class ZeroCopyServer:
+    """What :func:`start_server` returns: listening sockets accepting zero-copy streams."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sockets: list[socket.socket],
+        on_accept: Callable[[socket.socket], None],
+    ) -> None:
+        self._loop = loop
+        self.sockets = sockets
+        self._on_accept = on_accept
+        self._closed = asyncio.Event()
+        for s in sockets:
+            s.setblocking(False)
+            loop.add_reader(s.fileno(), self._accept, s)
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(64):  # bounded: other callbacks get their turn
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self._on_accept(conn)
+
+    def close(self) -> None:
+        for s in self.sockets:
+            if s.fileno() >= 0:
+                self._loop.remove_reader(s.fileno())
+                s.close()
+        self._closed.set()
+
+    def is_serving(self) -> bool:
+        return not self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def serve_forever(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> ZeroCopyServer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+async def start_server(
+    client_connected_cb: ClientConnected,
+    host: str,
+    port: int,
+    *,
+    zerocopy: str = "auto",
+    limit: int = _STREAM_LIMIT,
+    backlog: int = 128,
+    min_zerocopy_size: int | None = None,
+    high_water: int | None = None,
+) -> ZeroCopyServer:
+    """Listen and call ``client_connected_cb(reader, writer)`` per connection (a
+    coroutine function becomes a task), as ``asyncio.start_server``."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets = []
+    for family, _, _, _, addr in infos[:1]:
+        sockets.append(socket.create_server(addr[:2], family=family, backlog=backlog))
+    tasks: set[asyncio.Task[None]] = set()
+
+    def on_accept(conn: socket.socket) -> None:
+        reader, writer = _stream_pair(
+            loop,
+            conn,
+            limit,
+            zerocopy=zerocopy,
+            min_zerocopy_size=min_zerocopy_size,
+            high_water=high_water,
+        )
+        result = client_connected_cb(reader, writer)
+        if asyncio.iscoroutine(result):
+            task = loop.create_task(result)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    return ZeroCopyServer(loop, sockets, on_accept)
