@@ -4,9 +4,11 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 
 from pagefrag import FragDestructor
+from pagefrag.netlab import NetLab, missing_tools
 
 
 class Receiver:
@@ -80,3 +82,52 @@ def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     yield client, server
     for s in (client, server):
         s.close()
+
+
+@pytest.fixture
+def lab() -> Iterator[NetLab]:
+    """Two network namespaces joined by veth, deleted afterwards (root only)."""
+    why = missing_tools()
+    if why is not None:
+        pytest.skip(why)
+    with NetLab() as lab:
+        yield lab
+
+
+POISON = 0xEE
+
+
+def counters(offset: int, size: int) -> np.ndarray:
+    """The stream's expected bytes at ``offset``: little-endian u64 word counters."""
+    first = offset // 8
+    return np.arange(first, first + size // 8, dtype="<u8").view(np.uint8)
+
+
+class VerifyingReceiver(threading.Thread):
+    """Reads the stream to EOF, checking every byte against ``counters``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.received = 0
+        self.bad_bytes = 0
+        self.poison_bytes = 0
+        self.start()
+
+    def run(self) -> None:
+        self.sock.settimeout(60)
+        carry = b""
+        while True:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                break
+            data = carry + chunk
+            usable = len(data) - len(data) % 8
+            got = np.frombuffer(data[:usable], dtype=np.uint8)
+            want = counters(self.received, usable)
+            wrong = got != want
+            self.bad_bytes += int(wrong.sum())
+            self.poison_bytes += int(((got == POISON) & wrong).sum())
+            self.received += usable
+            carry = data[usable:]
+        self.bad_bytes += len(carry)

@@ -9,64 +9,15 @@ import queue
 import socket
 import struct
 import termios
-import threading
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import Fired, Receiver
+from conftest import POISON, Fired, Receiver, VerifyingReceiver, counters
 
 from pagefrag import FragDestructor
-from pagefrag.netlab import NetLab, missing_tools
+from pagefrag.netlab import NetLab
 from pagefrag.zerocopy import ZeroCopySocket, tcp_info
-
-_why = missing_tools()
-pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
-
-POISON = 0xEE
-
-
-@pytest.fixture
-def lab() -> Iterator[NetLab]:
-    with NetLab() as lab:
-        yield lab
-
-
-def counters(offset: int, size: int) -> np.ndarray:
-    """The stream's expected bytes at ``offset``: little-endian u64 word counters."""
-    first = offset // 8
-    return np.arange(first, first + size // 8, dtype="<u8").view(np.uint8)
-
-
-class VerifyingReceiver(threading.Thread):
-    """Reads the stream to EOF, checking every byte against ``counters``."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(daemon=True)
-        self.sock = sock
-        self.received = 0
-        self.bad_bytes = 0
-        self.poison_bytes = 0
-        self.start()
-
-    def run(self) -> None:
-        self.sock.settimeout(60)
-        carry = b""
-        while True:
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                break
-            data = carry + chunk
-            usable = len(data) - len(data) % 8
-            got = np.frombuffer(data[:usable], dtype=np.uint8)
-            want = counters(self.received, usable)
-            wrong = got != want
-            self.bad_bytes += int(wrong.sum())
-            self.poison_bytes += int(((got == POISON) & wrong).sum())
-            self.received += usable
-            carry = data[usable:]
-        self.bad_bytes += len(carry)
 
 
 def test_poison_after_release_under_loss(lab: NetLab) -> None:
@@ -202,8 +153,12 @@ def test_a_failed_datagram_send_that_used_an_id_keeps_accounting_right(
     d0 = fired.make(0)
     zs.send(bytearray(1000), destructor=d0)
     d0.unref()
-    lab.ns(lab.sender, "nft", "add table inet out; add chain inet out o "
-           "{ type filter hook output priority 0; }; add rule inet out o udp dport 9 drop")
+    lab.ns(
+        lab.sender,
+        "nft",
+        "add table inet out; add chain inet out o "
+        "{ type filter hook output priority 0; }; add rule inet out o udp dport 9 drop",
+    )
     d1 = fired.make(1)
     with pytest.raises(PermissionError):
         zs.send(bytearray(1000), destructor=d1)

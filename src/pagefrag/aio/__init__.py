@@ -1,7 +1,7 @@
 """asyncio zero-copy streams and transports with awaitable release.
 
-Works on the default (selector) event loop and on any loop implementing ``add_reader``
-and ``add_writer`` for arbitrary descriptors; see docs/asyncio.md for uvloop."""
+Works on the default (selector) event loop, on any loop with ``add_reader``, and
+on uvloop: the loop only ever watches one private epoll descriptor per connection."""
 
 from .streams import (
     ZeroCopyServer,

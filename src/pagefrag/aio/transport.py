@@ -2,12 +2,14 @@
 report, per write, when the kernel has released every page.
 
 Theory of operation. The transport owns a non-blocking TCP socket wrapped in a
-:class:`ZeroCopySocket`. Reads are ordinary (``add_reader`` on the socket). Completions
-arrive on the socket's error queue, which ``epoll`` reports as ``EPOLLERR``; the event loop
-has no "error only" interest, so the transport registers the socket, edge-triggered and
-with no event besides the implicit ``EPOLLERR|EPOLLHUP``, in a private epoll instance and
-gives *that* descriptor to ``add_reader``: it becomes readable exactly when a completion
-(or a hang-up) arrives, whether or not reading is paused. No timer, no busy loop.
+:class:`ZeroCopySocket`. Completions arrive on the socket's error queue, which ``epoll``
+reports as ``EPOLLERR``. The event loop is never shown the socket itself: the transport
+registers it, edge-triggered, in a private epoll instance and gives *that* descriptor to
+``add_reader``. Each wake-up reports what changed — readable (``EPOLLIN``), writable
+(``EPOLLOUT``), completions (``EPOLLERR``) — and the transport reads, sends or drains the
+error queue. No timer, no busy loop, and reading may be paused without missing a
+completion. (Showing the socket to the loop would not do: a pending error-queue message
+makes the descriptor report ``POLLERR`` and libuv, under uvloop, stops watching it.)
 
 Each ``write`` is queued with one reference on every destructor its bytes carry and one on
 its *write handle* (a :class:`FragDestructor` returned to the caller), so nothing the
@@ -106,39 +108,62 @@ class ZeroCopyTransport(asyncio.Transport):
                 **(extra or {}),
             }
         )
-        self._errpoll = select.epoll()
-        self._errpoll.register(sock.fileno(), select.EPOLLET)  # ERR/HUP only, edge-triggered
-        loop.add_reader(self._errpoll.fileno(), self._on_error_queue)
-        loop.add_reader(sock.fileno(), self._on_readable)
+        self._read_scheduled = False
+        self._epoll = select.epoll()
+        self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLOUT | select.EPOLLET)
+        loop.add_reader(self._epoll.fileno(), self._on_events)
         loop.call_soon(protocol.connection_made, self)
 
-    # -- reading ---------------------------------------------------------------------------
-    def _on_readable(self) -> None:
+    # -- events ----------------------------------------------------------------------------
+    def _on_events(self) -> None:
         try:
-            data = self._sock.recv(_READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+            ready = self._epoll.poll(0)
+        except OSError:  # closed under us
             return
-        except OSError as exc:
-            self._fatal(exc)
-            return
-        if data:
+        for _, ev in ready:
+            if ev & select.EPOLLERR:
+                self._on_error_queue()
+            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and self._reading:
+                self._read_ready()
+            if ev & select.EPOLLOUT and self._queue:
+                self._flush_queue()
+
+    # -- reading ---------------------------------------------------------------------------
+    def _read_ready(self) -> None:
+        """Read until the socket is empty (the registration is edge-triggered), a bounded
+        number of times per turn of the loop; more is scheduled, not waited for."""
+        self._read_scheduled = False
+        for _ in range(16):
+            if not self._reading:
+                return
+            try:
+                data = self._sock.recv(_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fatal(exc)
+                return
+            if not data:
+                self._reading = False
+                keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+                if not keep_open:
+                    self.close()
+                return
             self._protocol.data_received(data)  # type: ignore[attr-defined]
-            return
-        self._loop.remove_reader(self._sock.fileno())
-        self._reading = False
-        keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
-        if not keep_open:
-            self.close()
+        self._schedule_read()
+
+    def _schedule_read(self) -> None:
+        if not self._read_scheduled:
+            self._read_scheduled = True
+            self._loop.call_soon(self._read_ready)
 
     def pause_reading(self) -> None:
-        if self._reading and not self._closing:
-            self._reading = False
-            self._loop.remove_reader(self._sock.fileno())
+        self._reading = False
 
     def resume_reading(self) -> None:
         if not self._reading and not self._closing:
             self._reading = True
-            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+            self._schedule_read()  # data may have arrived while paused: no new edge comes
 
     def is_reading(self) -> bool:
         return self._reading
@@ -210,11 +235,7 @@ class ZeroCopyTransport(asyncio.Transport):
                 continue  # the kernel took part: try again until it refuses
             queue.popleft()
             self._release(w)
-        fd = self._sock.fileno()
-        if queue:
-            self._loop.add_writer(fd, self._flush_queue)
-        else:
-            self._loop.remove_writer(fd)
+        # What is left goes out on the next EPOLLOUT edge.
         self._after_progress()
 
     def _release(self, w: _Write) -> None:
@@ -226,7 +247,6 @@ class ZeroCopyTransport(asyncio.Transport):
 
     def _on_error_queue(self) -> None:
         try:
-            self._errpoll.poll(0)  # consume the edge
             self._zs.poll_completions(0)
         except PageFragError as exc:  # an error-queue message that is a real socket error
             self._fatal(exc)
@@ -326,12 +346,9 @@ class ZeroCopyTransport(asyncio.Transport):
         self._arm_linger()
 
     def _stop_reading(self) -> None:
-        if self._reading:
-            self._reading = False
-            self._loop.remove_reader(self._sock.fileno())
+        self._reading = False
 
     def _drop_queue(self) -> None:
-        self._loop.remove_writer(self._sock.fileno())
         queue, self._queue = self._queue, collections.deque()
         self._unsent = 0
         for w in queue:
@@ -355,11 +372,9 @@ class ZeroCopyTransport(asyncio.Transport):
         self._lost = True
         if self._linger_timer is not None:
             self._linger_timer.cancel()
-        loop, fd = self._loop, self._sock.fileno()
-        loop.remove_reader(fd)
-        loop.remove_writer(fd)
-        loop.remove_reader(self._errpoll.fileno())
-        self._errpoll.close()
+        loop = self._loop
+        loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
         if not force:
             self._zs.close(timeout=0)
         loop.call_soon(self._protocol.connection_lost, self._exc)
