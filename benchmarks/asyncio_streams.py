@@ -1,0 +1,174 @@
+"""pagefrag.aio against asyncio streams (and uvloop), 64 KiB and 1 MiB writes over loopback.
+
+Each variant runs in its own process (so peak RSS is its own) against one TCP sink
+process, writing the same buffer in a ``write(); await drain()`` loop:
+
+  asyncio           asyncio.open_connection (copies every write into its buffer)
+  uvloop            the same on uvloop
+  pf-auto           pagefrag.aio.open_connection(zerocopy="auto")
+  pf-always         pagefrag.aio.open_connection(zerocopy="always")
+  pf-always-uvloop  the same on uvloop
+
+Release latency: for pagefrag, from ``write()`` to its handle firing (the kernel released
+the pages); asyncio has no such event — its figure is ``write()`` to ``drain()`` returning,
+the moment it lets a program go on (it copied the bytes, so reuse was safe at once).
+
+    python benchmarks/asyncio_streams.py [--seconds 1.0] [--rounds 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine
+
+SIZES = {"64KiB": 65536, "1MiB": 1 << 20}
+SINK = Path(__file__).resolve().parent / "_sink.py"
+
+
+def _variants() -> list[str]:
+    out = ["asyncio", "pf-auto", "pf-always"]
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return out
+    return [*out, "uvloop", "pf-always-uvloop"]
+
+
+async def _client(variant: str, port: int, size: int, seconds: float) -> dict[str, float]:
+    buf = bytearray(os.urandom(size))
+    lat: list[float] = []
+    now = time.perf_counter
+    if variant.startswith("pf"):
+        from pagefrag import aio
+
+        mode = "auto" if variant == "pf-auto" else "always"
+        _, writer = await aio.open_connection("127.0.0.1", port, zerocopy=mode)
+    else:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)  # type: ignore[assignment]
+    sent = 0
+    cpu0, t0 = time.process_time(), now()
+    end = t0 + seconds
+    while now() < end:
+        start = now()
+        handle = writer.write(buf)
+        if handle is not None:  # pagefrag: the kernel's release
+            handle.add_done_callback(lambda _h, s=start: lat.append(now() - s))
+            await writer.drain()
+        else:
+            await writer.drain()
+            lat.append(now() - start)
+        sent += size
+    if variant.startswith("pf"):
+        await writer.wait_released()  # type: ignore[attr-defined]
+    wall, cpu = now() - t0, time.process_time() - cpu0
+    writer.close()
+    await writer.wait_closed()
+    lat.sort()
+    return {
+        "gbps": sent / wall / 1e9,
+        "cpu_s_per_gb": cpu / (sent / 1e9),
+        "release_p50_us": lat[len(lat) // 2] * 1e6,
+        "release_p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def child(variant: str, port: int, size: int, seconds: float) -> None:
+    if (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {0})
+    coro = _client(variant, port, size, seconds)
+    if variant.endswith("uvloop") or variant == "uvloop":
+        import uvloop
+
+        result = uvloop.run(coro)
+    else:
+        result = asyncio.run(coro)
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument(
+        "--child", nargs=4, metavar=("VARIANT", "PORT", "SIZE", "SECONDS"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.child:
+        v, port, size, secs = args.child
+        child(v, int(port), int(size), float(secs))
+        return
+    sink = subprocess.Popen(
+        [sys.executable, str(SINK), "127.0.0.1"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        if (os.cpu_count() or 1) > 1:
+            os.sched_setaffinity(sink.pid, {1})
+        samples: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for _ in range(args.rounds):
+            for size_name, size in SIZES.items():
+                for variant in _variants():
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--child",
+                            variant,
+                            str(port),
+                            str(size),
+                            str(args.seconds),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                        timeout=120,
+                    )
+                    samples.setdefault((size_name, variant), []).append(json.loads(out.stdout))
+    finally:
+        sink.kill()
+        sink.wait()
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for (size_name, variant), runs in samples.items():
+        results.setdefault(size_name, {})[variant] = {
+            k: statistics.median(r[k] for r in runs) for k in runs[0]
+        }
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "results": results,
+    }
+    print(f"machine: {report['machine']}")
+    head = ("size", "variant", "GB/s", "CPU s/GB", "p50 us", "p99 us", "RSS MiB", "vs asyncio")
+    print("{:<6} {:<17} {:>6} {:>9} {:>8} {:>8} {:>8} {:>10}".format(*head))
+    for size_name, cells in results.items():
+        base = cells["asyncio"]["gbps"]
+        for variant, c in cells.items():
+            print(
+                f"{size_name:<6} {variant:<17} {c['gbps']:>6.2f} {c['cpu_s_per_gb']:>9.3f} "
+                f"{c['release_p50_us']:>8.0f} {c['release_p99_us']:>8.0f} "
+                f"{c['peak_rss_mib']:>8.1f} {c['gbps'] / base:>10.2f}"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
