@@ -262,12 +262,18 @@ class SkBuff:
         size: int | None = None,
         destructor: FragDestructor | None = None,
     ) -> int:
-        """Append a paged fragment and return its index. Kernel: ``skb_fill_page_desc``
-        + ``skb_frag_set_destructor`` + ``skb_frag_ref``.
+        """Append a paged fragment (a page and range, or a :class:`Frag`) and return its
+        index. Kernel: ``skb_fill_page_desc`` + ``skb_frag_set_destructor`` + ``skb_frag_ref``.
 
         Refs: takes the skb's reference on the destructor (or keeps the page alive)."""
         sh = self._live()
-        frag = Frag(page, offset, size, destructor)
+        if isinstance(page, Frag):  # a descriptor already carries its page and destructor
+            if (offset, size, destructor) != (0, None, None):
+                raise InvalidRangeError("add_frag(frag) takes no offset, size or destructor")
+            frag = page._derive(page._offset, page._size)
+            frag._shared = False
+        else:
+            frag = Frag(page, offset, size, destructor)
         if len(sh.frags) >= MAX_SKB_FRAGS:
             raise TooManyFragsError(f"{self!r} already holds {MAX_SKB_FRAGS} frags")
         sh = self._unclone()

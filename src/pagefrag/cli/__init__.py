@@ -7,9 +7,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import trace
+from ..errors import PageFragError
+from . import demo, trace
 
-_COMMANDS = (trace,)
+_COMMANDS = (demo, trace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.run(args)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, PageFragError) as exc:
         print(f"pagefrag {args.command}: {exc}", file=sys.stderr)
         return 1
     return code
