@@ -51,3 +51,14 @@ def test_console_script_runs_and_bad_input_is_one_clear_line() -> None:
         text=True,
     )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "acked" in bad.stderr
+
+
+def test_trace_png_draws_a_timeline(tmp_path: pytest.TempPathFactory) -> None:
+    from pagefrag.cli.trace import lanes
+
+    out = tmp_path / "trace.png"  # type: ignore[operator]
+    assert main(["trace", "--png", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    held = lanes(run_trace())
+    assert {"owner", "rtx-queue", "wire-1", "wire-2", "segments", "receiver"} <= set(held)
+    assert held["owner"] == [0, 1] and held["segments"] == [7, 8, 9]

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import itertools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -57,17 +58,26 @@ def run(*args: str, check: bool = True) -> str:
     return out.stdout
 
 
+def _remove_stale() -> None:
+    """Delete namespaces left by a lab whose process was killed (its pid is in the name)."""
+    for line in run("ip", "netns", "list", check=False).splitlines():
+        m = re.match(r"pf[sr](\d+)x\d+\b", line)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            run("ip", "netns", "del", line.split()[0], check=False)
+
+
 class NetLab:
     """Namespaces ``sender`` and ``receiver`` joined by a veth pair."""
 
     def __init__(self) -> None:
-        n = f"{os.getpid() % 100000}x{next(_ids)}"
+        n = f"{os.getpid()}x{next(_ids)}"  # the pid lets a later lab remove stale ones
         self.sender = f"pfs{n}"
         self.receiver = f"pfr{n}"
         self.sender_if = f"pfa{n}"
         self.receiver_if = f"pfb{n}"
 
     def __enter__(self) -> NetLab:
+        _remove_stale()
         try:
             self._build()
         except BaseException:

@@ -9,7 +9,10 @@ from typing import Any
 
 from ..trace import TraceStep, run_trace
 
-EXAMPLE = "example: pagefrag trace --size 65536 --mss 1448 --json"
+EXAMPLE = """examples:
+  pagefrag trace
+  pagefrag trace --json
+  pagefrag trace --png trace.png --size 65536 --mss 1448"""
 
 
 def add_parser(sub: Any) -> None:
@@ -25,6 +28,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--mss", type=int, default=1448, help="GSO segment size (1448)")
     p.add_argument("--acked", type=int, default=20_000, help="bytes of the partial ACK (20000)")
     p.add_argument("--json", action="store_true", help="print the steps as JSON")
+    p.add_argument("--png", metavar="FILE", help="also draw the timeline into FILE (matplotlib)")
     p.set_defaults(run=run)
 
 
@@ -45,8 +49,67 @@ def render(steps: list[TraceStep]) -> str:
     return "\n".join(lines)
 
 
+def lanes(steps: list[TraceStep]) -> dict[str, list[int]]:
+    """For each holder, the steps at which it holds the pages (segments folded into one
+    lane): the owner until it drops its reference, then every skb while it lives."""
+    out: dict[str, list[int]] = {"owner": []}
+    for s in steps:
+        if s.index <= 1 or (s.holder == "owner" and s.index < 2):
+            out["owner"].append(s.index)
+        for k in s.skbs:
+            name = "segments" if k.name.startswith("seg-") else k.name
+            held = out.setdefault(name, [])
+            if not held or held[-1] != s.index:
+                held.append(s.index)
+    return out
+
+
+def render_png(steps: list[TraceStep], path: str) -> None:
+    """The trace as a timeline: a lane per holder, the reference count over time, and
+    the moment the destructor fires."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    held = lanes(steps)
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [1, 1.6]}
+    )
+    xs = [s.index for s in steps]
+    top.step(xs, [s.refcount for s in steps], where="post", color="tab:blue", linewidth=2)
+    top.set_ylabel("destructor refcount")
+    top.set_title("pagefrag trace: one 64 KiB write through a TCP life")
+    fire = next((s.index for s in steps if s.fired), None)
+    names = list(held)
+    for row, name in enumerate(names):
+        for i in held[name]:
+            bottom.broken_barh([(i, 1)], (row - 0.35, 0.7), color=f"C{row % 10}")
+    bottom.set_yticks(range(len(names)), names)
+    bottom.invert_yaxis()
+    labels = [f"{s.index} {s.kernel.split(' ')[0]}" for s in steps]
+    bottom.set_xticks(xs, labels, fontsize=7, rotation=35, ha="right")
+    bottom.set_xlabel("step (kernel function)")
+    for ax in (top, bottom):
+        if fire is not None:
+            ax.axvline(fire, color="red", linestyle="--")
+    if fire is not None:
+        top.annotate(
+            "destroy() runs",
+            (fire, 0),
+            xytext=(fire - 3.5, max(s.refcount for s in steps) * 0.6),
+            arrowprops={"arrowstyle": "->", "color": "red"},
+            color="red",
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> int:
     steps = run_trace(args.size, args.page_size, args.mss, args.acked)
+    if args.png:
+        render_png(steps, args.png)
     if args.json:
         print(json.dumps([s.as_dict() for s in steps], indent=2))
     else:
