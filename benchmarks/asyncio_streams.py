@@ -30,11 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine
+from pagefrag.bench.machine import machine
 
 SIZES = {"64KiB": 65536, "1MiB": 1 << 20}
-SINK = Path(__file__).resolve().parent / "_sink.py"
 
 
 def _variants() -> list[str]:
@@ -114,7 +112,9 @@ def main() -> None:
         child(v, int(port), int(size), float(secs))
         return
     sink = subprocess.Popen(
-        [sys.executable, str(SINK), "127.0.0.1"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "pagefrag.bench.sink", "127.0.0.1"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert sink.stdout is not None

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import timeit
 from collections.abc import Callable
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine
 
 from pagefrag import MAX_SKB_FRAGS, FragDestructor, SkBuff
+from pagefrag.bench.machine import machine
 
 
 class LockedCounter:

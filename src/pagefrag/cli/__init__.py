@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import PageFragError
-from . import demo, trace
+from . import bench, demo, trace
 
-_COMMANDS = (demo, trace)
+_COMMANDS = (demo, bench, trace)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,61 @@
+"""``pagefrag bench``: the benchmark matrix — sizes 4 KiB, 64 KiB, 1 MiB over TCP loopback,
+TCP over veth and UDP true zero-copy — for pagefrag beside the anchors measured in the same
+run (plain ``socket.send``, a bare ``MSG_ZEROCOPY`` loop, asyncio streams, pyzmq
+``send(copy=False, track=True)``), written as JSON, a Markdown table and PNG charts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLE = """examples:
+  pagefrag bench --quick --out bench-out          # a short run (about a minute)
+  sudo pagefrag bench --out bench-out             # the full matrix, veth paths included
+  pagefrag bench --no-veth --json                 # loopback only, results on stdout"""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark pagefrag against socket.send, MSG_ZEROCOPY, asyncio and pyzmq",
+        description=__doc__,
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="bench-out", help="output folder (bench-out)")
+    p.add_argument("--quick", action="store_true", help="one short round per cell")
+    p.add_argument("--seconds", type=float, default=0.4, help="per cell and round (0.4)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds, medians kept (5)")
+    p.add_argument("--no-veth", action="store_true", help="loopback only (no root needed)")
+    p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bench.machine import machine
+    from ..bench.matrix import run_matrix
+    from ..bench.report import write
+
+    seconds, rounds = (0.1, 1) if args.quick else (args.seconds, args.rounds)
+    if seconds <= 0 or rounds <= 0:
+        raise ValueError("--seconds and --rounds must be positive")
+
+    def progress(cell: str) -> None:
+        if not args.json:
+            print(f"  {cell:<60}", end="\r", file=sys.stderr, flush=True)
+
+    data = run_matrix(seconds, rounds, veth=not args.no_veth, progress=progress)
+    report = {"machine": machine(), "seconds": seconds, "rounds": rounds, **data}
+    files = write(report, Path(args.out), with_charts=not args.no_charts)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(" " * 70, end="\r", file=sys.stderr)
+        print((Path(args.out) / "results.md").read_text())
+        print("wrote " + ", ".join(str(f) for f in files))
+    return 0
