@@ -12,7 +12,7 @@ from typing import Any
 
 EXAMPLE = """examples:
   pagefrag bench --quick --out bench-out          # a short run (about a minute)
-  sudo pagefrag bench --out bench-out             # the full matrix, veth paths included
+  sudo pagefrag bench --out docs/bench --page docs/performance.md   # the full matrix
   pagefrag bench --no-veth --json                 # loopback only, results on stdout"""
 
 
@@ -31,6 +31,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-veth", action="store_true", help="loopback only (no root needed)")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.add_argument(
+        "--page", metavar="FILE", help="also write the results page (docs/performance.md)"
+    )
     p.set_defaults(run=run)
 
 
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     data = run_matrix(seconds, rounds, veth=not args.no_veth, progress=progress)
     report = {"machine": machine(), "seconds": seconds, "rounds": rounds, **data}
-    files = write(report, Path(args.out), with_charts=not args.no_charts)
+    page = Path(args.page) if args.page else None
+    files = write(report, Path(args.out), with_charts=not args.no_charts, page=page)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
