@@ -33,7 +33,7 @@ from typing import Any
 from .._destructor import FragDestructor
 from ..errors import PageFragError
 from ..zerocopy._syscalls import disconnect
-from ..zerocopy.socket import Data, ZeroCopySocket, pieces
+from ..zerocopy.socket import Data, ZeroCopySocket, pieces, take_refs
 
 __all__ = ["ZeroCopyTransport", "DEFAULT_HIGH_WATER"]
 
@@ -187,15 +187,9 @@ class ZeroCopyTransport(asyncio.Transport):
         if destructor is not None:
             destructor.ref()
             handle.add_done_callback(lambda _: destructor.unref())
-        refs: list[FragDestructor] = []
         try:
-            for d in owners:
-                if d is not None:
-                    d.ref(holder=self)
-                    refs.append(d)
+            refs = take_refs(owners, self)
         except BaseException:
-            for d in refs:
-                d.unref(holder=self)
             handle.unref()
             raise
         nbytes = sum(map(len, views))

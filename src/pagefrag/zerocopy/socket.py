@@ -25,7 +25,7 @@ import select
 import socket
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -56,7 +56,7 @@ from ._syscalls import (
 from .policy import Mode, ZeroCopyPolicy
 from .tracker import CompletionTracker, ErrQueueMessage, ZeroCopyCompletion, parse_extended_err
 
-__all__ = ["DEFAULT_MIN_ZEROCOPY_SIZE", "ZeroCopySocket", "ZeroCopyStats", "pieces"]
+__all__ = ["DEFAULT_MIN_ZEROCOPY_SIZE", "ZeroCopySocket", "ZeroCopyStats", "pieces", "take_refs"]
 
 DEFAULT_MIN_ZEROCOPY_SIZE = 16 * 1024
 """Below this, ``auto`` copies: zero-copy pays off only above roughly 10 KB per call
@@ -89,6 +89,22 @@ class ZeroCopyStats:
     peak_pinned_bytes: int
     mode: str
     current_mode: str
+
+
+def take_refs(destructors: Iterable[FragDestructor | None], holder: object) -> list[FragDestructor]:
+    """One reference on each destructor given (None skipped), all or nothing: if one
+    fails (already destroyed), those taken are dropped again and the error raised."""
+    refs: list[FragDestructor] = []
+    try:
+        for d in destructors:
+            if d is not None:
+                d.ref(holder=holder)
+                refs.append(d)
+    except BaseException:
+        for d in refs:
+            d.unref(holder=holder)
+        raise
+    return refs
 
 
 def pieces(data: Data) -> tuple[list[memoryview], list[FragDestructor | None]]:
@@ -248,7 +264,8 @@ class ZeroCopySocket:
             if self._tracker._pending:
                 self._maybe_poll()
             return n
-        refs = self._take_refs(owners, destructor) if destructor or any(owners) else []
+        # Taken before the kernel sees the pages, so none can fire while it reads them.
+        refs = take_refs((*owners, destructor), self) if destructor or any(owners) else []
         # (A pin without references still keeps its views: the memory stays alive.)
         try:
             n = self._zerocopy_call(views, flags, deadline)
@@ -288,23 +305,6 @@ class ZeroCopySocket:
         if self._since_poll >= self._batch:
             self._since_poll = 0
             self._drain_errqueue()
-
-    def _take_refs(
-        self, owners: list[FragDestructor | None], destructor: FragDestructor | None
-    ) -> list[FragDestructor]:
-        """One reference per piece with a destructor, and one on ``destructor``: taken
-        before the kernel sees the pages, so none can fire while it reads them."""
-        refs: list[FragDestructor] = []
-        try:
-            for d in (*owners, destructor):
-                if d is not None:
-                    d.ref(holder=self)
-                    refs.append(d)
-        except BaseException:
-            for d in refs:
-                d.unref(holder=self)
-            raise
-        return refs
 
     def _covered(
         self,
