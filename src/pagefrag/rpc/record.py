@@ -1,0 +1,145 @@
+"""Record marking and the message codec of pagefrag.rpc. Sans-I/O: bytes in, messages out.
+
+Framing follows ONC RPC record marking (RFC 5531 §11): every fragment starts with a
+4-byte big-endian marker whose top bit says "last fragment of the record" and whose low
+31 bits give the fragment's length. A message is one record:
+
+    header  !IBxHIQ  xid, kind (0 call, 1 reply, 2 error reply), out-of-band buffer count,
+                     pickle length, payload length
+    lengths !Q each  of the out-of-band buffers
+    pickle           protocol 5: (proc, args) for a call, the result for a reply
+    buffers          pickle's out-of-band buffers (numpy arrays, PickleBuffer), in order
+    payload          the call's raw payload
+
+so the pickle and the buffer lengths go in an skb's linear head and every out-of-band
+buffer and payload piece can be a paged frag, sent without a copy.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PageFragError
+
+__all__ = [
+    "CALL",
+    "REPLY",
+    "ERROR",
+    "LAST_FRAGMENT",
+    "Message",
+    "RecordError",
+    "RecordReader",
+    "encode_head",
+    "decode_message",
+]
+
+CALL, REPLY, ERROR = 0, 1, 2
+LAST_FRAGMENT = 0x80000000
+MARKER = struct.Struct("!I")
+HEADER = struct.Struct("!IBxHIQ")
+LENGTH = struct.Struct("!Q")
+DEFAULT_MAX_RECORD = 1 << 30
+
+
+class RecordError(PageFragError, ValueError):
+    """A malformed record or message: the connection that sent it cannot be trusted."""
+
+
+@dataclass
+class Message:
+    xid: int
+    kind: int
+    body: Any  # (proc, args) for a call; the result, or an error text, for a reply
+    payload: memoryview
+
+
+def encode_head(
+    xid: int, kind: int, body: Any, payload_len: int = 0
+) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """The linear part of a message (marker, header, lengths, pickle) and the out-of-band
+    buffers that follow it; the caller appends ``payload_len`` bytes of payload. One
+    record, one fragment."""
+    buffers: list[pickle.PickleBuffer] = []
+    pickled = pickle.dumps(body, protocol=5, buffer_callback=buffers.append)
+    lengths = [memoryview(b).nbytes for b in buffers]
+    head_len = HEADER.size + LENGTH.size * len(buffers) + len(pickled)
+    total = head_len + sum(lengths) + payload_len
+    if total >= LAST_FRAGMENT:
+        raise RecordError(f"a message of {total} bytes does not fit one record fragment")
+    if len(buffers) > 0xFFFF:
+        raise RecordError("too many out-of-band buffers")
+    head = b"".join(
+        [
+            MARKER.pack(LAST_FRAGMENT | total),
+            HEADER.pack(xid, kind, len(buffers), len(pickled), payload_len),
+            *(LENGTH.pack(n) for n in lengths),
+            pickled,
+        ]
+    )
+    return head, buffers
+
+
+def decode_message(record: bytearray) -> Message:
+    """Parse one record; out-of-band buffers and the payload are views into it."""
+    view = memoryview(record)
+    if len(view) < HEADER.size:
+        raise RecordError(f"a message needs {HEADER.size} bytes of header, got {len(view)}")
+    xid, kind, nbuf, pickle_len, payload_len = HEADER.unpack_from(view)
+    if kind not in (CALL, REPLY, ERROR):
+        raise RecordError(f"unknown message kind {kind}")
+    pos = HEADER.size
+    if pos + LENGTH.size * nbuf > len(view):
+        raise RecordError("buffer lengths past the end of the record")
+    lengths = [LENGTH.unpack_from(view, pos + LENGTH.size * i)[0] for i in range(nbuf)]
+    pos += LENGTH.size * nbuf
+    pickled = view[pos : pos + pickle_len]
+    pos += pickle_len
+    buffers = []
+    for n in lengths:
+        buffers.append(view[pos : pos + n])
+        pos += n
+    if pos + payload_len != len(view):
+        raise RecordError(
+            f"the lengths in the header ({pos + payload_len}) do not match the record ({len(view)})"
+        )
+    try:
+        body = pickle.loads(pickled, buffers=buffers)
+    except Exception as exc:
+        raise RecordError(f"undecodable message body: {exc}") from None
+    return Message(xid, kind, body, view[pos:])
+
+
+class RecordReader:
+    """Feed bytes, get complete records. Raises :class:`RecordError` for a fragment
+    longer than ``max_record`` (a bad marker) — nothing after it can be trusted."""
+
+    def __init__(self, max_record: int = DEFAULT_MAX_RECORD) -> None:
+        self.max_record = max_record
+        self._buf = bytearray()
+        self._record = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytearray]:
+        self._buf += data
+        out: list[bytearray] = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= MARKER.size:
+            (marker,) = MARKER.unpack_from(buf, pos)
+            length = marker & ~LAST_FRAGMENT
+            if len(self._record) + length > self.max_record:
+                raise RecordError(
+                    f"record fragment of {length} bytes exceeds the limit of {self.max_record}"
+                )
+            if len(buf) - pos - MARKER.size < length:
+                break
+            start = pos + MARKER.size
+            self._record += buf[start : start + length]
+            pos = start + length
+            if marker & LAST_FRAGMENT:
+                out.append(self._record)
+                self._record = bytearray()
+        del buf[:pos]
+        return out
