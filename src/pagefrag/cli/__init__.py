@@ -8,9 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import PageFragError
-from . import bench, demo, trace
+from . import bench, demo, repro, trace
 
-_COMMANDS = (demo, bench, trace)
+_COMMANDS = (demo, bench, trace, repro)
 
 
 def build_parser() -> argparse.ArgumentParser:
