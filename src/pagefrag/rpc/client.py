@@ -139,9 +139,11 @@ class RpcClient:
         skb = SkBuff(head)
         try:
             for b in buffers:
-                skb.add_frag(b.raw(), destructor=d)
+                if b.raw().nbytes:  # a frag holds at least one byte
+                    skb.add_frag(b.raw(), destructor=d)
             for view, owner in zip(views, owners, strict=True):
-                skb.add_frag(Frag(view, 0, len(view), owner or d))
+                if len(view):
+                    skb.add_frag(Frag(view, 0, len(view), owner or d))
         except BaseException:
             skb.free()
             d.unref()

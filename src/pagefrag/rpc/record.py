@@ -63,6 +63,8 @@ def encode_head(
     buffers that follow it; the caller appends ``payload_len`` bytes of payload. One
     record, one fragment."""
     buffers: list[pickle.PickleBuffer] = []
+    if isinstance(body, memoryview):  # e.g. an out-of-band buffer sent back as it came
+        body = pickle.PickleBuffer(body)
     pickled = pickle.dumps(body, protocol=5, buffer_callback=buffers.append)
     lengths = [memoryview(b).nbytes for b in buffers]
     head_len = HEADER.size + LENGTH.size * len(buffers) + len(pickled)

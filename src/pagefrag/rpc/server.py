@@ -80,14 +80,14 @@ class RpcServer:
             result = handler(args, msg.payload)
             if inspect.isawaitable(result):
                 result = await result
-            kind, body = REPLY, result
-        except Exception as exc:
-            kind, body = ERROR, f"{type(exc).__name__}: {exc}"
+            head, buffers = encode_head(msg.xid, REPLY, result)
+        except Exception as exc:  # a handler's failure, or a result that cannot be pickled
+            head, buffers = encode_head(msg.xid, ERROR, f"{type(exc).__name__}: {exc}")
         self.calls_handled += 1
-        head, buffers = encode_head(msg.xid, kind, body)
         skb = SkBuff(head)
         for b in buffers:
-            skb.add_frag(b.raw())
+            if b.raw().nbytes:
+                skb.add_frag(b.raw())
         writer.write(skb)
         skb.free()
         await writer.drain()
