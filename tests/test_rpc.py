@@ -111,6 +111,9 @@ def test_numpy_arrays_round_trip_out_of_band_and_skb_payloads() -> None:
             assert all(np.array_equal(back[k], v) for k, v in arrays.items())
             oob = await client.call("echo", pickle.PickleBuffer(bytearray(b"q" * 100_000)))
             assert bytes(oob) == b"q" * 100_000
+            many = [np.full(1000 + i, i, dtype=np.uint8) for i in range(40)]  # > 17 frags
+            back_many = await client.call("echo", many)
+            assert all(np.array_equal(a, b) for a, b in zip(back_many, many, strict=True))
             skb = SkBuff(b"head:")
             skb.add_frag(bytearray(b"frag") * 1000)
             assert await client.call("digest", payload=skb) == (4005, zlib.crc32(skb.tobytes()))

@@ -28,7 +28,16 @@ from .._destructor import FragDestructor
 from .._skbuff import Frag, SkBuff
 from ..errors import PageFragError
 from ..zerocopy.socket import Data, pieces
-from .record import ERROR, REPLY, RecordError, RecordReader, decode_message, encode_head
+from .record import (
+    ERROR,
+    REPLY,
+    RecordError,
+    RecordReader,
+    buffer_frags,
+    decode_message,
+    encode_head,
+    message_skb,
+)
 
 __all__ = ["RpcClient", "RpcError", "RpcTimeout", "RemoteError"]
 
@@ -136,16 +145,11 @@ class RpcClient:
         views, owners = pieces(payload) if payload is not None else ([], [])
         head, buffers = encode_head(xid, 0, (proc, args), sum(map(len, views)))
         d = FragDestructor(None, name=f"rpc xid {xid}")
-        skb = SkBuff(head)
+        frags = buffer_frags(buffers, d)
+        frags += [Frag(v, 0, len(v), o or d) for v, o in zip(views, owners, strict=True) if len(v)]
         try:
-            for b in buffers:
-                if b.raw().nbytes:  # a frag holds at least one byte
-                    skb.add_frag(b.raw(), destructor=d)
-            for view, owner in zip(views, owners, strict=True):
-                if len(view):
-                    skb.add_frag(Frag(view, 0, len(view), owner or d))
+            skb = message_skb(head, frags)
         except BaseException:
-            skb.free()
             d.unref()
             raise
         return skb, d

@@ -22,6 +22,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from .._destructor import FragDestructor
+from .._skbuff import MAX_SKB_FRAGS, Frag, SkBuff
 from ..errors import PageFragError
 
 __all__ = [
@@ -32,8 +34,10 @@ __all__ = [
     "Message",
     "RecordError",
     "RecordReader",
-    "encode_head",
+    "buffer_frags",
     "decode_message",
+    "encode_head",
+    "message_skb",
 ]
 
 CALL, REPLY, ERROR = 0, 1, 2
@@ -82,6 +86,31 @@ def encode_head(
         ]
     )
     return head, buffers
+
+
+def message_skb(head: bytes, frags: list[Frag]) -> SkBuff:
+    """One message as one skb: ``head`` linear, ``frags`` paged. More pieces than an skb
+    holds: the tail is copied into one private frag (as the kernel linearizes what does
+    not fit). Refs: one per frag, as ``add_frag``."""
+    frags = [f for f in frags if f.size]
+    if len(frags) > MAX_SKB_FRAGS:
+        tail = b"".join(f.view() for f in frags[MAX_SKB_FRAGS - 1 :])
+        frags[MAX_SKB_FRAGS - 1 :] = [Frag(tail)]
+    skb = SkBuff(head)
+    try:
+        for frag in frags:
+            skb.add_frag(frag)
+    except BaseException:
+        skb.free()
+        raise
+    return skb
+
+
+def buffer_frags(
+    buffers: list[pickle.PickleBuffer], destructor: FragDestructor | None = None
+) -> list[Frag]:
+    """Pickle's out-of-band buffers as frags (empty ones left out)."""
+    return [Frag(b.raw(), 0, b.raw().nbytes, destructor) for b in buffers if b.raw().nbytes]
 
 
 def decode_message(record: bytearray) -> Message:

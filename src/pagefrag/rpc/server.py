@@ -17,8 +17,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import aio
-from .._skbuff import SkBuff
-from .record import CALL, ERROR, REPLY, RecordError, RecordReader, decode_message, encode_head
+from .record import (
+    CALL,
+    ERROR,
+    REPLY,
+    RecordError,
+    RecordReader,
+    buffer_frags,
+    decode_message,
+    encode_head,
+    message_skb,
+)
 
 __all__ = ["RpcServer", "Handler"]
 
@@ -61,6 +70,8 @@ class RpcServer:
             log.warning("closing %s: %s", writer.get_extra_info("peername"), exc)
         except (ConnectionError, OSError):
             pass
+        except Exception:  # a bug or a reply that cannot be sent: drop this connection only
+            log.exception("closing %s", writer.get_extra_info("peername"))
         finally:
             self._tasks.discard(task)
             if not writer.is_closing():
@@ -84,10 +95,7 @@ class RpcServer:
         except Exception as exc:  # a handler's failure, or a result that cannot be pickled
             head, buffers = encode_head(msg.xid, ERROR, f"{type(exc).__name__}: {exc}")
         self.calls_handled += 1
-        skb = SkBuff(head)
-        for b in buffers:
-            if b.raw().nbytes:
-                skb.add_frag(b.raw())
+        skb = message_skb(head, buffer_frags(buffers))
         writer.write(skb)
         skb.free()
         await writer.drain()
