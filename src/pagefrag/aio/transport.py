@@ -33,7 +33,7 @@ from typing import Any
 from .._destructor import FragDestructor
 from ..errors import PageFragError
 from ..zerocopy._syscalls import disconnect
-from ..zerocopy.socket import Data, ZeroCopySocket, pieces, take_refs
+from ..zerocopy.socket import Data, ZeroCopySocket, advance, pieces, take_refs
 
 __all__ = ["ZeroCopyTransport", "DEFAULT_HIGH_WATER"]
 
@@ -219,13 +219,8 @@ class ZeroCopyTransport(asyncio.Transport):
                 self._fatal(exc)
                 return
             self._unsent -= n
-            views, owners = w.views, w.owners
-            while views and n >= len(views[0]):
-                n -= len(views.pop(0))
-                owners.pop(0)
-            if n:
-                views[0] = views[0][n:]
-            if views:
+            advance(w.views, w.owners, n)
+            if w.views:
                 continue  # the kernel took part: try again until it refuses
             queue.popleft()
             self._release(w)

@@ -56,7 +56,14 @@ from ._syscalls import (
 from .policy import Mode, ZeroCopyPolicy
 from .tracker import CompletionTracker, ErrQueueMessage, ZeroCopyCompletion, parse_extended_err
 
-__all__ = ["DEFAULT_MIN_ZEROCOPY_SIZE", "ZeroCopySocket", "ZeroCopyStats", "pieces", "take_refs"]
+__all__ = [
+    "DEFAULT_MIN_ZEROCOPY_SIZE",
+    "ZeroCopySocket",
+    "ZeroCopyStats",
+    "advance",
+    "pieces",
+    "take_refs",
+]
 
 DEFAULT_MIN_ZEROCOPY_SIZE = 16 * 1024
 """Below this, ``auto`` copies: zero-copy pays off only above roughly 10 KB per call
@@ -89,6 +96,15 @@ class ZeroCopyStats:
     peak_pinned_bytes: int
     mode: str
     current_mode: str
+
+
+def advance(views: list[memoryview], owners: list[FragDestructor | None], n: int) -> None:
+    """Drop the first ``n`` bytes of an iovec in place (after a partial stream send)."""
+    while views and n >= len(views[0]):
+        n -= len(views.pop(0))
+        owners.pop(0)
+    if n:
+        views[0] = views[0][n:]
 
 
 def take_refs(destructors: Iterable[FragDestructor | None], holder: object) -> list[FragDestructor]:
@@ -234,11 +250,7 @@ class ZeroCopySocket:
                 continue
             if not self._stream:
                 return
-            while views and n >= len(views[0]):
-                n -= len(views.pop(0))
-                owners.pop(0)
-            if n:
-                views[0] = views[0][n:]
+            advance(views, owners, n)
 
     def send_iov(
         self,
