@@ -267,3 +267,23 @@ def _exported(b: bytearray) -> bool:
         return True
     b.pop()
     return False
+
+
+def test_a_socket_with_a_timeout_reads_completions_without_waiting_for_data(
+    tcp_pair: tuple[socket.socket, socket.socket], fired: Fired
+) -> None:
+    import time
+
+    client, server = tcp_pair
+    client.settimeout(5.0)  # Python would wait for *data* before an error-queue read
+    rx = Receiver(server)
+    zs = ZeroCopySocket(client, zerocopy="always")
+    d = fired.make(0)
+    zs.sendall(bytearray(1 << 20), destructor=d)
+    d.unref()
+    t0 = time.monotonic()
+    zs.flush(timeout=5)
+    assert time.monotonic() - t0 < 2 and fired.once_each([0])
+    assert client.gettimeout() == 5.0  # restored
+    zs.close()
+    assert len(rx.join()) == 1 << 20
