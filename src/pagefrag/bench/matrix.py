@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from .runners import (
 SIZES = {"4KiB": 4096, "64KiB": 65536, "1MiB": 1 << 20}
 UDP_MAX = 60_000  # the veth MTU is 64,000: larger datagrams would be fragmented (copied)
 
-# variant -> (runner, is it pagefrag, needs a stream)
+# variant -> runner (pyzmq runs apart: it connects by endpoint, not over our socket)
 SOCKET_VARIANTS: dict[str, Callable[[socket.socket, bytearray, float], Run]] = {
     "socket.send": run_send,
     "bare MSG_ZEROCOPY": run_bare_zerocopy,
@@ -62,10 +62,12 @@ def _zmq_available() -> bool:
 @dataclass
 class Path:
     name: str
-    connect: Callable[[], socket.socket] | None  # None: the path has no socket variants
+    connect: Callable[[], socket.socket]
     zmq_endpoint: str | None
     sizes: list[str]
     stream: bool
+    # Where threads must be born to reach the path (pyzmq connects from its I/O thread).
+    inside: Callable[[], AbstractContextManager[None]] = nullcontext
 
 
 def _pin(pid: int, cpu: int) -> None:
@@ -133,14 +135,18 @@ def paths(veth: bool) -> Iterator[tuple[list[Path], str | None]]:
                 s.connect((target, 9))
                 return s
 
-            out.append(Path("TCP veth", tcp_veth, zmq_veth, list(SIZES), True))
+            out.append(
+                Path(
+                    "TCP veth",
+                    tcp_veth,
+                    zmq_veth,
+                    list(SIZES),
+                    True,
+                    lambda: lab.inside(lab.sender),
+                )
+            )
             out.append(Path("UDP true zero-copy", udp_discard, None, ["4KiB", "64KiB"], False))
-            lab_ref.append(lab)
         yield out, why
-        lab_ref.clear()
-
-
-lab_ref: list[NetLab] = []
 
 
 def _measure_cell(path: Path, variant: str, size: int, seconds: float) -> dict[str, float]:
@@ -148,13 +154,9 @@ def _measure_cell(path: Path, variant: str, size: int, seconds: float) -> dict[s
     cpu0, t0 = time.process_time(), time.perf_counter()
     if variant == "pyzmq track":
         assert path.zmq_endpoint is not None
-        if lab_ref and path.name == "TCP veth":
-            with lab_ref[0].inside(lab_ref[0].sender):
-                run = run_zmq(path.zmq_endpoint, buf, seconds)
-        else:
+        with path.inside():
             run = run_zmq(path.zmq_endpoint, buf, seconds)
     else:
-        assert path.connect is not None
         sock = path.connect()
         try:
             run = SOCKET_VARIANTS[variant](sock, buf, seconds)
