@@ -303,7 +303,7 @@ class ZeroCopyTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        self._stop_reading()
+        self.pause_reading()
         self._after_progress()
 
     def abort(self) -> None:
@@ -312,7 +312,7 @@ class ZeroCopyTransport(asyncio.Transport):
         if self._lost:
             return
         self._closing = True
-        self._stop_reading()
+        self.pause_reading()
         self._drop_queue()
         try:
             disconnect(self._sock)
@@ -329,13 +329,10 @@ class ZeroCopyTransport(asyncio.Transport):
         if self._exc is None:
             self._exc = exc
         self._closing = True
-        self._stop_reading()
+        self.pause_reading()
         self._drop_queue()
         self._after_progress()
         self._arm_linger()
-
-    def _stop_reading(self) -> None:
-        self._reading = False
 
     def _drop_queue(self) -> None:
         queue, self._queue = self._queue, collections.deque()

@@ -316,10 +316,7 @@ class ZeroCopySocket:
         self._zc_sends += 1
         self._bytes += n
         self._tracker.sent(pin, n)
-        self._since_poll += 1
-        if self._since_poll >= self._batch:
-            self._since_poll = 0
-            self._drain_errqueue()
+        self._maybe_poll()
 
     def _covered(
         self,
