@@ -451,6 +451,8 @@ HOSTILE: list[tuple[bytes, str]] = [
     (b"o" + struct.pack("!I", 3), "out-of-band"),
     (b"S" + struct.pack("!I", 1) + b"l\x00\x00\x00\x00", "set element"),
     (b"d" + struct.pack("!I", 1) + b"l\x00\x00\x00\x00N", "dict key"),
+    (b"d" + struct.pack("!I", 1) + b"o\x00\x00\x00\x00N", "dict key"),  # a writable view
+    (b"S" + struct.pack("!I", 1) + b"o\x00\x00\x00\x00", "set element"),
     (b"s\x00\x00\x00\x01\xff", "UTF-8"),
     (b"r\x04evil" + b"N", "unknown registered"),
     (b"n\x03|O8\x01" + struct.pack("!QI", 1, 0), "plain dtype"),
@@ -466,7 +468,8 @@ def test_malformed_and_hostile_bodies_raise_codec_errors(data: bytes, why: str) 
     from pagefrag.rpc import SafeCodec
 
     with pytest.raises(errors.CodecError, match=why):
-        SafeCodec(max_items=10_000).loads(memoryview(data), [memoryview(b"12345678")])
+        # Writable, as the server's views into a received record are.
+        SafeCodec(max_items=10_000).loads(memoryview(data), [memoryview(bytearray(b"12345678"))])
 
 
 def test_element_count_limit_bounds_work_per_body() -> None:
@@ -514,7 +517,7 @@ def test_hypothesis_fuzz_random_bytes_raise_only_codec_errors(
     from pagefrag.rpc import SafeCodec
 
     with contextlib.suppress(errors.CodecError):  # anything else fails the test
-        SafeCodec(_registry()).loads(memoryview(data), [memoryview(b) for b in bufs])
+        SafeCodec(_registry()).loads(memoryview(data), [memoryview(bytearray(b)) for b in bufs])
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -641,6 +644,24 @@ def test_oversize_request_raises_record_too_large_at_once_and_the_connection_sta
             assert await client.call("echo", "ok") == "ok"
             assert client.reconnects == 0
         assert server.bad_records == 0
+        server.close()
+        await server.wait_closed()
+
+    run(main())
+
+
+def test_a_handler_raising_cancelled_error_is_a_remote_error_not_a_dropped_connection() -> None:
+    async def cancelled(args: Any, payload: memoryview) -> None:
+        raise asyncio.CancelledError("the handler's own")
+
+    async def main() -> None:
+        server = RpcServer({**handlers(), "cancelled": cancelled})
+        host, port = await server.start()
+        async with RpcClient(host, port, timeout=5, retries=0) as client:
+            with pytest.raises(RemoteError, match="CancelledError"):
+                await client.call("cancelled")
+            assert await client.call("echo", 1) == 1
+            assert client.reconnects == 0
         server.close()
         await server.wait_closed()
 

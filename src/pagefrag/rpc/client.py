@@ -135,8 +135,12 @@ class RpcClient:
                 )
                 try:
                     limit = await asyncio.wait_for(self._greeted(reader, writer), self.timeout)
-                except BaseException:
+                except BaseException as exc:
                     writer.abort()
+                    if isinstance(exc, TimeoutError):
+                        raise RpcTimeout(
+                            f"no greeting from {self.host}:{self.port} in {self.timeout} s"
+                        ) from None
                     raise
                 conn = _Connection(reader, writer, limit)
                 conn.task = asyncio.ensure_future(self._read_replies(conn))

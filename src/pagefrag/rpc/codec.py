@@ -307,7 +307,7 @@ class SafeCodec(Codec):
                 return items
             try:
                 return kind(items)
-            except TypeError as exc:  # an unhashable element of a set
+            except (TypeError, ValueError) as exc:  # unhashable (a writable memoryview: ValueError)
                 raise CodecError(f"bad set element: {exc}") from None
         if tag == 0x64:  # d
             n = st.count(2)
@@ -317,7 +317,7 @@ class SafeCodec(Codec):
                 value = self._decode(st, depth + 1)
                 try:
                     out[key] = value
-                except TypeError as exc:
+                except (TypeError, ValueError) as exc:
                     raise CodecError(f"bad dict key: {exc}") from None
             return out
         if tag == 0x6F:  # o

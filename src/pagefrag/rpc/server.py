@@ -151,8 +151,13 @@ class RpcServer:
             if inspect.isawaitable(result):
                 result = await result
             head, buffers = encode_head(frame.xid, REPLY, result, codec=self.codec)
-        except asyncio.CancelledError:
-            raise  # the server is closing
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the server is closing
+            head, buffers = encode_head(
+                frame.xid, ERROR, f"CancelledError: {exc}", codec=self.codec
+            )
         except BaseException as exc:  # SystemExit too: one call's failure
             head, buffers = encode_head(
                 frame.xid, ERROR, f"{type(exc).__name__}: {exc}", codec=self.codec
