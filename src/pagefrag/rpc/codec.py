@@ -120,6 +120,8 @@ class TypeRegistry:
         encode: Callable[[Any], Any],
         decode: Callable[[Any], Any],
     ) -> None:
+        """Let ``cls`` (exactly that type) travel as ``name``. Raises ``TypeError`` or
+        ``ValueError`` (a name or type registered twice) before changing anything."""
         if not isinstance(cls, type):
             raise TypeError(f"cls must be a type, not {type(cls).__name__}")
         if not isinstance(name, str):
@@ -171,6 +173,9 @@ class SafeCodec(Codec):
 
     # -- encoding ---------------------------------------------------------------------
     def dumps(self, obj: Any) -> tuple[bytes, list[memoryview]]:
+        """``obj`` as inline bytes and out-of-band buffers. Raises ``TypeError`` for a type
+        it cannot carry, :class:`CodecError` past ``max_depth`` (a cycle). Refs: none; the
+        buffers are views of ``obj``'s own memory (copied only when not contiguous)."""
         out = bytearray()
         buffers: list[memoryview] = []
         self._encode(obj, out, buffers, 0)
@@ -255,6 +260,9 @@ class SafeCodec(Codec):
 
     # -- decoding ---------------------------------------------------------------------
     def loads(self, data: memoryview, buffers: Sequence[memoryview]) -> Any:
+        """The value in ``data``; out-of-band buffers and arrays are views into
+        ``buffers``, not copies. Raises :class:`CodecError` and nothing else for any input.
+        Refs: none."""
         state = _Decoding(memoryview(data).cast("B"), buffers, self.max_items)
         try:
             value = self._decode(state, 0)
