@@ -25,6 +25,7 @@ from pagefrag.rpc import (
     RpcServer,
     RpcTimeout,
 )
+from pagefrag.rpc.handshake import HELLO
 from pagefrag.rpc.record import LAST_FRAGMENT, decode_message, encode_head
 
 
@@ -190,6 +191,7 @@ def test_malformed_records_close_that_connection_and_the_server_survives() -> No
             struct.pack("!I", LAST_FRAGMENT | 8) + b"\x00" * 8,  # a header too short
         ):
             reader, writer = await asyncio.open_connection(host, port)
+            await reader.readexactly(HELLO.size)  # the server's hello comes first
             writer.write(garbage)
             await writer.drain()
             assert await asyncio.wait_for(reader.read(), 5) == b""  # closed on us

@@ -24,6 +24,10 @@ __all__ = [
     "CompletionTimeoutError",
     "SendBufferError",
     "QueuedSocketError",
+    "RecordTooLargeError",
+    "CodecError",
+    "AuthenticationError",
+    "BufferInUseError",
 ]
 
 
@@ -94,3 +98,33 @@ class QueuedSocketError(ZeroCopyError, OSError):
     ``report`` holds the decoded ``sock_extended_err``."""
 
     report: object = None
+
+
+class RecordTooLargeError(PageFragError, ValueError):
+    """An RPC message is larger than the peer accepts (its ``max_record``, announced when
+    the connection opens). Raised before anything is sent; the connection stays usable."""
+
+    def __init__(self, message: str, size: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
+class CodecError(PageFragError, ValueError):
+    """An RPC message body could not be decoded (malformed, hostile, over a limit, an
+    unknown registered type) or encoded (nested too deeply). Nothing was executed."""
+
+
+class AuthenticationError(PageFragError, ConnectionError):
+    """The RPC peer failed the HMAC challenge (wrong or missing key) or refused ours; the
+    connection was closed before any message was decoded."""
+
+
+class BufferInUseError(PageFragError, BufferError):
+    """An RPC call with ``safe=True`` ended (cancelled, failed or answered) but the kernel
+    had not released every transmission of its pages within ``release_timeout``: the
+    buffer is **not** free. Await ``released`` before reusing it."""
+
+    def __init__(self, message: str, released: object = None) -> None:
+        super().__init__(message)
+        self.released = released

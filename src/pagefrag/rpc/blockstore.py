@@ -4,7 +4,6 @@ retransmitted write is applied again, as a stateless NFS-style server would."""
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
 from ..zerocopy.socket import Data
@@ -29,12 +28,12 @@ class BlockStore:
         self.writes_applied += 1
         return len(payload)
 
-    def _read(self, args: Any, payload: memoryview) -> pickle.PickleBuffer:
+    def _read(self, args: Any, payload: memoryview) -> memoryview:
         offset, length = args
         if not 0 <= offset <= len(self.data) - length or length < 0:
             raise ValueError(f"read of {length} bytes at {offset} outside the store")
-        # Out of band: the reply's bytes go out as a frag, not through the pickle.
-        return pickle.PickleBuffer(bytes(self.data[offset : offset + length]))
+        # Out of band: the reply's bytes go out as a frag, not through the body.
+        return memoryview(bytes(self.data[offset : offset + length]))
 
     def _stats(self, args: Any, payload: memoryview) -> int:
         return self.writes_applied

@@ -14,6 +14,13 @@ the kernel — the fix the seed patch was written for. ``safe=False`` completes 
 alone: a caller that then reuses its buffer can have the stale retransmission of an
 abandoned connection carry the new bytes (see ``pagefrag repro``). It is unsafe and exists
 to show the difference.
+
+A safe call never lets its caller believe the buffer is free while the kernel may still
+read it: however it ends — reply, error, :class:`RpcTimeout`, or cancellation (e.g. by
+``asyncio.wait_for``) — it waits, shielded from further cancellation, until every
+transmission is released, for at most ``release_timeout`` seconds; past that it raises
+:class:`~pagefrag.errors.BufferInUseError`, whose ``released`` future completes when the
+pages are free. A cancelled call re-raises ``CancelledError`` only after the release.
 """
 
 from __future__ import annotations
@@ -26,17 +33,27 @@ from typing import Any
 from .. import aio
 from .._destructor import FragDestructor
 from .._skbuff import Frag, SkBuff
-from ..errors import PageFragError
+from ..errors import (
+    AuthenticationError,
+    BufferInUseError,
+    CodecError,
+    PageFragError,
+    RecordTooLargeError,
+)
 from ..zerocopy.socket import Data, pieces
+from . import handshake
+from .codec import Codec, PickleCodec, get_codec
 from .record import (
+    DEFAULT_MAX_RECORD,
     ERROR,
     REPLY,
     RecordError,
     RecordReader,
     buffer_frags,
-    decode_message,
     encode_head,
     message_skb,
+    parse_message,
+    record_size,
 )
 
 __all__ = ["RpcClient", "RpcError", "RpcTimeout", "RemoteError"]
@@ -55,9 +72,12 @@ class RemoteError(RpcError):
 
 
 class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: aio.ZeroCopyStreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: aio.ZeroCopyStreamWriter, max_record: int
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.max_record = max_record  # the largest record the server accepts (its hello)
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -75,8 +95,22 @@ class RpcClient:
         retries: int = 3,
         safe: bool = True,
         zerocopy: str = "auto",
-        max_record: int = 1 << 30,
+        max_record: int = DEFAULT_MAX_RECORD,
+        codec: str | Codec = "safe",
+        authkey: bytes | None = None,
+        release_timeout: float = 30.0,
     ) -> None:
+        """``codec`` must match the server's (``"safe"`` by default; ``"pickle"`` needs
+        ``authkey``, the server's shared key). ``release_timeout``: how long a safe call
+        that ended waits for the kernel to release its pages before it raises
+        :class:`~pagefrag.errors.BufferInUseError`."""
+        if not release_timeout > 0:
+            raise ValueError(f"release_timeout must be positive, not {release_timeout!r}")
+        self.codec = get_codec(codec)
+        self.authkey = handshake.check_key(authkey)
+        if isinstance(self.codec, PickleCodec) and self.authkey is None:
+            raise ValueError("codec='pickle' runs whatever code the server sends: give an authkey")
+        self.release_timeout = release_timeout
         self.host, self.port = host, port
         self.timeout, self.retries, self.safe = timeout, retries, safe
         self.zerocopy = zerocopy
@@ -99,24 +133,69 @@ class RpcClient:
                 reader, writer = await aio.open_connection(
                     self.host, self.port, zerocopy=self.zerocopy
                 )
-                conn = _Connection(reader, writer)
+                try:
+                    limit = await asyncio.wait_for(self._greeted(reader, writer), self.timeout)
+                except BaseException as exc:
+                    writer.abort()
+                    if isinstance(exc, TimeoutError):
+                        raise RpcTimeout(
+                            f"no greeting from {self.host}:{self.port} in {self.timeout} s"
+                        ) from None
+                    raise
+                conn = _Connection(reader, writer, limit)
                 conn.task = asyncio.ensure_future(self._read_replies(conn))
                 self._conn = conn
             return self._conn
+
+    async def _greeted(self, reader: asyncio.StreamReader, writer: aio.ZeroCopyStreamWriter) -> int:
+        """Read the server's hello, answer its challenge, check its answer to ours.
+        Returns the server's ``max_record``."""
+        try:
+            greeting = await reader.readexactly(handshake.HELLO.size)
+            codec_id, flags, limit = handshake.parse_hello(greeting)
+            if codec_id != self.codec.wire_id:
+                raise RpcError(
+                    f"the server speaks codec {codec_id}, this client {self.codec.name!r} "
+                    f"({self.codec.wire_id})"
+                )
+            wants_auth = bool(flags & handshake.AUTHENTICATE)
+            if wants_auth != (self.authkey is not None):
+                raise AuthenticationError(
+                    "the server requires an authkey"
+                    if wants_auth
+                    else "the server does not authenticate, and this client has an authkey"
+                )
+            if self.authkey is not None:
+                greeting += await reader.readexactly(handshake.NONCE_SIZE)
+                ours = handshake.challenge()
+                writer.write(handshake.answer(self.authkey, True, greeting) + ours)
+                digest = await reader.readexactly(handshake.DIGEST_SIZE)
+                if not handshake.verify(self.authkey, False, ours, digest):
+                    raise AuthenticationError("the server's answer to our challenge is wrong")
+        except asyncio.IncompleteReadError:
+            raise AuthenticationError(
+                "the server closed the connection during the opening (wrong authkey?)"
+            ) from None
+        return limit
 
     async def _read_replies(self, conn: _Connection) -> None:
         records = RecordReader(self.max_record)
         try:
             while data := await conn.reader.read(1 << 20):
                 for record in records.feed(data):
-                    msg = decode_message(record)
-                    fut = self._pending.get(msg.xid)
+                    frame = parse_message(record)
+                    fut = self._pending.get(frame.xid)
                     if fut is None or fut.done():
                         continue  # a late reply to an answered call (a retransmission's)
-                    if msg.kind == REPLY:
-                        fut.set_result(msg.body)
-                    elif msg.kind == ERROR:
-                        fut.set_exception(RemoteError(msg.body))
+                    try:
+                        body = self.codec.loads(frame.body, frame.buffers)
+                    except CodecError as exc:
+                        fut.set_exception(exc)
+                        continue
+                    if frame.kind == REPLY:
+                        fut.set_result(body)
+                    elif frame.kind == ERROR:
+                        fut.set_exception(RemoteError(body))
         except (RecordError, ConnectionError, OSError):
             pass
         finally:
@@ -141,9 +220,11 @@ class RpcClient:
     # -- calls -------------------------------------------------------------------------
     def _request(
         self, xid: int, proc: str, args: Any, payload: Data | None
-    ) -> tuple[SkBuff, FragDestructor]:
+    ) -> tuple[SkBuff, FragDestructor, int]:
         views, owners = pieces(payload) if payload is not None else ([], [])
-        head, buffers = encode_head(xid, 0, (proc, args), sum(map(len, views)))
+        head, buffers = encode_head(
+            xid, 0, (proc, args), sum(v.nbytes for v in views), codec=self.codec
+        )
         d = FragDestructor(None, name=f"rpc xid {xid}")
         frags = buffer_frags(buffers, d)
         frags += [Frag(v, 0, len(v), o or d) for v, o in zip(views, owners, strict=True) if len(v)]
@@ -152,21 +233,35 @@ class RpcClient:
         except BaseException:
             d.unref()
             raise
-        return skb, d
+        return skb, d, record_size(head)
 
     async def call(self, proc: str, args: Any = (), payload: Data | None = None) -> Any:
-        """Call ``proc`` with ``args`` (pickled, protocol 5: numpy arrays and PickleBuffers
+        """Call ``proc`` with ``args`` (encoded by the codec: numpy arrays and memoryviews
         go out of band, as frags) and a raw ``payload`` (bytes-like, list of buffers,
         ``SkBuff``). Returns the handler's result; raises :class:`RpcTimeout` after every
-        retry and :class:`RemoteError` when the handler raised."""
+        retry, :class:`RemoteError` when the handler raised,
+        :class:`~pagefrag.errors.RecordTooLargeError` at once when the request exceeds the
+        server's ``max_record``. With ``safe=True`` it returns or raises only once the
+        kernel released every transmission (see the module docstring), also when
+        cancelled. Refs: the request's frags take a reference on ``payload``'s
+        destructors for as long as the kernel holds them."""
+        if not isinstance(proc, str):
+            raise TypeError(f"proc must be a str, not {type(proc).__name__}")
         xid = next(self._xids)
-        skb, d = self._request(xid, proc, args, payload)
+        skb, d, size = self._request(xid, proc, args, payload)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[xid] = fut
         handles: list[FragDestructor] = []
         try:
             for _attempt in range(self.retries + 1):
                 conn = await self.connection()
+                if size > conn.max_record:
+                    raise RecordTooLargeError(
+                        f"a {proc!r} request of {size} bytes exceeds the server's limit of "
+                        f"{conn.max_record}",
+                        size,
+                        conn.max_record,
+                    )
                 try:
                     handles.append(conn.writer.write(skb))
                 except ConnectionError:
@@ -174,21 +269,47 @@ class RpcClient:
                     continue
                 self.transmissions += 1
                 try:
-                    result = await asyncio.wait_for(asyncio.shield(fut), self.timeout)
-                    break
+                    return await asyncio.wait_for(asyncio.shield(fut), self.timeout)
                 except TimeoutError:
                     self._abandon(conn)
-            else:
-                raise RpcTimeout(f"no reply to {proc!r} (xid {xid}) after {self.retries + 1} tries")
-            if self.safe:
-                # Every transmission, on every connection, released by the kernel.
-                for handle in handles:
-                    await handle
-            return result
+            raise RpcTimeout(f"no reply to {proc!r} (xid {xid}) after {self.retries + 1} tries")
         finally:
             self._pending.pop(xid, None)
             skb.free()
             d.unref()
+            if self.safe:
+                # However the call ends, its pages must be free before the caller is told.
+                await self._released(handles, f"{proc!r} (xid {xid})")
+
+    async def _released(self, handles: list[FragDestructor], what: str) -> None:
+        """Wait, shielded from cancellation and for at most ``release_timeout``, until
+        every transmission in ``handles`` is released. A cancellation that arrives
+        meanwhile is re-raised afterwards."""
+        pending = [h for h in handles if not h.done]
+        if not pending:
+            return
+
+        async def all_released() -> None:
+            for handle in pending:
+                await handle
+
+        waiter = asyncio.ensure_future(all_released())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.release_timeout
+        cancelled = False
+        while not waiter.done() and (remaining := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait({waiter}, timeout=remaining)
+            except asyncio.CancelledError:
+                cancelled = True  # the buffer is not free: keep waiting, then re-raise
+        if not waiter.done():
+            raise BufferInUseError(
+                f"call {what}: the kernel still holds its pages after {self.release_timeout} s;"
+                " the buffer is not free until `released` completes",
+                released=waiter,
+            )
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def close(self) -> None:
         """Close the connection and wait for the abandoned ones to drain."""

@@ -5,19 +5,20 @@ Framing follows ONC RPC record marking (RFC 5531 §11): every fragment starts wi
 31 bits give the fragment's length. A message is one record:
 
     header  !IBxHIQ  xid, kind (0 call, 1 reply, 2 error reply), out-of-band buffer count,
-                     pickle length, payload length
+                     body length, payload length
     lengths !Q each  of the out-of-band buffers
-    pickle           protocol 5: (proc, args) for a call, the result for a reply
-    buffers          pickle's out-of-band buffers (numpy arrays, PickleBuffer), in order
+    body             the codec's bytes: (proc, args) for a call, the result for a reply
+    buffers          the body's out-of-band buffers (numpy arrays, memoryviews), in order
     payload          the call's raw payload
 
-so the pickle and the buffer lengths go in an skb's linear head and every out-of-band
-buffer and payload piece can be a paged frag, sent without a copy.
+so the body and the buffer lengths go in an skb's linear head and every out-of-band
+buffer and payload piece can be a paged frag, sent without a copy. The body's encoding is
+a :class:`~pagefrag.rpc.codec.Codec` (:class:`~pagefrag.rpc.codec.SafeCodec` unless
+told otherwise); :func:`parse_message` checks the framing without decoding the body.
 """
 
 from __future__ import annotations
 
-import pickle
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from .._destructor import FragDestructor
 from .._skbuff import MAX_SKB_FRAGS, Frag, SkBuff
 from ..errors import PageFragError
+from .codec import Codec, SafeCodec
 
 __all__ = [
     "CALL",
@@ -38,6 +40,8 @@ __all__ = [
     "decode_message",
     "encode_head",
     "message_skb",
+    "parse_message",
+    "record_size",
 ]
 
 CALL, REPLY, ERROR = 0, 1, 2
@@ -46,6 +50,7 @@ MARKER = struct.Struct("!I")
 HEADER = struct.Struct("!IBxHIQ")
 LENGTH = struct.Struct("!Q")
 DEFAULT_MAX_RECORD = 1 << 30
+_SAFE = SafeCodec()
 
 
 class RecordError(PageFragError, ValueError):
@@ -60,32 +65,49 @@ class Message:
     payload: memoryview
 
 
+@dataclass
+class Frame:
+    """A record whose framing checked out; ``body`` and ``buffers`` not decoded yet."""
+
+    xid: int
+    kind: int
+    body: memoryview
+    buffers: list[memoryview]
+    payload: memoryview
+
+
 def encode_head(
-    xid: int, kind: int, body: Any, payload_len: int = 0
-) -> tuple[bytes, list[pickle.PickleBuffer]]:
-    """The linear part of a message (marker, header, lengths, pickle) and the out-of-band
-    buffers that follow it; the caller appends ``payload_len`` bytes of payload. One
-    record, one fragment."""
-    buffers: list[pickle.PickleBuffer] = []
-    if isinstance(body, memoryview):  # e.g. an out-of-band buffer sent back as it came
-        body = pickle.PickleBuffer(body)
-    pickled = pickle.dumps(body, protocol=5, buffer_callback=buffers.append)
-    lengths = [memoryview(b).nbytes for b in buffers]
-    head_len = HEADER.size + LENGTH.size * len(buffers) + len(pickled)
+    xid: int, kind: int, body: Any, payload_len: int = 0, codec: Codec | None = None
+) -> tuple[bytes, list[memoryview]]:
+    """The linear part of a message (marker, header, lengths, encoded body) and the
+    out-of-band buffers that follow it; the caller appends ``payload_len`` bytes of
+    payload. One record, one fragment. ``codec``: :class:`SafeCodec` by default."""
+    encoded, buffers = (codec or _SAFE).dumps(body)
+    lengths = [b.nbytes for b in buffers]
+    head_len = HEADER.size + LENGTH.size * len(buffers) + len(encoded)
     total = head_len + sum(lengths) + payload_len
     if total >= LAST_FRAGMENT:
         raise RecordError(f"a message of {total} bytes does not fit one record fragment")
     if len(buffers) > 0xFFFF:
         raise RecordError("too many out-of-band buffers")
+    if len(encoded) > 0xFFFFFFFF:
+        raise RecordError("a message body over 4 GiB")
     head = b"".join(
         [
             MARKER.pack(LAST_FRAGMENT | total),
-            HEADER.pack(xid, kind, len(buffers), len(pickled), payload_len),
+            HEADER.pack(xid, kind, len(buffers), len(encoded), payload_len),
             *(LENGTH.pack(n) for n in lengths),
-            pickled,
+            encoded,
         ]
     )
     return head, buffers
+
+
+def record_size(head: bytes) -> int:
+    """The record length (what the peer's ``max_record`` limits) of a head from
+    :func:`encode_head`."""
+    (marker,) = MARKER.unpack_from(head)
+    return int(marker & ~LAST_FRAGMENT)
 
 
 def message_skb(head: bytes, frags: list[Frag]) -> SkBuff:
@@ -106,19 +128,19 @@ def message_skb(head: bytes, frags: list[Frag]) -> SkBuff:
     return skb
 
 
-def buffer_frags(
-    buffers: list[pickle.PickleBuffer], destructor: FragDestructor | None = None
-) -> list[Frag]:
-    """Pickle's out-of-band buffers as frags (empty ones left out)."""
-    return [Frag(b.raw(), 0, b.raw().nbytes, destructor) for b in buffers if b.raw().nbytes]
+def buffer_frags(buffers: list[memoryview], destructor: FragDestructor | None = None) -> list[Frag]:
+    """A body's out-of-band buffers as frags (empty ones left out)."""
+    return [Frag(b, 0, b.nbytes, destructor) for b in buffers if b.nbytes]
 
 
-def decode_message(record: bytearray) -> Message:
-    """Parse one record; out-of-band buffers and the payload are views into it."""
+def parse_message(record: bytearray) -> Frame:
+    """Check one record's framing; the body, buffers and payload are views into it.
+    Raises :class:`RecordError` when the lengths do not add up (the stream cannot be
+    trusted any more)."""
     view = memoryview(record)
     if len(view) < HEADER.size:
         raise RecordError(f"a message needs {HEADER.size} bytes of header, got {len(view)}")
-    xid, kind, nbuf, pickle_len, payload_len = HEADER.unpack_from(view)
+    xid, kind, nbuf, body_len, payload_len = HEADER.unpack_from(view)
     if kind not in (CALL, REPLY, ERROR):
         raise RecordError(f"unknown message kind {kind}")
     pos = HEADER.size
@@ -126,21 +148,27 @@ def decode_message(record: bytearray) -> Message:
         raise RecordError("buffer lengths past the end of the record")
     lengths = [LENGTH.unpack_from(view, pos + LENGTH.size * i)[0] for i in range(nbuf)]
     pos += LENGTH.size * nbuf
-    pickled = view[pos : pos + pickle_len]
-    pos += pickle_len
+    if pos + body_len + sum(lengths) + payload_len != len(view):
+        raise RecordError(
+            f"the lengths in the header ({pos + body_len + sum(lengths) + payload_len}) "
+            f"do not match the record ({len(view)})"
+        )
+    body = view[pos : pos + body_len]
+    pos += body_len
     buffers = []
     for n in lengths:
         buffers.append(view[pos : pos + n])
         pos += n
-    if pos + payload_len != len(view):
-        raise RecordError(
-            f"the lengths in the header ({pos + payload_len}) do not match the record ({len(view)})"
-        )
-    try:
-        body = pickle.loads(pickled, buffers=buffers)
-    except Exception as exc:
-        raise RecordError(f"undecodable message body: {exc}") from None
-    return Message(xid, kind, body, view[pos:])
+    return Frame(xid, kind, body, buffers, view[pos:])
+
+
+def decode_message(record: bytearray, codec: Codec | None = None) -> Message:
+    """Parse one record and decode its body with ``codec`` (:class:`SafeCodec` by
+    default). Raises :class:`RecordError` for bad framing and
+    :class:`~pagefrag.errors.CodecError` for a body the codec refuses."""
+    frame = parse_message(record)
+    body = (codec or _SAFE).loads(frame.body, frame.buffers)
+    return Message(frame.xid, frame.kind, body, frame.payload)
 
 
 class RecordReader:

@@ -16,15 +16,17 @@ are released, which needs step 5; the buffer is reused only then and the store h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..netlab import RECEIVER_IP, NetLab
 from .blockstore import BlockStore, BlockStoreClient
 from .client import RpcClient
 
-__all__ = ["ReproResult", "run_repro"]
+__all__ = ["ReproResult", "block_store_in", "run_repro", "stall", "unstall"]
 
 OFFSET_B = 1 << 20
 
@@ -48,35 +50,62 @@ def _pattern(tag: bytes, size: int) -> bytearray:
     return bytearray((tag * (size // len(tag) + 1))[:size])
 
 
+@contextlib.contextmanager
+def block_store_in(lab: NetLab, size: int = 4 << 20) -> Iterator[int]:
+    """Serve a :class:`BlockStore` of ``size`` bytes at ``RECEIVER_IP`` inside
+    ``lab.receiver``, from a thread with its own event loop; yields the port."""
+    ready = threading.Event()
+    box: dict[str, object] = {}
+
+    async def serve() -> None:
+        server = BlockStore(size).server(zerocopy="always")
+        _, port = await server.start(RECEIVER_IP, 0)
+        stop = asyncio.Event()
+        box.update(port=port, stop=stop, loop=asyncio.get_running_loop())
+        ready.set()
+        await stop.wait()
+        server.close()
+        await server.wait_closed()
+
+    def server_thread() -> None:
+        with lab.inside(lab.receiver):
+            asyncio.run(serve())
+
+    thread = threading.Thread(target=server_thread, daemon=True)
+    thread.start()
+    try:
+        if not ready.wait(10):
+            raise RuntimeError("the RPC server did not start")
+        yield int(box["port"])  # type: ignore[call-overload]
+    finally:
+        srv_loop = box.get("loop")
+        stop = box.get("stop")
+        if isinstance(srv_loop, asyncio.AbstractEventLoop) and isinstance(stop, asyncio.Event):
+            srv_loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+
+
+def stall(lab: NetLab, client_port: int) -> None:
+    """Drop every packet of the connection from ``client_port`` at the server's side."""
+    lab.ns(
+        lab.receiver,
+        "nft",
+        f"add table inet pagefrag_stall; add chain inet pagefrag_stall pre "
+        f"{{ type filter hook prerouting priority -300; }}; add rule inet "
+        f"pagefrag_stall pre tcp sport {client_port} drop",
+    )
+
+
+def unstall(lab: NetLab) -> None:
+    lab.ns(lab.receiver, "nft", "delete table inet pagefrag_stall")
+
+
 def run_repro(
-    safe: bool, *, block_size: int = 256 * 1024, timeout: float = 0.4, stall: float = 1.5
+    safe: bool, *, block_size: int = 256 * 1024, timeout: float = 0.4, stall_for: float = 1.5
 ) -> ReproResult:
     """Run the scenario once (root: it builds namespaces and nftables rules)."""
     a, b = _pattern(b"A-block-", block_size), _pattern(b"B-block-", block_size)
-    with NetLab() as lab:
-        ready = threading.Event()
-        box: dict[str, object] = {}
-
-        async def serve() -> None:
-            store = BlockStore(4 << 20)
-            server = store.server(zerocopy="always")
-            _, port = await server.start(RECEIVER_IP, 0)
-            stop = asyncio.Event()
-            box.update(port=port, stop=stop, loop=asyncio.get_running_loop())
-            ready.set()
-            await stop.wait()
-            server.close()
-            await server.wait_closed()
-
-        def server_thread() -> None:
-            with lab.inside(lab.receiver):
-                asyncio.run(serve())
-
-        thread = threading.Thread(target=server_thread, daemon=True)
-        thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("the RPC server did not start")
-        port = int(box["port"])  # type: ignore[call-overload]
+    with NetLab() as lab, block_store_in(lab) as port:
 
         async def client_main() -> ReproResult:
             loop = asyncio.get_running_loop()
@@ -85,18 +114,11 @@ def run_repro(
             )
             store = BlockStoreClient(client)
             conn = await client.connection()
-            rule = (
-                f"add table inet pagefrag_stall; add chain inet pagefrag_stall pre "
-                f"{{ type filter hook prerouting priority -300; }}; add rule inet "
-                f"pagefrag_stall pre tcp sport {conn.local_port} drop"
-            )
-            lab.ns(lab.receiver, "nft", rule)
+            stall(lab, conn.local_port)
 
             async def lift() -> None:
-                await asyncio.sleep(stall)
-                await loop.run_in_executor(
-                    None, lab.ns, lab.receiver, "nft", "delete table inet pagefrag_stall"
-                )
+                await asyncio.sleep(stall_for)
+                await loop.run_in_executor(None, unstall, lab)
 
             lifted = asyncio.ensure_future(lift())
             buf = bytearray(a)  # the application's one buffer, filled with A
@@ -119,12 +141,5 @@ def run_repro(
             holds = "A" if block == a else "B" if block == b else "other"
             return ReproResult(safe, block_size, first, transmissions, reconnects, applied, holds)
 
-        try:
-            with lab.inside(lab.sender):
-                return asyncio.run(asyncio.wait_for(client_main(), 60))
-        finally:
-            srv_loop = box.get("loop")
-            stop = box.get("stop")
-            if isinstance(srv_loop, asyncio.AbstractEventLoop) and isinstance(stop, asyncio.Event):
-                srv_loop.call_soon_threadsafe(stop.set)
-            thread.join(10)
+        with lab.inside(lab.sender):
+            return asyncio.run(asyncio.wait_for(client_main(), 60))
