@@ -373,13 +373,22 @@ def test_one_descriptor_per_connection_and_accept_survives_emfile(
         await wait_served(20)
         # One descriptor per side per connection, plus the loop's one shared epoll.
         result["per_20"] = open_fds() - base
+        spare = os.open("/dev/null", os.O_RDONLY)
         try:
             for _ in range(low_fd_limit):
                 conns.append(await open_connection("127.0.0.1", port))
         except OSError as exc:
             result["client_error"] = exc.errno
+        # Exactly one descriptor free: the client takes it, so the server's accept of
+        # that connection meets EMFILE.
+        os.close(spare)
+        conns.append(await open_connection("127.0.0.1", port))
         result["opened"] = len(conns)
-        await asyncio.sleep(0.2)
+        for _ in range(200):
+            if contexts:
+                break
+            await asyncio.sleep(0.025)
+        result["contexts_at_limit"] = len(contexts)
         # Free descriptors: the server accepts what waited and serves new connections.
         for _, writer in conns[:20]:
             writer.close()
@@ -407,7 +416,9 @@ def test_one_descriptor_per_connection_and_accept_survives_emfile(
     assert result["opened"] > 50
     assert result["left"] <= 0, "the shared epoll goes with the last transport"
     assert not [c for c in contexts if "Exception in callback" in c.get("message", "")]
-    assert {c["message"] for c in contexts} <= {"socket.accept() out of system resource"}
+    assert result["contexts_at_limit"] > 0, "the server's accept must have met EMFILE"
+    assert {c["message"] for c in contexts} == {"socket.accept() out of system resource"}
+    assert {c["exception"].errno for c in contexts} == {errno.EMFILE}
 
 
 def test_the_shared_epoll_goes_with_the_last_transport_and_comes_back(run: Run) -> None:

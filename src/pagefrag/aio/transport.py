@@ -43,7 +43,7 @@ from ..zerocopy._syscalls import disconnect
 from ..zerocopy.socket import Data, ZeroCopySocket, advance, pieces, take_refs
 from ._poller import poller_for
 
-__all__ = ["ZeroCopyTransport", "DEFAULT_HIGH_WATER"]
+__all__ = ["DEFAULT_ENOBUFS_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_LINGER", "ZeroCopyTransport"]
 
 DEFAULT_HIGH_WATER = 4 << 20
 """Unsent plus pinned bytes above which the protocol is paused. A zero-copy write stays
@@ -84,7 +84,13 @@ class _Write:
 
 
 class ZeroCopyTransport(asyncio.Transport):
-    """A stream transport with per-write release notification (Linux ``MSG_ZEROCOPY``)."""
+    """A stream transport with per-write release notification (Linux ``MSG_ZEROCOPY``).
+
+    ``linger``: seconds ``close()``, ``abort()`` or a failed connection wait for the
+    kernel's completions before the loss is reported with the pages still pinned (None:
+    no bound). ``enobufs_timeout``: seconds of ``ENOBUFS`` without progress after which
+    the connection fails with :class:`SendBufferError`; until then the write waits in the
+    loop, never inside a call."""
 
     def __init__(
         self,
