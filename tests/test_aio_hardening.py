@@ -22,7 +22,13 @@ from conftest import Fired, VerifyingReceiver, counters
 
 from pagefrag import FragDestructor
 from pagefrag._skbuff import Frag
-from pagefrag.aio import ZeroCopyStreamWriter, ZeroCopyTransport, open_connection, start_server
+from pagefrag.aio import (
+    ZeroCopyStreamWriter,
+    ZeroCopyTransport,
+    create_connection,
+    open_connection,
+    start_server,
+)
 from pagefrag.errors import (
     CompletionTimeoutError,
     DestructorError,
@@ -139,6 +145,47 @@ def test_a_failed_write_registers_nothing_and_wait_released_returns(run: Run, fi
         assert list(received.values()) == [page]
 
     run(main())
+
+
+def test_a_protocol_raising_fails_its_connection_only(run: Run) -> None:
+    """With one epoll shared by every connection of the loop, a protocol's exception
+    must not escape into the poller: it fails that connection, as in asyncio's own
+    transports, and the others go on."""
+    contexts: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: contexts.append(ctx))
+        lost: asyncio.Future[BaseException | None] = loop.create_future()
+
+        class Boom(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                raise ValueError("boom")
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                lost.set_result(exc)
+
+        async def echo(reader: asyncio.StreamReader, writer: ZeroCopyStreamWriter) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+            writer.close()
+
+        server = await start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await create_connection(Boom, "127.0.0.1", port)
+        reader, writer = await open_connection("127.0.0.1", port)
+        transport.write(b"echo me")
+        assert isinstance(await asyncio.wait_for(lost, 10), ValueError)
+        writer.write(b"still here")
+        assert await asyncio.wait_for(reader.readexactly(10), 10) == b"still here"
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+
+    run(main())
+    assert [c["message"] for c in contexts] == [
+        "Fatal error: protocol.data_received() call failed."
+    ]
 
 
 # -- item 10: close() is bounded -----------------------------------------------------------
