@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 
 from .._destructor import FragDestructor
 from ..zerocopy.socket import Data
-from .transport import ZeroCopyTransport
+from .transport import DEFAULT_ENOBUFS_TIMEOUT, DEFAULT_LINGER, ZeroCopyTransport
 
 __all__ = [
     "ZeroCopyStreamWriter",
@@ -24,6 +25,10 @@ __all__ = [
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 ClientConnected = Callable[[asyncio.StreamReader, "ZeroCopyStreamWriter"], Awaitable[None] | None]
 _STREAM_LIMIT = 2**16
+ACCEPT_RETRY_DELAY = 1.0
+"""Seconds the server stops accepting after running out of descriptors or memory (as
+asyncio's ``constants.ACCEPT_RETRY_DELAY``)."""
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 async def _connected_socket(host: str, port: int, **kwargs: Any) -> socket.socket:
@@ -53,20 +58,30 @@ async def create_connection(
     zerocopy: str = "auto",
     min_zerocopy_size: int | None = None,
     high_water: int | None = None,
+    linger: float | None = DEFAULT_LINGER,
+    enobufs_timeout: float = DEFAULT_ENOBUFS_TIMEOUT,
     **kwargs: Any,
 ) -> tuple[ZeroCopyTransport, P]:
     """Connect and return ``(transport, protocol)``, as ``loop.create_connection``; the
-    transport is a :class:`ZeroCopyTransport`."""
+    transport is a :class:`ZeroCopyTransport`. ``linger``: seconds ``close()`` waits for
+    the kernel's completions before reporting the loss (None: no bound);
+    ``enobufs_timeout``: seconds of ENOBUFS without progress before the connection fails."""
     sock = await _connected_socket(host, port, **kwargs)
-    protocol = protocol_factory()
-    transport = ZeroCopyTransport(
-        asyncio.get_running_loop(),
-        sock,
-        protocol,
-        zerocopy=zerocopy,
-        min_zerocopy_size=min_zerocopy_size,
-        high_water=high_water,
-    )
+    try:
+        protocol = protocol_factory()
+        transport = ZeroCopyTransport(
+            asyncio.get_running_loop(),
+            sock,
+            protocol,
+            zerocopy=zerocopy,
+            min_zerocopy_size=min_zerocopy_size,
+            high_water=high_water,
+            linger=linger,
+            enobufs_timeout=enobufs_timeout,
+        )
+    except BaseException:
+        sock.close()
+        raise
     return transport, protocol
 
 
@@ -110,7 +125,11 @@ def _stream_pair(
 ) -> tuple[asyncio.StreamReader, ZeroCopyStreamWriter]:
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport = ZeroCopyTransport(loop, sock, protocol, **transport_kwargs)
+    try:
+        transport = ZeroCopyTransport(loop, sock, protocol, **transport_kwargs)
+    except BaseException:
+        sock.close()
+        raise
     writer = ZeroCopyStreamWriter(transport, protocol, reader, loop)
     return reader, writer
 
@@ -123,9 +142,12 @@ async def open_connection(
     limit: int = _STREAM_LIMIT,
     min_zerocopy_size: int | None = None,
     high_water: int | None = None,
+    linger: float | None = DEFAULT_LINGER,
+    enobufs_timeout: float = DEFAULT_ENOBUFS_TIMEOUT,
     **kwargs: Any,
 ) -> tuple[asyncio.StreamReader, ZeroCopyStreamWriter]:
-    """Connect and return ``(reader, writer)``, as ``asyncio.open_connection``."""
+    """Connect and return ``(reader, writer)``, as ``asyncio.open_connection``.
+    ``linger`` and ``enobufs_timeout`` as for :func:`create_connection`."""
     loop = asyncio.get_running_loop()
     sock = await _connected_socket(host, port, **kwargs)
     reader, writer = _stream_pair(
@@ -135,6 +157,8 @@ async def open_connection(
         zerocopy=zerocopy,
         min_zerocopy_size=min_zerocopy_size,
         high_water=high_water,
+        linger=linger,
+        enobufs_timeout=enobufs_timeout,
     )
     await asyncio.sleep(0)  # let connection_made run, as asyncio's does before returning
     return reader, writer
@@ -153,21 +177,56 @@ class ZeroCopyServer:
         self.sockets = sockets
         self._on_accept = on_accept
         self._closed = asyncio.Event()
+        self._retries: dict[socket.socket, asyncio.TimerHandle] = {}
         for s in sockets:
             s.setblocking(False)
             loop.add_reader(s.fileno(), self._accept, s)
 
     def _accept(self, listener: socket.socket) -> None:
+        loop = self._loop
         for _ in range(64):  # bounded: other callbacks get their turn
             try:
                 conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            except OSError:
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # The listener stays readable while the connection waits in the
+                    # backlog: stop watching it and try again later (as asyncio does).
+                    loop.call_exception_handler(
+                        {
+                            "message": "socket.accept() out of system resource",
+                            "exception": exc,
+                            "socket": listener,
+                        }
+                    )
+                    loop.remove_reader(listener.fileno())
+                    self._retries[listener] = loop.call_later(
+                        ACCEPT_RETRY_DELAY, self._resume, listener
+                    )
+                else:
+                    loop.call_exception_handler(
+                        {"message": "socket.accept() failed", "exception": exc, "socket": listener}
+                    )
                 return
-            self._on_accept(conn)
+            try:
+                self._on_accept(conn)  # closes or aborts the connection when it fails
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                loop.call_exception_handler(
+                    {"message": "setting up an accepted connection failed", "exception": exc}
+                )
+
+    def _resume(self, listener: socket.socket) -> None:
+        self._retries.pop(listener, None)
+        if self.is_serving() and listener.fileno() >= 0:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
 
     def close(self) -> None:
+        for timer in self._retries.values():
+            timer.cancel()
+        self._retries.clear()
         for s in self.sockets:
             if s.fileno() >= 0:
                 self._loop.remove_reader(s.fileno())
@@ -206,9 +265,14 @@ async def start_server(
     backlog: int = 128,
     min_zerocopy_size: int | None = None,
     high_water: int | None = None,
+    linger: float | None = DEFAULT_LINGER,
+    enobufs_timeout: float = DEFAULT_ENOBUFS_TIMEOUT,
 ) -> ZeroCopyServer:
     """Listen and call ``client_connected_cb(reader, writer)`` per connection (a
-    coroutine function becomes a task), as ``asyncio.start_server``."""
+    coroutine function becomes a task), as ``asyncio.start_server``. ``linger`` and
+    ``enobufs_timeout`` as for :func:`create_connection`. Out of descriptors (EMFILE,
+    ENFILE) or memory, the server stops accepting for ``ACCEPT_RETRY_DELAY`` seconds
+    and reports it to the loop's exception handler; waiting connections stay queued."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets = []
@@ -224,8 +288,14 @@ async def start_server(
             zerocopy=zerocopy,
             min_zerocopy_size=min_zerocopy_size,
             high_water=high_water,
+            linger=linger,
+            enobufs_timeout=enobufs_timeout,
         )
-        result = client_connected_cb(reader, writer)
+        try:
+            result = client_connected_cb(reader, writer)
+        except BaseException:
+            writer.transport.abort()
+            raise
         if asyncio.iscoroutine(result):
             task = loop.create_task(result)
             tasks.add(task)

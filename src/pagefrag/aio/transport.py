@@ -4,12 +4,17 @@ report, per write, when the kernel has released every page.
 Theory of operation. The transport owns a non-blocking TCP socket wrapped in a
 :class:`ZeroCopySocket`. Completions arrive on the socket's error queue, which ``epoll``
 reports as ``EPOLLERR``. The event loop is never shown the socket itself: the transport
-registers it, edge-triggered, in a private epoll instance and gives *that* descriptor to
-``add_reader``. Each wake-up reports what changed — readable (``EPOLLIN``), writable
-(``EPOLLOUT``), completions (``EPOLLERR``) — and the transport reads, sends or drains the
-error queue. No timer, no busy loop, and reading may be paused without missing a
-completion. (Showing the socket to the loop would not do: a pending error-queue message
-makes the descriptor report ``POLLERR`` and libuv, under uvloop, stops watching it.)
+registers it, edge-triggered, in the epoll instance its loop shares among all transports
+(:mod:`._poller`), and only *that* descriptor is given to ``add_reader``. Each wake-up
+reports what changed — readable (``EPOLLIN``), writable (``EPOLLOUT``), completions or a
+socket error (``EPOLLERR``) — and the transport reads, sends or drains the error queue. No
+timer, no busy loop, and reading may be paused without missing a completion. (Showing
+the socket to the loop would not do: a pending error-queue message makes the descriptor
+report ``POLLERR`` and libuv, under uvloop, stops watching it.)
+
+Nothing blocks inside a callback. ``ENOBUFS`` (``net.core.optmem_max`` or the locked-page
+limit) leaves the write queued: it is retried when completions arrive, or after a short
+timer, and the connection fails only after ``enobufs_timeout`` seconds without progress.
 
 Each ``write`` is queued with one reference on every destructor its bytes carry and one on
 its *write handle* (a :class:`FragDestructor` returned to the caller), so nothing the
@@ -25,24 +30,38 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
+import os
 import select
 import socket
 from typing import Any
 
 from .._destructor import FragDestructor
-from ..errors import PageFragError
+from ..errors import CompletionTimeoutError, PageFragError, SendBufferError
 from ..zerocopy._syscalls import disconnect
 from ..zerocopy.socket import Data, ZeroCopySocket, advance, pieces, take_refs
+from ._poller import poller_for
 
-__all__ = ["ZeroCopyTransport", "DEFAULT_HIGH_WATER"]
+__all__ = ["DEFAULT_ENOBUFS_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_LINGER", "ZeroCopyTransport"]
 
 DEFAULT_HIGH_WATER = 4 << 20
 """Unsent plus pinned bytes above which the protocol is paused. A zero-copy write stays
 pinned until the peer ACKs it, so this is the in-flight window: far above asyncio's
 64 KiB, which would stall every write on a round trip."""
 
+DEFAULT_LINGER = 30.0
+"""Seconds ``close()``, ``abort()`` or a failure wait for the kernel's completions before
+the connection is reported lost with the pages still pinned."""
+
+DEFAULT_ENOBUFS_TIMEOUT = 30.0
+"""Seconds of ``ENOBUFS`` without progress after which the connection fails."""
+
 _READ_SIZE = 256 * 1024
+_ENOBUFS_RETRY = 0.05  # seconds: the retry timer while ENOBUFS and no completion comes
+_EPOLLERR = select.EPOLLERR
+_EPOLLOUT = select.EPOLLOUT
+_READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 # Connections lost with pages still pinned, whose completions never came within the
 # linger time: kept alive (pins and descriptor) for the life of the process.
 _LINGERING: list[ZeroCopySocket] = []
@@ -65,7 +84,13 @@ class _Write:
 
 
 class ZeroCopyTransport(asyncio.Transport):
-    """A stream transport with per-write release notification (Linux ``MSG_ZEROCOPY``)."""
+    """A stream transport with per-write release notification (Linux ``MSG_ZEROCOPY``).
+
+    ``linger``: seconds ``close()``, ``abort()`` or a failed connection wait for the
+    kernel's completions before the loss is reported with the pages still pinned (None:
+    no bound). ``enobufs_timeout``: seconds of ``ENOBUFS`` without progress after which
+    the connection fails with :class:`SendBufferError`; until then the write waits in the
+    loop, never inside a call."""
 
     def __init__(
         self,
@@ -77,14 +102,20 @@ class ZeroCopyTransport(asyncio.Transport):
         min_zerocopy_size: int | None = None,
         high_water: int | None = None,
         low_water: int | None = None,
-        linger: float = 30.0,
+        linger: float | None = DEFAULT_LINGER,
+        enobufs_timeout: float = DEFAULT_ENOBUFS_TIMEOUT,
         extra: dict[str, Any] | None = None,
     ) -> None:
         if sock.type != socket.SOCK_STREAM:
             raise ValueError("ZeroCopyTransport carries TCP streams")
+        if linger is not None and not linger >= 0:
+            raise ValueError(f"linger must be >= 0 seconds or None, not {linger!r}")
+        if not enobufs_timeout >= 0:
+            raise ValueError(f"enobufs_timeout must be >= 0 seconds, not {enobufs_timeout!r}")
         sock.setblocking(False)
         kwargs = {} if min_zerocopy_size is None else {"min_zerocopy_size": min_zerocopy_size}
-        self._zs = ZeroCopySocket(sock, zerocopy=zerocopy, **kwargs)
+        # enobufs_timeout=0: the socket never waits; ENOBUFS is waited for in the loop.
+        self._zs = ZeroCopySocket(sock, zerocopy=zerocopy, enobufs_timeout=0, **kwargs)
         self._sock = sock
         self._loop = loop
         self._protocol = protocol
@@ -98,6 +129,9 @@ class ZeroCopyTransport(asyncio.Transport):
         self._writing_paused = False
         self._linger = linger
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._enobufs_timeout = enobufs_timeout
+        self._enobufs_since: float | None = None  # loop time of the first ENOBUFS of a stall
+        self._retry_timer: asyncio.TimerHandle | None = None
         self.set_write_buffer_limits(high_water, low_water)
         super().__init__(
             {
@@ -109,24 +143,32 @@ class ZeroCopyTransport(asyncio.Transport):
             }
         )
         self._read_scheduled = False
-        self._epoll = select.epoll()
-        self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLOUT | select.EPOLLET)
-        loop.add_reader(self._epoll.fileno(), self._on_events)
+        self._fd = sock.fileno()
+        self._poller = poller_for(loop)
+        self._poller.register(self._fd, self._on_events)
         loop.call_soon(protocol.connection_made, self)
 
     # -- events ----------------------------------------------------------------------------
-    def _on_events(self) -> None:
-        try:
-            ready = self._epoll.poll(0)
-        except OSError:  # closed under us
+    def _on_events(self, ev: int) -> None:
+        """What the shared poller reports for this socket."""
+        if ev & _EPOLLERR:
+            if not self._reading:
+                # Nobody reads, so no recv() would raise a socket error (ETIMEDOUT when
+                # TCP gave up, a reset): take it before the completions it comes with,
+                # or a close would end as if everything had been delivered.
+                self._check_socket_error()
+            self._on_error_queue()
+        if ev & _READ_EVENTS and self._reading:
+            self._read_ready()
+        if ev & _EPOLLOUT and self._queue:
+            self._flush_queue()
+
+    def _check_socket_error(self) -> None:
+        if self._lost:
             return
-        for _, ev in ready:
-            if ev & select.EPOLLERR:
-                self._on_error_queue()
-            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and self._reading:
-                self._read_ready()
-            if ev & select.EPOLLOUT and self._queue:
-                self._flush_queue()
+        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fatal(OSError(err, os.strerror(err)))  # OSError picks the subclass
 
     # -- reading ---------------------------------------------------------------------------
     def _read_ready(self) -> None:
@@ -143,13 +185,19 @@ class ZeroCopyTransport(asyncio.Transport):
             except OSError as exc:
                 self._fatal(exc)
                 return
-            if not data:
-                self._reading = False
-                keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
-                if not keep_open:
-                    self.close()
+            try:
+                if not data:
+                    self._reading = False
+                    keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+                    if not keep_open:
+                        self.close()
+                    return
+                self._protocol.data_received(data)  # type: ignore[attr-defined]
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:  # as asyncio's transports: the connection fails
+                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
                 return
-            self._protocol.data_received(data)  # type: ignore[attr-defined]
         self._schedule_read()
 
     def _schedule_read(self) -> None:
@@ -176,22 +224,30 @@ class ZeroCopyTransport(asyncio.Transport):
         ``PoolBuffer``) and return its write handle: awaitable, fired when the kernel has
         released every page of this write. ``destructor``, if given, fires after it.
 
-        Refs: one per piece's destructor while queued; the kernel bridge holds its own
-        until the completions."""
+        A write that raises (closing transport, bad data, a destructor that has already
+        fired) changes nothing: no reference taken, no handle registered.
+
+        Refs: one per piece's destructor while queued, one on ``destructor`` until the
+        handle fires; the kernel bridge holds its own until the completions."""
         if self._closing:
             raise ConnectionError("write() on a closing transport")
         views, owners = pieces(data)
+        if destructor is None:
+            refs = take_refs(owners, self)
+        else:
+            if not isinstance(destructor, FragDestructor):
+                raise TypeError(
+                    f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
+                )
+            # All or nothing, the write's own destructor included (DestructorError if it
+            # has already fired).
+            refs = take_refs((*owners, destructor), self)
+            refs.pop()  # the destructor's: dropped when the handle fires, not when sent
         handle = FragDestructor(None, name="write")
         self._handles.add(handle)
         handle.add_done_callback(self._handles.discard)
         if destructor is not None:
-            destructor.ref()
-            handle.add_done_callback(lambda _: destructor.unref())
-        try:
-            refs = take_refs(owners, self)
-        except BaseException:
-            handle.unref()
-            raise
+            handle.add_done_callback(lambda _: destructor.unref(holder=self))
         nbytes = sum(map(len, views))
         if not nbytes:
             self._release(_Write(views, owners, handle, refs))
@@ -215,9 +271,15 @@ class ZeroCopyTransport(asyncio.Transport):
                 n = self._zs.send_iov(w.views, w.owners, w.handle)
             except (BlockingIOError, InterruptedError):
                 break
+            except SendBufferError as exc:  # nothing sent, nothing kept: wait in the loop
+                if not self._wait_enobufs(exc):
+                    return
+                break
             except OSError as exc:
                 self._fatal(exc)
                 return
+            if self._enobufs_since is not None:
+                self._enobufs_since = None  # progress: a later ENOBUFS starts a new stall
             self._unsent -= n
             advance(w.views, w.owners, n)
             if w.views:
@@ -234,11 +296,42 @@ class ZeroCopyTransport(asyncio.Transport):
             d.unref(holder=self)
         w.handle.unref()
 
+    def _wait_enobufs(self, exc: SendBufferError) -> bool:
+        """ENOBUFS: keep the write queued and retry when completions arrive (they free
+        optmem and locked pages) or after a short timer; fail the connection after
+        ``enobufs_timeout`` seconds without progress. False if it failed."""
+        now = self._loop.time()
+        if self._enobufs_since is None:
+            self._enobufs_since = now
+        elif now - self._enobufs_since >= self._enobufs_timeout:
+            self._fatal(
+                SendBufferError(
+                    errno.ENOBUFS,
+                    f"ENOBUFS for {self._enobufs_timeout:g}s with {self._zs.outstanding} "
+                    "sends outstanding (net.core.optmem_max or RLIMIT_MEMLOCK too small)",
+                )
+            )
+            return False
+        if self._retry_timer is None:
+            self._retry_timer = self._loop.call_later(_ENOBUFS_RETRY, self._retry_send)
+        return True
+
+    def _retry_send(self) -> None:
+        self._retry_timer = None
+        if self._queue and not self._lost:
+            self._flush_queue()
+
     def _on_error_queue(self) -> None:
+        if self._lost:
+            return
         try:
-            self._zs.poll_completions(0)
+            released = self._zs.poll_completions(0)
         except PageFragError as exc:  # an error-queue message that is a real socket error
             self._fatal(exc)
+            released = 0
+        if released and self._enobufs_since is not None and self._queue:
+            self._flush_queue()  # completions freed what ENOBUFS was waiting for
+            return
         self._after_progress()
 
     def _after_progress(self) -> None:
@@ -299,12 +392,20 @@ class ZeroCopyTransport(asyncio.Transport):
         return self._closing
 
     def close(self) -> None:
-        """Send what is queued, wait for every completion, then close (connection_lost)."""
+        """Send what is queued, wait for every completion, then close (connection_lost).
+
+        Bounded by ``linger`` seconds: past it the connection is reported lost with
+        :class:`CompletionTimeoutError` (``wait_closed()`` raises it), writes never sent
+        are dropped (their handles fire: the kernel never saw those pages), and the pages
+        the kernel still holds stay pinned for the life of the process.
+
+        Refs: dropped as the completions arrive; never before."""
         if self._closing:
             return
         self._closing = True
         self.pause_reading()
         self._after_progress()
+        self._arm_linger()
 
     def abort(self) -> None:
         """Disconnect at once (RST, kernel queues purged), drop what was never sent, read
@@ -314,23 +415,50 @@ class ZeroCopyTransport(asyncio.Transport):
         self._closing = True
         self.pause_reading()
         self._drop_queue()
+        self._reset()
+        self._after_progress()
+        self._arm_linger()
+
+    def _reset(self) -> None:
+        """Disconnect (RST, kernel queues purged, the descriptor kept open so the
+        completions still arrive) and read what is already there."""
         try:
             disconnect(self._sock)
         except OSError as exc:
             if exc.errno not in (errno.ENOTCONN, errno.EINVAL):
                 raise
+        # Our own reset sets the socket error (ECONNRESET): it is no failure to report.
+        self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self._zs.poll_completions(0)
-        self._after_progress()
-        self._arm_linger()
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        if not isinstance(exc, OSError):  # as asyncio: socket errors are not logged
+            self._loop.call_exception_handler(
+                {
+                    "message": message,
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+        self._fatal(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
 
     def _fatal(self, exc: Exception) -> None:
         """The connection failed: nothing more will be sent; wait for the completions of
         what the kernel held (it purges its queues on reset), then report the loss."""
+        if self._lost:
+            return
         if self._exc is None:
             self._exc = exc
         self._closing = True
         self.pause_reading()
+        had_unsent = bool(self._queue)
         self._drop_queue()
+        if had_unsent:
+            # Bytes of the stream were dropped: reset rather than let the peer read a
+            # truncated stream that ends like a whole one.
+            with contextlib.suppress(OSError):
+                self._reset()
         self._after_progress()
         self._arm_linger()
 
@@ -341,29 +469,43 @@ class ZeroCopyTransport(asyncio.Transport):
             self._release(w)
 
     def _arm_linger(self) -> None:
-        if not self._lost and self._linger_timer is None:
+        if not self._lost and self._linger_timer is None and self._linger is not None:
             self._linger_timer = self._loop.call_later(self._linger, self._give_up)
 
     def _give_up(self) -> None:
-        # The kernel never reported some pages released: keep them pinned for good
-        # rather than let them be reused, and report the loss.
+        # Past the linger bound: report the loss now. Pages the kernel has not reported
+        # released stay pinned for good rather than be reused.
         self._linger_timer = None
-        if self._zs.outstanding:
-            _LINGERING.append(self._zs)
+        if self._lost or not (self._queue or self._zs.outstanding):
+            return
+        zs = self._zs
+        if self._exc is None:
+            self._exc = CompletionTimeoutError(
+                f"the kernel still holds {zs.outstanding} sends ({zs.pinned_bytes} bytes) "
+                f"after {self._linger:g}s, with {self._unsent} bytes never sent; "
+                "their buffers stay pinned",
+                zs.outstanding,
+                zs.pinned_bytes,
+            )
+        self._drop_queue()  # never handed to the kernel: those handles may fire
+        if zs.outstanding:
+            _LINGERING.append(zs)
             self._finish(force=True)
+        else:
+            self._finish()
 
     def _finish(self, force: bool = False) -> None:
         if self._lost:
             return
         self._lost = True
-        if self._linger_timer is not None:
-            self._linger_timer.cancel()
-        loop = self._loop
-        loop.remove_reader(self._epoll.fileno())
-        self._epoll.close()
+        for timer in (self._linger_timer, self._retry_timer):
+            if timer is not None:
+                timer.cancel()
+        self._linger_timer = self._retry_timer = None
+        self._poller.unregister(self._fd, self._on_events)
         if not force:
             self._zs.close(timeout=0)
-        loop.call_soon(self._protocol.connection_lost, self._exc)
+        self._loop.call_soon(self._protocol.connection_lost, self._exc)
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "closing" if self._closing else "open"

@@ -1,0 +1,576 @@
+"""pagefrag.aio off the happy path (issue 9): failed writes, unbounded closes, TCP giving
+up, ENOBUFS inside the loop, descriptor limits. Every test runs on asyncio's default loop
+and on uvloop, on real sockets (loopback or NetLab namespaces)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import gc
+import os
+import re
+import resource
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import Fired, VerifyingReceiver, counters
+
+from pagefrag import FragDestructor
+from pagefrag._skbuff import Frag
+from pagefrag.aio import (
+    ZeroCopyStreamWriter,
+    ZeroCopyTransport,
+    create_connection,
+    open_connection,
+    start_server,
+)
+from pagefrag.errors import (
+    CompletionTimeoutError,
+    DestructorError,
+    NotContiguousError,
+    SendBufferError,
+)
+from pagefrag.netlab import RECEIVER_IP, NetLab
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the test extras on Linux
+    uvloop = None
+
+LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
+Run = Callable[[Awaitable[Any]], Any]
+
+
+@pytest.fixture(params=LOOPS)
+def run(request: pytest.FixtureRequest) -> Iterator[Run]:
+    def runner(coro: Awaitable[Any], timeout: float = 60) -> Any:
+        if request.param == "uvloop":
+            return uvloop.run(asyncio.wait_for(coro, timeout))
+        return asyncio.run(asyncio.wait_for(coro, timeout))
+
+    yield runner
+
+
+async def sink_server() -> tuple[Any, int, dict[str, bytearray]]:
+    received: dict[str, bytearray] = {}
+
+    async def handle(reader: asyncio.StreamReader, writer: ZeroCopyStreamWriter) -> None:
+        buf = received.setdefault(str(writer.get_extra_info("peername")), bytearray())
+        while chunk := await reader.read(1 << 20):
+            buf += chunk
+        writer.close()
+
+    server = await start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], received
+
+
+def drop_everything(lab: NetLab) -> Callable[[], int]:
+    """An unconditional drop of every frame arriving at the receiver; returns a function
+    reading the rule's packet counter."""
+    lab.ns(lab.receiver, "nft", "add", "table", "inet", "pf_drop_all")
+    lab.ns(
+        lab.receiver,
+        "nft",
+        "add chain inet pf_drop_all pre { type filter hook prerouting priority -300 ; }",
+    )
+    lab.ns(
+        lab.receiver,
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "pf_drop_all",
+        "pre",
+        "iifname",
+        lab.receiver_if,
+        "counter",
+        "drop",
+    )
+
+    def dropped() -> int:
+        out = lab.ns(lab.receiver, "nft", "list", "table", "inet", "pf_drop_all", check=False)
+        m = re.search(r"packets (\d+)", out)
+        return int(m.group(1)) if m else 0
+
+    return dropped
+
+
+def stop_dropping(lab: NetLab) -> None:
+    lab.ns(lab.receiver, "nft", "delete", "table", "inet", "pf_drop_all", check=False)
+
+
+# -- item 8: a failed write changes nothing ------------------------------------------------
+
+
+def test_a_failed_write_registers_nothing_and_wait_released_returns(run: Run, fired: Fired) -> None:
+    async def main() -> None:
+        server, port, received = await sink_server()
+        _, writer = await open_connection("127.0.0.1", port, zerocopy="always")
+        dead = FragDestructor(None)
+        dead.unref()  # fired already
+        live = fired.make(1)
+        page = bytearray(b"p") * 65536
+
+        with pytest.raises(DestructorError):
+            writer.write(bytearray(1 << 20), destructor=dead)
+        await asyncio.wait_for(writer.wait_released(), 5)  # nothing was registered
+        with pytest.raises(NotContiguousError):  # not a buffer
+            writer.write(42)
+        with pytest.raises(TypeError):
+            writer.write(page, destructor="not a destructor")  # type: ignore[arg-type]
+        with pytest.raises(DestructorError):  # the second frag's destructor has fired
+            writer.write([Frag(page, destructor=live), Frag(page, destructor=dead)])
+        assert live.refcount == 1, "the refs taken before the failure were given back"
+        assert writer.transport.get_write_buffer_size() == 0
+
+        # Nothing was registered: waiting for every write so far returns at once.
+        await asyncio.wait_for(writer.wait_released(), 5)
+        # And the connection is unharmed.
+        handle = writer.write([Frag(page, destructor=live)])
+        live.unref()
+        await asyncio.wait_for(writer.wait_released(), 10)
+        assert handle.done and fired.counts == {1: 1}
+        writer.close()
+        await writer.wait_closed()
+        for _ in range(100):
+            if received and len(next(iter(received.values()))) == len(page):
+                break
+            await asyncio.sleep(0.05)
+        server.close()
+        assert list(received.values()) == [page]
+
+    run(main())
+
+
+def test_a_protocol_raising_fails_its_connection_only(run: Run) -> None:
+    """With one epoll shared by every connection of the loop, a protocol's exception
+    must not escape into the poller: it fails that connection, as in asyncio's own
+    transports, and the others go on."""
+    contexts: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: contexts.append(ctx))
+        lost: asyncio.Future[BaseException | None] = loop.create_future()
+
+        class Boom(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                raise ValueError("boom")
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                lost.set_result(exc)
+
+        async def echo(reader: asyncio.StreamReader, writer: ZeroCopyStreamWriter) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+            writer.close()
+
+        server = await start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await create_connection(Boom, "127.0.0.1", port)
+        reader, writer = await open_connection("127.0.0.1", port)
+        transport.write(b"echo me")
+        assert isinstance(await asyncio.wait_for(lost, 10), ValueError)
+        writer.write(b"still here")
+        assert await asyncio.wait_for(reader.readexactly(10), 10) == b"still here"
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+
+    run(main())
+    assert [c["message"] for c in contexts] == [
+        "Fatal error: protocol.data_received() call failed."
+    ]
+
+
+# -- item 10: close() is bounded -----------------------------------------------------------
+
+
+def test_close_under_total_loss_reports_the_loss_after_linger_and_keeps_the_pins(
+    lab: NetLab, run: Run, fired: Fired
+) -> None:
+    listener = lab.open_socket(lab.receiver)
+    listener.bind((RECEIVER_IP, 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    lost: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (RECEIVER_IP, port))
+        conn, _ = listener.accept()
+        dropped = drop_everything(lab)
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        # The transport alone (its linger argument exists on the old code too).
+        transport = ZeroCopyTransport(loop, sock, protocol, zerocopy="always", linger=2.0)
+        writer = ZeroCopyStreamWriter(transport, protocol, reader, loop)
+        await asyncio.sleep(0)
+        handles = []
+        for i in range(8):
+            d = fired.make(i)
+            handles.append(transport.write(bytearray([i]) * (512 * 1024), d))
+            d.unref()
+        await asyncio.sleep(0.5)
+        assert transport.pinned_bytes > 0, "the kernel must hold some of the writes"
+        started = time.monotonic()
+        transport.close()
+        with pytest.raises(CompletionTimeoutError) as info:
+            await asyncio.wait_for(writer.wait_closed(), 20)
+        lost["after"] = time.monotonic() - started
+        lost["exc"] = info.value
+        await asyncio.sleep(0.5)
+        # The pages the kernel held stay pinned: their destructors have not fired.
+        lost["pending"] = [i for i, h in enumerate(handles) if not h.done]
+        lost["pinned"] = transport.pinned_bytes
+        lost["dropped"] = dropped()
+        conn.close()
+        # The test's own cleanup: the descriptor would otherwise stay open for the life
+        # of the process (the pins stay kept either way).
+        sock.close()
+
+    with lab.inside(lab.sender):
+        run(main())
+    assert lost["dropped"] > 0, "the drop rule must have dropped frames"
+    assert 1.5 <= lost["after"] < 10
+    assert lost["exc"].outstanding > 0 and lost["exc"].pinned_bytes > 0
+    assert lost["pending"] and lost["pinned"] > 0
+    assert all(fired.counts.get(i) is None for i in lost["pending"])
+    assert all(fired.counts.get(i) == 1 for i in set(range(8)) - set(lost["pending"]))
+
+
+def test_linger_and_enobufs_timeout_reach_the_transport_through_the_helpers(run: Run) -> None:
+    async def main() -> None:
+        seen: list[ZeroCopyStreamWriter] = []
+
+        async def keep(reader: asyncio.StreamReader, writer: ZeroCopyStreamWriter) -> None:
+            seen.append(writer)
+            await reader.read()
+            writer.close()
+
+        server = await start_server(keep, "127.0.0.1", 0, linger=3.0, enobufs_timeout=4.0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await open_connection("127.0.0.1", port, linger=None, enobufs_timeout=5.0)
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        assert (seen[0].transport._linger, seen[0].transport._enobufs_timeout) == (3.0, 4.0)
+        assert (writer.transport._linger, writer.transport._enobufs_timeout) == (None, 5.0)
+        with pytest.raises(ValueError):
+            await open_connection("127.0.0.1", port, linger=-1)
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+
+    run(main())
+
+
+# -- item 11: TCP giving up surfaces in wait_closed ----------------------------------------
+
+
+def test_tcp_giving_up_makes_wait_closed_raise(lab: NetLab, run: Run, fired: Fired) -> None:
+    listener = lab.open_socket(lab.receiver)
+    listener.bind((RECEIVER_IP, 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        _, writer = await open_connection(RECEIVER_IP, port, zerocopy="always")
+        conn, _ = listener.accept()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)  # ms
+        dropped = drop_everything(lab)
+        handles = []
+        for i in range(4):  # small enough for the kernel to take all of it at once
+            d = fired.make(i)
+            handles.append(writer.write(bytearray([i]) * 2048, destructor=d))
+            d.unref()
+        await asyncio.sleep(0.1)
+        transport = writer.transport
+        assert transport.get_write_buffer_size() == transport.pinned_bytes > 0, (
+            "everything must be in the kernel's hands, nothing left in our queue"
+        )
+        writer.close()
+        with pytest.raises(OSError) as info:
+            await asyncio.wait_for(writer.wait_closed(), 30)
+        result["exc"] = info.value
+        result["handles_done"] = all(h.done for h in handles)
+        result["dropped"] = dropped()
+        conn.close()
+
+    with lab.inside(lab.sender):
+        run(main())
+    assert result["dropped"] > 0, "the drop rule must have dropped frames"
+    assert result["exc"].errno == errno.ETIMEDOUT
+    assert result["handles_done"] and fired.once_each(range(4))
+
+
+# -- item 12: ENOBUFS waits in the loop, not inside write() --------------------------------
+
+
+def test_enobufs_waits_in_the_loop_and_loses_nothing(lab: NetLab, run: Run, fired: Fired) -> None:
+    lab.sysctl(lab.sender, "net.core.optmem_max", 2000)
+    listener = lab.open_socket(lab.receiver)
+    listener.bind((RECEIVER_IP, 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    chunk, count = 256 * 1024, 96
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gaps = [0.0]
+        last = [loop.time()]
+        running = [True]
+
+        def tick() -> None:
+            now = loop.time()
+            gaps.append(now - last[0])
+            last[0] = now
+            if running[0]:
+                loop.call_later(0.02, tick)
+
+        _, writer = await open_connection(RECEIVER_IP, port, zerocopy="always")
+        # Room for megabytes of unsent data in the kernel: more zero-copy sends (one
+        # optmem charge per 512 KiB at most) than optmem_max allows.
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        conn, _ = listener.accept()
+        rx = VerifyingReceiver(conn)
+        # Nothing is acknowledged for 5 s: no completion comes, optmem stays full.
+        dropped = drop_everything(lab)
+
+        def stop() -> None:  # in a thread: the loop may be blocked (it was, before)
+            result["dropped"] = dropped()
+            stop_dropping(lab)
+
+        timer.append(threading.Timer(5.0, stop))
+        timer[0].start()
+        last[0] = loop.time()
+        tick()
+        handles = []
+        for i in range(count):
+            data = bytearray(counters(i * chunk, chunk).tobytes())
+            d = fired.make(i)
+            handles.append(writer.write(data, destructor=d))
+            d.unref()
+            await writer.drain()
+        await asyncio.wait_for(writer.wait_released(), 60)
+        result["stats"] = writer.transport.zerocopy_stats
+        running[0] = False
+        writer.close()
+        await writer.wait_closed()
+        await loop.run_in_executor(None, rx.join, 60)
+        result["rx"] = rx
+        result["max_gap"] = max(gaps)
+        result["handles"] = sum(h.done for h in handles)
+
+    timer: list[threading.Timer] = []
+    try:
+        with lab.inside(lab.sender):
+            run(main(), 120)
+    finally:
+        if timer:  # never outlives the lab
+            timer[0].cancel()
+            timer[0].join(30)
+    assert result["dropped"] > 0, "the drop rule must have dropped frames"
+    assert result["stats"].enobufs_retries > 0, "optmem_max=2000 must force ENOBUFS"
+    assert result["max_gap"] < 2.0, f"the loop was blocked for {result['max_gap']:.2f}s"
+    rx = result["rx"]
+    assert rx.received == chunk * count and rx.bad_bytes == 0
+    assert result["handles"] == count and fired.once_each(range(count))
+
+
+def test_enobufs_past_its_bound_fails_the_connection_and_every_handle_fires(
+    lab: NetLab, run: Run, fired: Fired
+) -> None:
+    lab.sysctl(lab.sender, "net.core.optmem_max", 2000)
+    listener = lab.open_socket(lab.receiver)
+    listener.bind((RECEIVER_IP, 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        _, writer = await open_connection(
+            RECEIVER_IP, port, zerocopy="always", enobufs_timeout=1.0, high_water=64 << 20
+        )
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        conn, _ = listener.accept()
+        dropped = drop_everything(lab)  # for good: ENOBUFS never ends
+        handles = []
+        for i in range(32):
+            d = fired.make(i)
+            handles.append(writer.write(bytearray([i]) * (256 * 1024), destructor=d))
+            d.unref()
+        started = loop.time()
+        with pytest.raises(SendBufferError):
+            await asyncio.wait_for(writer.wait_closed(), 20)
+        result["after"] = loop.time() - started
+        await asyncio.wait_for(writer.wait_released(), 20)
+        result["handles"] = sum(h.done for h in handles)
+        result["stats"] = writer.transport.zerocopy_stats
+        result["dropped"] = dropped()
+        conn.close()
+
+    with lab.inside(lab.sender):
+        run(main())
+    assert result["dropped"] > 0, "the drop rule must have dropped frames"
+    assert result["stats"].enobufs_retries > 0
+    assert 0.9 <= result["after"] < 10
+    assert result["handles"] == 32 and fired.once_each(range(32))
+
+
+# -- item 14: one descriptor per connection, and accept survives EMFILE --------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def fd_table() -> set[tuple[str, str]]:
+    """Each open descriptor with what it points at (a socket's inode, an epoll...)."""
+    table = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own one)
+            table.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
+    return table
+
+
+def new_fds(base: set[tuple[str, str]]) -> int:
+    """Descriptors opened since ``base`` and still open (what a collection of an
+    earlier test's garbage closes meanwhile does not count)."""
+    return len(fd_table() - base)
+
+
+@pytest.fixture
+def low_fd_limit() -> Iterator[int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = max(256, open_fds() + 160)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_one_descriptor_per_connection_and_accept_survives_emfile(
+    run: Run, low_fd_limit: int
+) -> None:
+    contexts: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: contexts.append(ctx))
+        served: list[ZeroCopyStreamWriter] = []
+
+        async def echo(reader: asyncio.StreamReader, writer: ZeroCopyStreamWriter) -> None:
+            served.append(writer)
+            while data := await reader.read(65536):
+                writer.write(data)
+            writer.close()
+
+        async def wait_served(n: int) -> None:
+            for _ in range(400):
+                if len(served) >= n:
+                    return
+                await asyncio.sleep(0.025)
+            raise AssertionError(f"the server accepted {len(served)} of {n}")
+
+        server = await start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        gc.collect()
+        base = fd_table()
+        conns = [await open_connection("127.0.0.1", port) for _ in range(20)]
+        await wait_served(20)
+        # One descriptor per side per connection, plus the loop's one shared epoll.
+        result["per_20"] = new_fds(base)
+        spare = os.open("/dev/null", os.O_RDONLY)
+        try:
+            for _ in range(low_fd_limit):
+                conns.append(await open_connection("127.0.0.1", port))
+        except OSError as exc:
+            result["client_error"] = exc.errno
+        # Exactly one descriptor free: the client takes it, so the server's accept of
+        # that connection meets EMFILE.
+        os.close(spare)
+        conns.append(await open_connection("127.0.0.1", port))
+        result["opened"] = len(conns)
+        for _ in range(200):
+            if contexts:
+                break
+            await asyncio.sleep(0.025)
+        result["contexts_at_limit"] = len(contexts)
+        # Free descriptors: the server accepts what waited and serves new connections.
+        for _, writer in conns[:20]:
+            writer.close()
+            await writer.wait_closed()
+        del conns[:20]
+        await wait_served(result["opened"])
+        for _ in range(10):
+            reader, writer = await open_connection("127.0.0.1", port)
+            writer.write(b"still serving")
+            assert await asyncio.wait_for(reader.readexactly(13), 10) == b"still serving"
+            conns.append((reader, writer))
+        for _, writer in conns:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for _, w in conns))
+        for _ in range(200):  # the server's side closes after our EOF
+            if not new_fds(base):
+                break
+            await asyncio.sleep(0.025)
+        result["left"] = new_fds(base)
+        server.close()
+
+    run(main(), 120)
+    assert result["per_20"] == 2 * 20 + 1
+    assert result["client_error"] == errno.EMFILE
+    assert result["opened"] > 50
+    assert result["left"] == 0, "the shared epoll goes with the last transport"
+    assert not [c for c in contexts if "Exception in callback" in c.get("message", "")]
+    assert result["contexts_at_limit"] > 0, "the server's accept must have met EMFILE"
+    assert {c["message"] for c in contexts} == {"socket.accept() out of system resource"}
+    assert {c["exception"].errno for c in contexts} == {errno.EMFILE}
+
+
+def test_the_shared_epoll_goes_with_the_last_transport_and_comes_back(run: Run) -> None:
+    async def main() -> list[int]:
+        async def echo(reader: asyncio.StreamReader, writer: ZeroCopyStreamWriter) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+            writer.close()
+
+        server = await start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        gc.collect()
+        base = fd_table()
+        extra = []
+        for round_ in range(3):
+            conns = [await open_connection("127.0.0.1", port) for _ in range(3)]
+            extra.append(new_fds(base))  # 3 x 2 sockets + the shared epoll
+            for k, (reader, writer) in enumerate(conns):
+                msg = bytes([round_, k]) * 1000
+                writer.write(msg)
+                assert await asyncio.wait_for(reader.readexactly(len(msg)), 10) == msg
+            for _, writer in conns:
+                writer.close()
+                await writer.wait_closed()
+            for _ in range(200):
+                if not new_fds(base):
+                    break
+                await asyncio.sleep(0.025)
+            extra.append(new_fds(base))
+        server.close()
+        return extra
+
+    assert run(main()) == [7, 0] * 3
