@@ -24,6 +24,8 @@ __all__ = [
     "CompletionTimeoutError",
     "SendBufferError",
     "QueuedSocketError",
+    "BufferReleasedError",
+    "NotABufferError",
 ]
 
 
@@ -94,3 +96,14 @@ class QueuedSocketError(ZeroCopyError, OSError):
     ``report`` holds the decoded ``sock_extended_err``."""
 
     report: object = None
+
+
+class BufferReleasedError(DestructorError):
+    """A :class:`~pagefrag.PoolBuffer` was used after ``release()``: its memory may already
+    be lent to another holder. A second ``release()`` raises it too (a
+    :class:`DestructorError`, as a double release always did) and drops nothing."""
+
+
+class NotABufferError(NotContiguousError, TypeError):
+    """A page that is not a buffer at all (an ``int``, a ``str``, ...): a
+    :class:`NotContiguousError` that is also the ``TypeError`` Python would raise."""
