@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pagefrag import BufferPool, Frag, FragDestructor, InvalidRangeError, SkBuff, leaks
+from pagefrag import (
+    BufferPool,
+    DestructorError,
+    Frag,
+    FragDestructor,
+    InvalidRangeError,
+    SkBuff,
+    leaks,
+)
 from pagefrag.errors import NotABufferError, NotContiguousError
 
 PAGE = bytearray(b"0123456789" * 10)
@@ -134,6 +142,12 @@ class Scene:
         )
 
 
+def fired() -> FragDestructor:
+    d = FragDestructor(None)
+    d.unref()
+    return d
+
+
 BAD_SKB_CALLS: list[tuple[str, Callable[[Scene], object], type[Exception]]] = [
     ("add_frag offset float", lambda s: s.skb.add_frag(PAGE, 1.5, 2), TypeError),
     ("add_frag size bool", lambda s: s.skb.add_frag(PAGE, 0, True), TypeError),
@@ -163,6 +177,12 @@ BAD_SKB_CALLS: list[tuple[str, Callable[[Scene], object], type[Exception]]] = [
     ("segment mss zero", lambda s: s.skb.segment(0), ValueError),
     ("segment header_len float", lambda s: s.skb.segment(3, 1.5), TypeError),
     ("segment header_len past the head", lambda s: s.skb.segment(3, 5), ValueError),
+    ("add_frag a fired destructor", lambda s: s.skb.add_frag(PAGE, 0, 2, fired()), DestructorError),
+    (
+        "add_frag(frag) a fired one",
+        lambda s: s.skb.add_frag(Frag(PAGE, 0, 2, fired())),
+        DestructorError,
+    ),
     ("try_coalesce(b'x')", lambda s: s.other.try_coalesce(b"x"), TypeError),
     ("try_coalesce(None)", lambda s: s.other.try_coalesce(None), TypeError),
 ]

@@ -34,6 +34,7 @@ from . import leaks
 from ._buffers import as_index, byte_view
 from ._destructor import FragDestructor
 from .errors import (
+    DestructorError,
     DoubleFreeError,
     FragSharedError,
     InvalidRangeError,
@@ -285,6 +286,10 @@ class SkBuff:
             frag = Frag(page, offset, size, destructor)
         if len(sh.frags) >= MAX_SKB_FRAGS:
             raise TooManyFragsError(f"{self!r} already holds {MAX_SKB_FRAGS} frags")
+        d = frag._destructor
+        if d is not None and d._dead:
+            # ref() would refuse it too, but only after the unclone below changed the skb.
+            raise DestructorError(f"add_frag with {d!r}, which has already been destroyed")
         sh = self._unclone()
         _frag_ref(frag, sh)
         sh.frags.append(frag)
