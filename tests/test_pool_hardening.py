@@ -158,6 +158,19 @@ def test_a_dropped_buffer_returns_to_the_pool_and_warns_where_it_was_acquired() 
     assert pool.acquire(timeout=5) is not None and pool.acquire(timeout=5) is not None
 
 
+def test_a_dropped_buffer_in_a_reference_cycle_returns_when_the_collector_runs() -> None:
+    pool = BufferPool(1024, 1)
+    buf = pool.acquire()
+    cycle: list[object] = [buf]
+    cycle.append(cycle)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del buf, cycle
+        gc.collect()
+    assert len(pool_resource_warnings(caught)) == 1
+    assert pool.free == 1
+
+
 def test_a_dropped_buffer_with_a_write_in_flight_stays_lent_until_the_completion(
     tcp_pair: tuple[socket.socket, socket.socket],
 ) -> None:

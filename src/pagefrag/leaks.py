@@ -150,10 +150,22 @@ def get_level() -> Level:
     return _level
 
 
+# co_filename -> whether it is one of pagefrag's own files (call_site runs on every
+# BufferPool.acquire, not only with leak detection on: keep it cheap).
+_in_pkg: dict[str, bool] = {}
+
+
+def _is_pkg_file(filename: str) -> bool:
+    inside = _in_pkg.get(filename)
+    if inside is None:
+        inside = _in_pkg[filename] = os.path.dirname(filename).startswith(_PKG_DIR)
+    return inside
+
+
 def call_site() -> str:
     """``file:line in function`` of the nearest frame outside pagefrag itself."""
     frame = sys._getframe(1)
-    while frame is not None and os.path.dirname(frame.f_code.co_filename).startswith(_PKG_DIR):
+    while frame is not None and _is_pkg_file(frame.f_code.co_filename):
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None:
         return "<unknown>"

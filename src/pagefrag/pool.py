@@ -11,6 +11,7 @@ fires: after ``release()`` *and* after the last write's completion. No I/O here.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import threading
 import warnings
@@ -40,7 +41,7 @@ class PoolBuffer:
     :func:`pagefrag.leaks.collected` when leak detection is on) and is released then:
     it returns to the pool once the writes still in flight are released."""
 
-    __slots__ = ("__weakref__", "_finalizer", "_index", "_mem", "_pool", "_released", "destructor")
+    __slots__ = ("__weakref__", "_index", "_mem", "_pool", "_released", "_watch", "destructor")
 
     def __init__(
         self, pool: BufferPool, index: int, mem: bytearray, *, acquired_at: str = ""
@@ -51,10 +52,11 @@ class PoolBuffer:
         self._released = False
         self.destructor = FragDestructor(pool._returned, index, name=f"pool buffer {index}")
         # Frags and pins hold the destructor, never this object: when it is collected,
-        # only the holder's reference is left to drop. The finalizer's arguments do not
-        # reference the buffer, so it cannot keep it alive.
-        self._finalizer = weakref.finalize(self, _dropped, self.destructor, acquired_at)
-        self._finalizer.atexit = False
+        # only the holder's reference is left to drop. The entry does not reference the
+        # buffer, so it cannot keep it alive; the registry (not the buffer) keeps the
+        # weakref alive, so its callback also runs when the buffer dies in a cycle.
+        self._watch = weakref.ref(self, _collected)
+        _unreleased[self._watch] = (self.destructor, acquired_at)
 
     def _check(self) -> None:
         if self._released:
@@ -89,9 +91,9 @@ class PoolBuffer:
         :class:`BufferReleasedError` (a :class:`DestructorError`) and drops nothing.
 
         Refs: -1 (the holder's), once."""
-        # detach() succeeds once: of two racing releases (or a release racing the
-        # finalizer, impossible while we hold self) exactly one drops the reference.
-        if self._finalizer.detach() is None:
+        # dict.pop is atomic: of two racing releases exactly one finds the entry (the
+        # collection callback cannot race us: it runs only once self is gone).
+        if _unreleased.pop(self._watch, None) is None:
             raise BufferReleasedError(f"{self!r} was already released")
         try:
             self._released = True
@@ -124,9 +126,21 @@ class PoolBuffer:
         return f"<PoolBuffer {self._index} {state} size={len(self._mem)} at {id(self):#x}>"
 
 
-def _dropped(destructor: FragDestructor, acquired_at: str) -> None:
-    """A :class:`PoolBuffer` was garbage-collected without ``release()``: report it and
+# The buffers lent and not released yet: their destructor and where they were acquired,
+# keyed by a weak reference to the buffer (lighter than weakref.finalize per acquire).
+_unreleased: dict[weakref.ref[PoolBuffer], tuple[FragDestructor, str]] = {}
+# At exit buffers still held are no leak worth a warning, and callbacks that ran while
+# modules are torn down could fail: forget them first.
+atexit.register(_unreleased.clear)
+
+
+def _collected(watch: weakref.ref[PoolBuffer]) -> None:
+    """A :class:`PoolBuffer` was garbage-collected: if it was not released, report it and
     drop the holder's reference it still counted."""
+    entry = _unreleased.pop(watch, None)
+    if entry is None:
+        return  # released: nothing to do
+    destructor, acquired_at = entry
     where = acquired_at or "an unknown place"
     try:
         warnings.warn(
