@@ -36,6 +36,7 @@ import traceback
 import warnings
 import weakref
 from dataclasses import dataclass
+from types import CodeType
 from typing import Protocol
 
 __all__ = [
@@ -160,6 +161,27 @@ def _is_pkg_file(filename: str) -> bool:
     if inside is None:
         inside = _in_pkg[filename] = os.path.dirname(filename).startswith(_PKG_DIR)
     return inside
+
+
+Site = tuple[CodeType, int] | None
+"""A call site not yet formatted (:func:`site`): cheap to take, formatted on report."""
+
+
+def site() -> Site:
+    """The code and line of the nearest frame outside pagefrag itself, to be formatted by
+    :func:`format_site` only if it is ever reported."""
+    frame = sys._getframe(1)
+    while frame is not None and _is_pkg_file(frame.f_code.co_filename):
+        frame = frame.f_back  # type: ignore[assignment]
+    return None if frame is None else (frame.f_code, frame.f_lineno)
+
+
+def format_site(where: Site) -> str:
+    """``file:line in function`` of a :func:`site`."""
+    if where is None:
+        return "<unknown>"
+    code, line = where
+    return f"{code.co_filename}:{line} in {code.co_name}"
 
 
 def call_site() -> str:

@@ -44,7 +44,7 @@ class PoolBuffer:
     __slots__ = ("__weakref__", "_index", "_mem", "_pool", "_released", "_watch", "destructor")
 
     def __init__(
-        self, pool: BufferPool, index: int, mem: bytearray, *, acquired_at: str = ""
+        self, pool: BufferPool, index: int, mem: bytearray, *, acquired_at: leaks.Site = None
     ) -> None:
         self._pool = pool
         self._index = index
@@ -128,7 +128,7 @@ class PoolBuffer:
 
 # The buffers lent and not released yet: their destructor and where they were acquired,
 # keyed by a weak reference to the buffer (lighter than weakref.finalize per acquire).
-_unreleased: dict[weakref.ref[PoolBuffer], tuple[FragDestructor, str]] = {}
+_unreleased: dict[weakref.ref[PoolBuffer], tuple[FragDestructor, leaks.Site]] = {}
 # At exit buffers still held are no leak worth a warning, and callbacks that ran while
 # modules are torn down could fail: forget them first.
 atexit.register(_unreleased.clear)
@@ -141,7 +141,7 @@ def _collected(watch: weakref.ref[PoolBuffer]) -> None:
     if entry is None:
         return  # released: nothing to do
     destructor, acquired_at = entry
-    where = acquired_at or "an unknown place"
+    where = leaks.format_site(acquired_at)
     try:
         warnings.warn(
             f"PoolBuffer ({destructor.name}) acquired at {where} was never released; "
@@ -154,11 +154,11 @@ def _collected(watch: weakref.ref[PoolBuffer]) -> None:
         # holds this destructor's lock (inside ref()): then the drop waits in a thread.
         if destructor._lock.acquire(blocking=False):
             destructor._lock.release()
-            _drop_holder_ref(destructor, acquired_at)
+            _drop_holder_ref(destructor, where)
         else:
             threading.Thread(
                 target=_drop_holder_ref,
-                args=(destructor, acquired_at),
+                args=(destructor, where),
                 name="pagefrag-pool-drop",
                 daemon=True,
             ).start()
@@ -183,7 +183,7 @@ class _HandOver:
 
     __slots__ = ("acquired_at", "index", "pool", "taken")
 
-    def __init__(self, pool: BufferPool, index: int, acquired_at: str) -> None:
+    def __init__(self, pool: BufferPool, index: int, acquired_at: leaks.Site) -> None:
         self.pool = pool
         self.index = index
         self.acquired_at = acquired_at
@@ -211,7 +211,7 @@ class BufferPool:
         self._mems = [bytearray(buffer_size) for _ in range(count)]
         self._free: collections.deque[int] = collections.deque(range(count))
         self._cond = threading.Condition()  # an RLock: a finalizer may return a buffer
-        self._waiters: collections.deque[tuple[asyncio.Future[PoolBuffer], str]] = (
+        self._waiters: collections.deque[tuple[asyncio.Future[PoolBuffer], leaks.Site]] = (
             collections.deque()
         )
 
@@ -237,7 +237,7 @@ class BufferPool:
         ``poll_completions()``) before it asks. Refs: the buffer's destructor starts with
         one reference, the holder's (dropped by :meth:`PoolBuffer.release`)."""
         timeout = as_timeout(timeout)
-        site = leaks.call_site()
+        site = leaks.site()  # formatted only if the buffer is ever dropped unreleased
         with self._cond:
             if not self._cond.wait_for(lambda: self._free, timeout):
                 raise PoolExhaustedError(
@@ -248,7 +248,7 @@ class BufferPool:
     async def acquire_async(self) -> PoolBuffer:
         """A free buffer, waiting (without blocking the loop) until one comes back, in
         whichever thread. Refs: as :meth:`acquire`."""
-        site = leaks.call_site()
+        site = leaks.site()
         with self._cond:
             if self._free:
                 return self._lend(self._free.popleft(), site)
@@ -266,7 +266,7 @@ class BufferPool:
                 fut.result().release()
             raise
 
-    def _lend(self, index: int, acquired_at: str) -> PoolBuffer:
+    def _lend(self, index: int, acquired_at: leaks.Site) -> PoolBuffer:
         return PoolBuffer(self, index, self._mems[index], acquired_at=acquired_at)
 
     def _returned(self, index: int) -> None:
