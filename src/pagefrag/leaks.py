@@ -151,7 +151,7 @@ def get_level() -> Level:
     return _level
 
 
-# co_filename -> whether it is one of pagefrag's own files (call_site runs on every
+# co_filename -> whether it is one of pagefrag's own files (site() runs on every
 # BufferPool.acquire, not only with leak detection on: keep it cheap).
 _in_pkg: dict[str, bool] = {}
 
