@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -78,3 +80,99 @@ def test_environment_variable_sets_the_level() -> None:
     env = {**os.environ, "PAGEFRAG_LEAK_DETECTION": "paranoid"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "paranoid"
+
+
+# -- issue 9 item 9: a destructor collected while it still holds references ---------------
+@pytest.fixture
+def fresh_collected() -> Iterator[None]:
+    leaks.clear_collected()
+    yield
+    leaks.clear_collected()
+
+
+def make_and_drop(name: str, refs: int = 0) -> None:
+    d = FragDestructor(lambda _: None, name=name)  # the reports must name this line
+    for k in range(refs):
+        d.ref(holder=f"write {k}")
+    # d goes out of scope here holding 1 + refs references: destroy never runs
+
+
+CREATION_LINE = make_and_drop.__code__.co_firstlineno + 1
+
+
+def leak_warnings(caught: list[warnings.WarningMessage], name: str) -> list[str]:
+    return [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, ResourceWarning) and name in str(w.message)
+    ]
+
+
+def test_a_destructor_collected_unfired_is_reported_with_its_creation_site(
+    level: None, fresh_collected: None
+) -> None:
+    leaks.set_level("simple")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_and_drop("dropped-simple")
+    (msg,) = leak_warnings(caught, "dropped-simple")
+    assert msg.startswith("LEAK:") and f"{__file__}:{CREATION_LINE}" in msg
+    assert "1 reference" in msg
+    (rec,) = [r for r in leaks.collected() if "dropped-simple" in r.destructor]
+    assert rec.kind == leaks.KIND_COLLECTED and rec.refcount == 1 and rec.holders == ()
+    assert f"{__file__}:{CREATION_LINE}" in rec.created_at
+    assert "dropped-simple" in leaks.format_report()
+    assert not [r for r in leaks.report() if "dropped-simple" in r.destructor]
+
+
+def test_paranoid_names_the_holders_still_recorded_when_collected(
+    level: None, fresh_collected: None
+) -> None:
+    leaks.set_level("paranoid")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_and_drop("dropped-paranoid", refs=2)
+    (msg,) = leak_warnings(caught, "dropped-paranoid")
+    assert "3 reference" in msg and "'write 0'" in msg and "'write 1'" in msg
+    (rec,) = [r for r in leaks.collected() if "dropped-paranoid" in r.destructor]
+    assert rec.refcount == 3
+    assert [h.holder for h in rec.holders] == ["creator", "'write 0'", "'write 1'"]
+    assert all(__file__ in h.site for h in rec.holders)
+
+
+def test_a_destructor_in_a_cycle_is_reported_when_the_collector_frees_it(
+    level: None, fresh_collected: None
+) -> None:
+    leaks.set_level("simple")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = FragDestructor(None, name="in-a-cycle")
+        d.data = [d]  # a cycle: only the cycle collector frees it
+        del d
+        gc.collect()
+    assert len(leak_warnings(caught, "in-a-cycle")) == 1
+    assert [r for r in leaks.collected() if "in-a-cycle" in r.destructor]
+
+
+def test_a_fired_destructor_collected_is_not_a_leak(level: None, fresh_collected: None) -> None:
+    leaks.set_level("paranoid")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = FragDestructor(None, name="fired-one")
+        d.ref(holder="w")
+        d.unref(holder="w")
+        d.unref()
+        del d
+        gc.collect()
+    assert not leak_warnings(caught, "fired-one")
+    assert not [r for r in leaks.collected() if "fired-one" in r.destructor]
+
+
+def test_disabled_level_watches_nothing(level: None, fresh_collected: None) -> None:
+    leaks.set_level("disabled")
+    d = FragDestructor(None, name="unwatched")
+    assert weakref.getweakrefcount(d) == 0  # no finalizer, no record: no overhead
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del d
+    assert not leak_warnings(caught, "unwatched") and not leaks.collected()

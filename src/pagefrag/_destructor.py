@@ -5,6 +5,10 @@ Kernel counterpart: ``struct skb_frag_destructor`` with ``skb_frag_destructor_re
 The count starts at one, the creator's reference; every holder of a page of the
 operation adds one; ``destroy(data)`` runs when the count reaches zero, exactly once, in
 the thread that dropped the last reference.
+
+Leak detection (``pagefrag.leaks``) costs the disabled level one ``is None`` test per
+ref/unref; when enabled, a :class:`leaks.Track` mirrors the count (and, at paranoid,
+the holders) so a destructor collected before it fired can still be reported.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from . import leaks
+from ._buffers import as_timeout
 from .errors import DestructorError
 
 __all__ = ["FragDestructor"]
@@ -50,6 +55,16 @@ def report_unraisable(exc: BaseException, msg: str, obj: object) -> None:
     sys.unraisablehook(_UnraisableHookArgs((type(exc), exc, exc.__traceback__, msg, obj)))
 
 
+def _forget_record(records: list[tuple[int, leaks.HolderRecord]], holder_id: int) -> None:
+    # Called under the destructor's lock: allocates no object the collector tracks.
+    for i in range(len(records)):
+        if records[i][0] == holder_id:
+            del records[i]
+            return
+    if records:  # an unnamed unref releases the oldest record
+        del records[0]
+
+
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -66,14 +81,13 @@ class FragDestructor:
     __slots__ = (
         "__weakref__",
         "_callbacks",
-        "_created_at",
         "_dead",
         "_destroy",
         "_done",
         "_event",
         "_lock",
-        "_records",
         "_refcount",
+        "_track",
         "data",
         "name",
     )
@@ -85,6 +99,10 @@ class FragDestructor:
         *,
         name: str | None = None,
     ) -> None:
+        if destroy is not None and not callable(destroy):
+            raise TypeError(f"destroy must be callable or None, not {type(destroy).__name__}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, not {type(name).__name__}")
         self._destroy = destroy
         self.data = data
         self.name = name
@@ -94,13 +112,14 @@ class FragDestructor:
         self._done = False  # destroy(data) has returned (or raised)
         self._event: threading.Event | None = None
         self._callbacks: list[DoneCallback] = []
-        self._created_at = ""
-        self._records: list[tuple[int, leaks.HolderRecord]] | None = None
+        self._track: leaks.Track | None = None
         if leaks.enabled:
-            self._created_at = leaks.call_site()
-            if leaks.paranoid:
-                self._records = [(0, self._holder_record(None))]
-            leaks.watch(self)
+            label = f"<FragDestructor{f' {name!r}' if name else ''} at {id(self):#x}>"
+            track = leaks.Track(label, leaks.call_site(), leaks.paranoid)
+            if track.records is not None:
+                track.records.append((0, self._holder_record(None)))
+            self._track = track
+            leaks.watch(self, track)
 
     # -- references ---------------------------------------------------------------
     def ref(self, *, holder: object | None = None) -> None:
@@ -109,12 +128,23 @@ class FragDestructor:
         ``holder`` names who holds it, for leak reports. Raises
         :class:`DestructorError` (and changes nothing) once the destructor has fired.
         Refs: +1."""
+        track = self._track
+        if track is None:  # leak detection off: the hot path
+            with self._lock:
+                if self._dead:
+                    raise DestructorError(f"ref() on {self!r}, which has already been destroyed")
+                self._refcount += 1
+            return
+        # Built before taking the lock: nothing that can run the garbage collector (and
+        # with it a finalizer that wants this lock) runs while it is held.
+        entry = None if track.records is None else (id(holder), self._holder_record(holder))
         with self._lock:
             if self._dead:
                 raise DestructorError(f"ref() on {self!r}, which has already been destroyed")
             self._refcount += 1
-            if self._records is not None:
-                self._records.append((id(holder), self._holder_record(holder)))
+            track.refcount = self._refcount
+            if entry is not None:
+                track.records.append(entry)  # type: ignore[union-attr]
 
     def unref(self, *, holder: object | None = None) -> None:
         """Drop one reference; the last one runs ``destroy(data)`` in this thread.
@@ -126,8 +156,11 @@ class FragDestructor:
             if self._refcount <= 0:
                 raise DestructorError(f"unref() on {self!r} with no reference left")
             self._refcount -= 1
-            if self._records is not None:
-                self._forget_record(id(holder))
+            track = self._track
+            if track is not None:
+                track.refcount = self._refcount
+                if track.records is not None:
+                    _forget_record(track.records, id(holder))
             if self._refcount:
                 return
             self._dead = True
@@ -165,7 +198,10 @@ class FragDestructor:
         return self._done
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the destructor has fired; False if ``timeout`` ran out first."""
+        """Block until the destructor has fired; False if ``timeout`` ran out first.
+
+        Refs: none."""
+        timeout = as_timeout(timeout)
         with self._lock:
             if self._done:
                 return True
@@ -176,7 +212,12 @@ class FragDestructor:
 
     def add_done_callback(self, fn: DoneCallback) -> None:
         """Call ``fn(self)`` after ``destroy`` ran, in the thread that fired it; at
-        once (in this thread) when it already has."""
+        once (in this thread) when it already has. ``fn`` must be callable (TypeError
+        at once, not when it fires).
+
+        Refs: none."""
+        if not callable(fn):
+            raise TypeError(f"a done callback must be callable, not {type(fn).__name__}")
         with self._lock:
             if not self._done:
                 self._callbacks.append(fn)
@@ -219,22 +260,18 @@ class FragDestructor:
             stack=leaks.call_stack(),
         )
 
-    def _forget_record(self, holder_id: int) -> None:
-        records = self._records
-        assert records is not None
-        for i, (hid, _) in enumerate(records):
-            if hid == holder_id:
-                del records[i]
-                return
-        if records:  # an unnamed unref releases the oldest record
-            del records[0]
-
     def _leak_record(self) -> leaks.LeakRecord | None:
-        with self._lock:
-            if self._dead:
-                return None
-            holders = tuple(r for _, r in self._records or ())
-            return leaks.LeakRecord(repr(self), self._refcount, self._created_at, holders)
+        track = self._track
+        if track is None:
+            return None
+        # A snapshot without the lock (list() of a list is atomic under the GIL): a
+        # report may be called from a finalizer that runs while the lock is held.
+        if self._dead:
+            return None
+        refcount = self._refcount
+        records = list(track.records or ())
+        holders = tuple(r for _, r in records)
+        return leaks.LeakRecord(repr(self), refcount, track.created_at, holders)
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""

@@ -31,9 +31,10 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from . import leaks
-from ._buffers import byte_view
+from ._buffers import as_index, byte_view
 from ._destructor import FragDestructor
 from .errors import (
+    DestructorError,
     DoubleFreeError,
     FragSharedError,
     InvalidRangeError,
@@ -68,8 +69,14 @@ class Frag:
         destructor: FragDestructor | None = None,
     ) -> None:
         view = byte_view(page)
+        # type() is int first: the cheap test on the hot path; as_index for the rest
+        # (NumPy integers pass, floats and bools raise TypeError).
+        if type(offset) is not int:
+            offset = as_index(offset, "offset")
         if size is None:
             size = len(view) - offset
+        elif type(size) is not int:
+            size = as_index(size, "size")
         if offset < 0 or size <= 0 or offset + size > len(view):
             raise InvalidRangeError(
                 f"frag [{offset}, {offset}+{size}) does not fit a page of {len(view)} bytes "
@@ -237,9 +244,12 @@ class SkBuff:
             raise SkbFreedError(f"{self!r} was already freed")
         return self._sh
 
-    def _check_range(self, n: int, what: str) -> None:
+    def _check_range(self, n: int, what: str) -> int:
+        if type(n) is not int:
+            n = as_index(n, what)
         if not 0 <= n <= len(self):
             raise InvalidRangeError(f"{what} {n} outside [0, {len(self)}] of {self!r}")
+        return n
 
     def _unclone(self) -> _SharedInfo:
         """Kernel ``pskb_expand_head`` on a cloned skb (``skb_unclone``): give this skb
@@ -268,7 +278,7 @@ class SkBuff:
         Refs: takes the skb's reference on the destructor (or keeps the page alive)."""
         sh = self._live()
         if isinstance(page, Frag):  # a descriptor already carries its page and destructor
-            if (offset, size, destructor) != (0, None, None):
+            if not (type(offset) is int and offset == 0 and size is None and destructor is None):
                 raise InvalidRangeError("add_frag(frag) takes no offset, size or destructor")
             frag = page._derive(page._offset, page._size)
             frag._shared = False
@@ -276,6 +286,10 @@ class SkBuff:
             frag = Frag(page, offset, size, destructor)
         if len(sh.frags) >= MAX_SKB_FRAGS:
             raise TooManyFragsError(f"{self!r} already holds {MAX_SKB_FRAGS} frags")
+        d = frag._destructor
+        if d is not None and d._dead:
+            # ref() would refuse it too, but only after the unclone below changed the skb.
+            raise DestructorError(f"add_frag with {d!r}, which has already been destroyed")
         sh = self._unclone()
         _frag_ref(frag, sh)
         sh.frags.append(frag)
@@ -287,6 +301,8 @@ class SkBuff:
 
         Refs: the skb holds the new page; the frag it replaces releases its reference."""
         sh = self._live()
+        if type(i) is not int:
+            i = as_index(i, "frag index")
         if not 0 <= i <= min(len(sh.frags), MAX_SKB_FRAGS - 1):
             if i == len(sh.frags) == MAX_SKB_FRAGS:
                 raise TooManyFragsError(f"{self!r} already holds {MAX_SKB_FRAGS} frags")
@@ -305,6 +321,10 @@ class SkBuff:
 
         Refs: takes the skb's reference on ``destructor``."""
         sh = self._live()
+        if type(i) is not int:
+            i = as_index(i, "frag index")
+        if not isinstance(destructor, FragDestructor):
+            raise TypeError(f"destructor must be a FragDestructor, not {type(destructor).__name__}")
         if not 0 <= i < len(sh.frags):
             raise InvalidRangeError(f"frag index {i} outside [0, {len(sh.frags)})")
         frag = sh.frags[i]
@@ -335,7 +355,7 @@ class SkBuff:
                 and last._destructor is destructor
                 and last._offset + last._size == offset
             ):
-                Frag(page, offset, size, destructor)  # validates the range
+                size = Frag(page, offset, size, destructor)._size  # validates the arguments
                 sh = self._unclone()
                 last = sh.frags[-1]
                 sh.frags[-1] = last._derive(last._offset, last._size + size)
@@ -430,7 +450,7 @@ class SkBuff:
         Refs: unclones first when cloned (one per frag); drops one per frag consumed
         whole; a frag consumed in part keeps its reference."""
         sh = self._live()
-        self._check_range(n, "pull length")
+        n = self._check_range(n, "pull length")
         if n <= len(sh.head):
             return sh.head[:n]
         sh = self._unclone()
@@ -470,7 +490,7 @@ class SkBuff:
 
         Refs: unclones first when cloned; drops one per frag removed whole."""
         self._live()
-        self._check_range(length, "trim length")
+        length = self._check_range(length, "trim length")
         if length == len(self):
             return
         sh = self._unclone()
@@ -486,7 +506,7 @@ class SkBuff:
 
         Refs: unclones first when cloned; drops one per frag consumed whole."""
         self._live()
-        self._check_range(n, "trim_head length")
+        n = self._check_range(n, "trim_head length")
         if n == 0:
             return
         sh = self._unclone()
@@ -504,7 +524,7 @@ class SkBuff:
         Refs: unclones first when cloned; frags move without references, except a frag
         cut in two, which takes one for the new skb."""
         sh = self._live()
-        self._check_range(length, "split length")
+        length = self._check_range(length, "split length")
         if length < len(sh.head):
             rest = SkBuff(sh.head[length:])
             sh = self._unclone()
@@ -534,6 +554,8 @@ class SkBuff:
 
         Refs: frags move without references, unless ``other`` is cloned, in which case
         each frag moved takes one (its clone keeps its own)."""
+        if not isinstance(other, SkBuff):
+            raise TypeError(f"try_coalesce takes an SkBuff, not {type(other).__name__}")
         sh = self._live()
         osh = other._live()
         if other is self:
@@ -577,6 +599,10 @@ class SkBuff:
 
         Refs: takes one per frag piece in each segment."""
         sh = self._live()
+        if type(mss) is not int:
+            mss = as_index(mss, "mss")
+        if type(header_len) is not int:
+            header_len = as_index(header_len, "header_len")
         if mss <= 0:
             raise InvalidRangeError(f"mss must be positive, not {mss}")
         if not 0 <= header_len <= len(sh.head):

@@ -28,6 +28,8 @@ __all__ = [
     "CodecError",
     "AuthenticationError",
     "BufferInUseError",
+    "BufferReleasedError",
+    "NotABufferError",
 ]
 
 
@@ -128,3 +130,14 @@ class BufferInUseError(PageFragError, BufferError):
     def __init__(self, message: str, released: object = None) -> None:
         super().__init__(message)
         self.released = released
+
+
+class BufferReleasedError(DestructorError):
+    """A :class:`~pagefrag.PoolBuffer` was used after ``release()``: its memory may already
+    be lent to another holder. A second ``release()`` raises it too (a
+    :class:`DestructorError`, as a double release always did) and drops nothing."""
+
+
+class NotABufferError(NotContiguousError, TypeError):
+    """A page that is not a buffer at all (an ``int``, a ``str``, ...): a
+    :class:`NotContiguousError` that is also the ``TypeError`` Python would raise."""
