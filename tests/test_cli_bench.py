@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+
+BENCH = [sys.executable, "-m", "pagefrag.cli", "bench"]
 
 
 def test_bench_quick_writes_json_markdown_and_charts(tmp_path: Path) -> None:
@@ -52,8 +57,42 @@ def test_bench_quick_writes_json_markdown_and_charts(tmp_path: Path) -> None:
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize(
+    ("where", "why"),
+    [
+        ("a-file", "exists and is not a folder"),
+        ("a-file/below", "cannot create it"),
+    ],
+)
+def test_bench_refuses_an_unusable_output_folder_before_the_run(
+    tmp_path: Path, where: str, why: str
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [*BENCH, "--quick", "--no-veth", "--out", str(tmp_path / where)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "--out" in out.stderr and why in out.stderr
+    assert time.monotonic() - t0 < 60, "the matrix ran before the folder was checked"
+
+
+def test_bench_refuses_a_page_that_is_a_folder_before_the_run(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*BENCH, "--quick", "--no-veth", "--out", str(tmp_path / "o"), "--page", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "--page" in out.stderr and not (tmp_path / "o" / "results.json").exists()
+
+
 def test_every_subcommand_has_help_with_an_example() -> None:
-    for cmd in ("demo", "bench", "trace"):
+    for cmd in ("demo", "bench", "trace", "repro"):
         out = subprocess.run(
             [sys.executable, "-m", "pagefrag.cli", cmd, "--help"],
             capture_output=True,

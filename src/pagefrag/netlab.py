@@ -351,3 +351,16 @@ class NetLab:
 
     def sysctl(self, ns: str, key: str, value: int | str) -> None:
         self.ns(ns, "sysctl", "-q", "-w", f"{key}={value}")
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """For the body, SIGTERM raises ``SystemExit(143)`` (as inside a lab): main thread
+    and default disposition only, else nothing changes. A program that builds labs
+    wraps its whole run in it so a SIGTERM outside a lab exits the same way."""
+    hooked = _hook_term()
+    try:
+        yield
+    finally:
+        if hooked:
+            _unhook_term()
