@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from pagefrag.netlab import lab_namespaces, missing_tools
 
 BENCH = [sys.executable, "-m", "pagefrag.cli", "bench"]
 
@@ -100,3 +104,62 @@ def test_every_subcommand_has_help_with_an_example() -> None:
             timeout=60,
         )
         assert out.returncode == 0 and "example" in out.stdout and f"pagefrag {cmd}" in out.stdout
+
+
+def children(pid: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_mid_bench_stops_its_sinks_and_deletes_its_namespaces(tmp_path: Path) -> None:
+    """The old bench died on SIGTERM at once: its sink processes were orphaned (they
+    ran on) and its namespaces stayed."""
+    veth = [] if missing_tools() is None else ["--no-veth"]
+    log = tmp_path / "stderr"
+    # Output to a file, not a pipe: orphaned sinks would hold a pipe open.
+    with log.open("w") as err_file:
+        proc = subprocess.Popen(
+            [*BENCH, "--seconds", "600", "--rounds", "1", "--out", str(tmp_path / "o"), *veth],
+            stdout=subprocess.DEVNULL,
+            stderr=err_file,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while len(sinks := children(proc.pid)) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert len(sinks) >= 2, "no sink processes started"
+        time.sleep(1)
+        sinks = children(proc.pid)  # the veth sinks start after the loopback ones
+        names = lab_namespaces(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in sinks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphans = [p for p in sinks if alive(p)]
+    for p in orphans:
+        os.kill(p, signal.SIGKILL)
+    err = log.read_text()
+    assert proc.returncode == 143 and err.endswith("pagefrag bench: terminated\n"), err
+    assert not orphans, "sink processes outlived the bench"
+    assert not set(names) & set(lab_namespaces())
