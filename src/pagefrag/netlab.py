@@ -8,13 +8,9 @@ also when the test fails. Sockets are created *inside* a namespace by switching 
 calling thread into it for the ``socket()`` call (``setns``); a socket stays in the
 namespace it was created in.
 
-Cleanup on signals: a lab entered in the main thread while ``SIGTERM`` has its default
-disposition installs a handler for the life of the ``with`` block that raises
-``SystemExit(143)``, so the block's cleanup deletes the namespaces when the program is
-terminated (``kill``, a test runner's timeout); the previous disposition is restored on
-exit. ``SIGINT`` raises ``KeyboardInterrupt`` already. Only ``SIGKILL`` (or a crash) can
-leave namespaces behind; their names carry the owner's pid, and every new lab (and every
-lab's exit) deletes those whose process is gone (:func:`remove_stale`).
+Cleanup on signals: see :class:`NetLab`. Only ``SIGKILL`` (or a crash) can leave
+namespaces behind; their names carry the owner's pid, and every new lab (and every lab's
+exit) deletes those whose process is gone (:func:`remove_stale`).
 """
 
 from __future__ import annotations
@@ -159,7 +155,19 @@ def _raise_pending_term() -> None:
 
 
 class NetLab:
-    """Namespaces ``sender`` and ``receiver`` joined by a veth pair."""
+    """Namespaces ``sender`` and ``receiver`` joined by a veth pair; use it as a
+    context manager: the namespaces exist inside the ``with`` block only.
+
+    SIGTERM: while a lab entered in the main thread lives, and SIGTERM had its default
+    disposition when the first such lab was entered, SIGTERM raises ``SystemExit(143)``
+    in the main thread, so the ``with`` blocks unwind and delete their namespaces in any
+    program using a lab (``kill``, a test runner's timeout); the default disposition
+    comes back when the last of those labs ends. A SIGTERM that arrives while a lab is
+    deleting its namespaces is held back and raised once they are gone. A handler the
+    program installed is left alone (it must clean up itself); a lab entered in another
+    thread installs nothing. ``SIGINT`` already raises ``KeyboardInterrupt``.
+    :func:`sigterm_exits` gives a whole program run the same SIGTERM behaviour.
+    """
 
     def __init__(self) -> None:
         n = f"{os.getpid()}x{next(_ids)}"  # the pid lets a later lab remove stale ones
@@ -237,7 +245,7 @@ class NetLab:
                     break
                 except subprocess.TimeoutExpired as exc:
                     errors.append(exc)
-        left = [ns for ns in lab_namespaces(os.getpid()) if ns in (self.sender, self.receiver)]
+        left = [ns for ns in lab_namespaces() if ns in (self.sender, self.receiver)]
         if left:
             raise RuntimeError(f"could not delete namespaces {left}: {errors}")
 
