@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from pagefrag import FragDestructor
-from pagefrag.netlab import NetLab, missing_tools
+from pagefrag.netlab import NetLab, lab_namespaces, missing_tools, remove_stale, run
 
 
 class Receiver:
@@ -82,6 +83,21 @@ def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     yield client, server
     for s in (client, server):
         s.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_namespaces_left_behind() -> Iterator[None]:
+    """At the end of the run no lab namespace may be left: this process's labs must have
+    deleted theirs (asserted); those of processes that died (a killed CLI run, whose
+    namespaces a later lab would have removed) are deleted here."""
+    yield
+    if missing_tools() is not None:
+        return
+    remove_stale()
+    left = lab_namespaces(os.getpid())
+    for ns in left:
+        run("ip", "netns", "del", ns, check=False)
+    assert not left, f"the test run left namespaces behind: {left}"
 
 
 @pytest.fixture

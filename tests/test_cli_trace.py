@@ -50,7 +50,7 @@ def test_console_script_runs_and_bad_input_is_one_clear_line() -> None:
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "acked" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "acked" in bad.stderr
 
 
 def test_trace_png_draws_a_timeline(tmp_path: pytest.TempPathFactory) -> None:

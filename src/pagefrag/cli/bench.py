@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._args import int_in, seconds_up_to, writable_file, writable_folder
+
 EXAMPLE = """examples:
   pagefrag bench --quick --out bench-out          # a short run (about a minute)
   sudo pagefrag bench --out docs/bench --page docs/performance.md   # the full matrix
@@ -26,8 +28,10 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--out", default="bench-out", help="output folder (bench-out)")
     p.add_argument("--quick", action="store_true", help="one short round per cell")
-    p.add_argument("--seconds", type=float, default=0.4, help="per cell and round (0.4)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds, medians kept (5)")
+    p.add_argument(
+        "--seconds", type=seconds_up_to(600), default=0.4, help="per cell and round (0.4)"
+    )
+    p.add_argument("--rounds", type=int_in(1, 1000), default=5, help="rounds, medians kept (5)")
     p.add_argument("--no-veth", action="store_true", help="loopback only (no root needed)")
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
@@ -45,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.report import write
 
     seconds, rounds = (0.1, 1) if args.quick else (args.seconds, args.rounds)
-    if seconds <= 0 or rounds <= 0:
-        raise ValueError("--seconds and --rounds must be positive")
+    # Where the results go is checked before the run, not after minutes of measuring.
+    writable_folder(Path(args.out), "--out")
+    if args.page:
+        writable_file(Path(args.page), "--page")
 
     def progress(cell: str) -> None:
         if not args.json:

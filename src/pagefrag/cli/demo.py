@@ -26,15 +26,17 @@ from typing import Any
 from .. import BufferPool, SkBuff, ZeroCopySocket
 from ..netlab import NetLab, missing_tools
 from ..zerocopy import tcp_info
+from ._args import UsageError, int_in, seconds_up_to
 
 EXAMPLE = """examples:
   pagefrag demo                          # loopback, a few seconds, no root needed
-  sudo pagefrag demo --netns --loss 2    # two namespaces, veth, 2 % loss: retransmits pin buffers
+  sudo pagefrag demo --netns --loss 2    # two namespaces, veth, 2 % of frames dropped: retransmits
   pagefrag demo --seconds 2 --json"""
 
 HEADER = struct.Struct("!QII")  # sequence, payload length, CRC-32
 POISON = 0xEE
 MiB = 1 << 20
+MAX_POOL_MIB = 1024  # the pool is allocated (and, zero-copy, pinned) up front
 
 
 def add_parser(sub: Any) -> None:
@@ -45,13 +47,28 @@ def add_parser(sub: Any) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--seconds", type=float, default=4.0, help="stop after this long (4)")
-    p.add_argument("--total-mib", type=int, default=2048, help="or after this much data (2048)")
-    p.add_argument("--buffer-kib", type=int, default=1024, help="pool buffer size (1024)")
-    p.add_argument("--buffers", type=int, default=8, help="pool buffers (8)")
+    p.add_argument(
+        "--seconds", type=seconds_up_to(86400), default=4.0, help="stop after this long (4)"
+    )
+    p.add_argument(
+        "--total-mib",
+        type=int_in(1, 1 << 20),
+        default=2048,
+        help="or after this much data (2048)",
+    )
+    p.add_argument(
+        "--buffer-kib", type=int_in(1, MAX_POOL_MIB * 1024), default=1024, help="buffer size (1024)"
+    )
+    p.add_argument("--buffers", type=int_in(1, 4096), default=8, help="pool buffers (8)")
     p.add_argument("--zerocopy", choices=["auto", "always", "never"], default="always")
     p.add_argument("--netns", action="store_true", help="two namespaces joined by veth (root)")
-    p.add_argument("--loss", type=int, default=0, metavar="PCT", help="random loss with --netns")
+    p.add_argument(
+        "--loss",
+        type=int_in(0, 99),
+        default=0,
+        metavar="PCT",
+        help="with --netns: drop PCT of every 100 frames at the receiver (0-99)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-live", action="store_true", help="no live display")
     p.set_defaults(run=run)
@@ -71,6 +88,7 @@ class Progress:
     completions: int = 0
     copied_completions: int = 0
     retransmits: int = 0
+    dropped: int = 0  # frames the loss rule dropped (nftables counter)
     elapsed: float = 0.0
     received_buffers: int = 0
     received_bytes: int = 0
@@ -132,17 +150,33 @@ class Receiver(threading.Thread):
             p.errors.append(f"receiver: {exc}")
 
 
+def check(args: argparse.Namespace) -> None:
+    """Refuse options that do not fit together, before anything runs."""
+    if args.loss and not args.netns:
+        raise UsageError("--loss needs --netns (loopback cannot drop packets here)")
+    pool_mib = args.buffers * args.buffer_kib / 1024
+    if pool_mib > MAX_POOL_MIB:
+        raise UsageError(
+            f"--buffers {args.buffers} x --buffer-kib {args.buffer_kib} is a "
+            f"{pool_mib:,.0f} MiB pool; at most {MAX_POOL_MIB} MiB"
+        )
+
+
+def _no_drops() -> int:
+    return 0
+
+
 @contextmanager
-def _connection(args: argparse.Namespace) -> Iterator[tuple[socket.socket, socket.socket, str]]:
+def _connection(
+    args: argparse.Namespace,
+) -> Iterator[tuple[socket.socket, socket.socket, str, Callable[[], int]]]:
     if not args.netns:
-        if args.loss:
-            raise ValueError("--loss needs --netns (loopback cannot drop packets here)")
         srv = socket.create_server(("127.0.0.1", 0))
         client = socket.create_connection(srv.getsockname())
         server, _ = srv.accept()
         srv.close()
         try:
-            yield client, server, "TCP over loopback"
+            yield client, server, "TCP over loopback", _no_drops
         finally:
             client.close()
             server.close()
@@ -155,7 +189,12 @@ def _connection(args: argparse.Namespace) -> Iterator[tuple[socket.socket, socke
             lab.add_loss(args.loss)
         client, server = lab.tcp_pair()
         try:
-            yield client, server, f"TCP over veth between namespaces, {args.loss} % loss"
+            yield (
+                client,
+                server,
+                f"TCP over veth between namespaces, {args.loss} % loss",
+                lab.dropped,
+            )
         finally:
             client.close()
             server.close()
@@ -163,10 +202,9 @@ def _connection(args: argparse.Namespace) -> Iterator[tuple[socket.socket, socke
 
 def stream(args: argparse.Namespace, on_tick: Callable[[Progress], None]) -> Progress:
     """Run the demo; ``on_tick`` sees the progress a few times a second."""
+    check(args)
     size = args.buffer_kib * 1024
-    if size <= 0 or args.buffers <= 0:
-        raise ValueError("--buffer-kib and --buffers must be positive")
-    with _connection(args) as (client, server, path):
+    with _connection(args) as (client, server, path, dropped):
         p = Progress(mode=args.zerocopy, path=path)
         rx = Receiver(server, p)
         zs = ZeroCopySocket(client, zerocopy=args.zerocopy)
@@ -203,6 +241,11 @@ def stream(args: argparse.Namespace, on_tick: Callable[[Progress], None]) -> Pro
                 last_tick = now
                 _sample(p, zs, pool, client, fired, now - start)
                 on_tick(p)
+        # Retransmits are read once every send has completed (all data acknowledged)
+        # and before close() takes the socket away.
+        zs.flush(timeout=60)
+        _sample(p, zs, pool, client, fired, time.monotonic() - start)
+        p.dropped = dropped()
         zs.close(timeout=60)
         rx.join(60)
         _sample(p, zs, pool, client, fired, time.monotonic() - start)
@@ -237,6 +280,7 @@ def _table(p: Progress) -> Any:
             f"{p.copied_completions} copied by the kernel",
         ),
         ("TCP retransmits", f"{p.retransmits}"),
+        ("frames dropped (loss rule)", f"{p.dropped}"),
         (
             "received and verified",
             f"{p.received_buffers} buffers, {p.checksum_failures} checksum failures",
@@ -248,6 +292,7 @@ def _table(p: Progress) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    check(args)
     live_ok = not args.json and not args.no_live and sys.stdout.isatty()
     if live_ok:
         from rich.live import Live

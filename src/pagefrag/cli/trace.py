@@ -7,7 +7,12 @@ import argparse
 import json
 from typing import Any
 
+from .. import MAX_SKB_FRAGS
 from ..trace import TraceStep, run_trace
+from ._args import UsageError, int_in
+
+MAX_SIZE = 16 << 20
+MAX_GSO_SEGS = 65535  # the kernel's GSO_MAX_SEGS
 
 EXAMPLE = """examples:
   pagefrag trace
@@ -23,10 +28,16 @@ def add_parser(sub: Any) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--size", type=int, default=64 * 1024, help="bytes written (default 65536)")
-    p.add_argument("--page-size", type=int, default=16 * 1024, help="bytes per frag (16384)")
-    p.add_argument("--mss", type=int, default=1448, help="GSO segment size (1448)")
-    p.add_argument("--acked", type=int, default=20_000, help="bytes of the partial ACK (20000)")
+    p.add_argument(
+        "--size", type=int_in(2, MAX_SIZE), default=64 * 1024, help="bytes written (65536)"
+    )
+    p.add_argument(
+        "--page-size", type=int_in(1, MAX_SIZE), default=16 * 1024, help="bytes per frag (16384)"
+    )
+    p.add_argument("--mss", type=int_in(1, 65535), default=1448, help="GSO segment size (1448)")
+    p.add_argument(
+        "--acked", type=int_in(1, MAX_SIZE), default=20_000, help="bytes of the partial ACK (20000)"
+    )
     p.add_argument("--json", action="store_true", help="print the steps as JSON")
     p.add_argument("--png", metavar="FILE", help="also draw the timeline into FILE (matplotlib)")
     p.set_defaults(run=run)
@@ -106,7 +117,29 @@ def render_png(steps: list[TraceStep], path: str) -> None:
     plt.close(fig)
 
 
+def check(args: argparse.Namespace) -> None:
+    """Refuse sizes the walk cannot take, before it starts."""
+    size, page, mss = args.size, args.page_size, args.mss
+    if not args.acked < size:
+        raise UsageError(f"--acked {args.acked} must be less than --size {size}")
+    frags = -(-size // page)
+    if not 2 <= frags <= MAX_SKB_FRAGS:
+        raise UsageError(
+            f"--size {size} in --page-size {page} pages is {frags} frags; "
+            f"the walk needs 2 to {MAX_SKB_FRAGS} (MAX_SKB_FRAGS)"
+        )
+    segs = -(-size // mss)
+    if segs > MAX_GSO_SEGS:
+        raise UsageError(f"--size {size} in --mss {mss} segments is {segs}; at most {MAX_GSO_SEGS}")
+    if all(k * page % mss == 0 for k in range(1, frags)):
+        raise UsageError(
+            f"no --mss {mss} segment straddles a --page-size {page} page boundary; "
+            "the walk pulls up one that does"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    check(args)
     steps = run_trace(args.size, args.page_size, args.mss, args.acked)
     if args.png:
         render_png(steps, args.png)
