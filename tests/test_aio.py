@@ -344,6 +344,7 @@ def test_poison_after_release_through_aio_and_a_pool_under_loss(lab: NetLab) -> 
 
     with lab.inside(lab.sender):  # the loop's sockets are created in the sender namespace
         asyncio.run(asyncio.wait_for(main(), 120))
+    assert lab.dropped() > 0, "the loss rule dropped nothing"
     rx = result["rx"]
     assert rx.received == total and rx.bad_bytes == 0 and rx.poison_bytes == 0
     assert result["retransmits"] > 0, "2 % loss must cause TCP retransmits"

@@ -9,7 +9,6 @@ import contextlib
 import errno
 import gc
 import os
-import re
 import resource
 import socket
 import threading
@@ -67,41 +66,6 @@ async def sink_server() -> tuple[Any, int, dict[str, bytearray]]:
 
     server = await start_server(handle, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1], received
-
-
-def drop_everything(lab: NetLab) -> Callable[[], int]:
-    """An unconditional drop of every frame arriving at the receiver; returns a function
-    reading the rule's packet counter."""
-    lab.ns(lab.receiver, "nft", "add", "table", "inet", "pf_drop_all")
-    lab.ns(
-        lab.receiver,
-        "nft",
-        "add chain inet pf_drop_all pre { type filter hook prerouting priority -300 ; }",
-    )
-    lab.ns(
-        lab.receiver,
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "pf_drop_all",
-        "pre",
-        "iifname",
-        lab.receiver_if,
-        "counter",
-        "drop",
-    )
-
-    def dropped() -> int:
-        out = lab.ns(lab.receiver, "nft", "list", "table", "inet", "pf_drop_all", check=False)
-        m = re.search(r"packets (\d+)", out)
-        return int(m.group(1)) if m else 0
-
-    return dropped
-
-
-def stop_dropping(lab: NetLab) -> None:
-    lab.ns(lab.receiver, "nft", "delete", "table", "inet", "pf_drop_all", check=False)
 
 
 # -- item 8: a failed write changes nothing ------------------------------------------------
@@ -206,7 +170,7 @@ def test_close_under_total_loss_reports_the_loss_after_linger_and_keeps_the_pins
         sock.setblocking(False)
         await loop.sock_connect(sock, (RECEIVER_IP, port))
         conn, _ = listener.accept()
-        dropped = drop_everything(lab)
+        lab.add_loss(100)
         reader = asyncio.StreamReader()
         protocol = asyncio.StreamReaderProtocol(reader)
         # The transport alone (its linger argument exists on the old code too).
@@ -230,7 +194,7 @@ def test_close_under_total_loss_reports_the_loss_after_linger_and_keeps_the_pins
         # The pages the kernel held stay pinned: their destructors have not fired.
         lost["pending"] = [i for i, h in enumerate(handles) if not h.done]
         lost["pinned"] = transport.pinned_bytes
-        lost["dropped"] = dropped()
+        lost["dropped"] = lab.dropped()
         conn.close()
         # The test's own cleanup: the descriptor would otherwise stay open for the life
         # of the process (the pins stay kept either way).
@@ -288,7 +252,7 @@ def test_tcp_giving_up_makes_wait_closed_raise(lab: NetLab, run: Run, fired: Fir
         conn, _ = listener.accept()
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)  # ms
-        dropped = drop_everything(lab)
+        lab.add_loss(100)
         handles = []
         for i in range(4):  # small enough for the kernel to take all of it at once
             d = fired.make(i)
@@ -304,7 +268,7 @@ def test_tcp_giving_up_makes_wait_closed_raise(lab: NetLab, run: Run, fired: Fir
             await asyncio.wait_for(writer.wait_closed(), 30)
         result["exc"] = info.value
         result["handles_done"] = all(h.done for h in handles)
-        result["dropped"] = dropped()
+        result["dropped"] = lab.dropped()
         conn.close()
 
     with lab.inside(lab.sender):
@@ -346,11 +310,11 @@ def test_enobufs_waits_in_the_loop_and_loses_nothing(lab: NetLab, run: Run, fire
         conn, _ = listener.accept()
         rx = VerifyingReceiver(conn)
         # Nothing is acknowledged for 5 s: no completion comes, optmem stays full.
-        dropped = drop_everything(lab)
+        lab.add_loss(100)
 
         def stop() -> None:  # in a thread: the loop may be blocked (it was, before)
-            result["dropped"] = dropped()
-            stop_dropping(lab)
+            result["dropped"] = lab.dropped()
+            lab.add_loss(0)
 
         timer.append(threading.Timer(5.0, stop))
         timer[0].start()
@@ -406,7 +370,7 @@ def test_enobufs_past_its_bound_fails_the_connection_and_every_handle_fires(
         )
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
         conn, _ = listener.accept()
-        dropped = drop_everything(lab)  # for good: ENOBUFS never ends
+        lab.add_loss(100)  # for good: ENOBUFS never ends
         handles = []
         for i in range(32):
             d = fired.make(i)
@@ -419,7 +383,7 @@ def test_enobufs_past_its_bound_fails_the_connection_and_every_handle_fires(
         await asyncio.wait_for(writer.wait_released(), 20)
         result["handles"] = sum(h.done for h in handles)
         result["stats"] = writer.transport.zerocopy_stats
-        result["dropped"] = dropped()
+        result["dropped"] = lab.dropped()
         conn.close()
 
     with lab.inside(lab.sender):

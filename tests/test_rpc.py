@@ -212,8 +212,10 @@ def test_the_seeds_corruption_reproduced_unsafe_and_prevented_safe() -> None:
     from pagefrag.rpc.repro import run_repro
 
     unsafe = run_repro(safe=False)
+    assert unsafe.stall_dropped > 0, "the stall dropped nothing"
     assert unsafe.transmissions >= 3 and unsafe.writes_applied == 3
     assert unsafe.store_holds == "B", "the stale retransmission must carry the reused buffer"
     safe = run_repro(safe=True)
+    assert safe.stall_dropped > 0, "the stall dropped nothing"
     assert safe.store_holds == "A" and safe.writes_applied == 3
     assert safe.first_call_seconds > unsafe.first_call_seconds  # it waited for the release

@@ -77,7 +77,7 @@ def _stalled_write_then_reuse(release_timeout: float | None, stall_for: float) -
 
             async def lift() -> None:
                 await asyncio.sleep(stall_for)
-                await loop.run_in_executor(None, unstall, lab)
+                out["stall_dropped"] = await loop.run_in_executor(None, unstall, lab)
 
             lifted = asyncio.ensure_future(lift())
             buf = bytearray(a)
@@ -122,6 +122,7 @@ def test_cancelled_safe_call_returns_only_after_release_and_reuse_never_corrupts
     # Fails on the old code: wait_for returned after 0.3 s with the pages still pinned and
     # the stale TCP retransmission carried B into block 0.
     out = _stalled_write_then_reuse(release_timeout=None, stall_for=1.5)
+    assert out["stall_dropped"] > 0, "the stall dropped nothing"
     assert isinstance(out["raised"], TimeoutError), out["raised"]  # wait_for's own error
     assert out["applied"] == 1
     assert out["holds"] == "A", "the reused buffer reached the server's block"
@@ -131,6 +132,7 @@ def test_cancelled_safe_call_returns_only_after_release_and_reuse_never_corrupts
 @pytest.mark.usefixtures("netlab_tools")
 def test_cancelled_safe_call_past_release_timeout_raises_buffer_in_use_with_a_handle() -> None:
     out = _stalled_write_then_reuse(release_timeout=0.5, stall_for=2.5)
+    assert out["stall_dropped"] > 0, "the stall dropped nothing"
     exc = out["raised"]
     assert isinstance(exc, errors.BufferInUseError), exc
     assert not isinstance(exc, TimeoutError)  # never mistaken for "the call just timed out"

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
             verdict = "CORRUPTED: block 0 holds B" if r.corrupted else "intact: block 0 holds A"
             print(
                 f"{mode}  first write completed after {r.first_call_seconds:.2f} s, "
-                f"{r.transmissions} transmissions, {r.writes_applied} writes applied -> {verdict}"
+                f"{r.transmissions} transmissions, {r.stall_dropped} packets dropped by the stall, "
+                f"{r.writes_applied} writes applied -> {verdict}"
             )
     # Success means: the unsafe run shows the corruption, the safe run prevents it.
     expected = all(r.corrupted != r.safe for r in results)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ class ReproResult:
     reconnects: int
     writes_applied: int
     store_holds: str  # "A", "B" or "other"
+    stall_dropped: int = 0  # packets the stall dropped: a stall that dropped none proves nothing
 
     @property
     def corrupted(self) -> bool:
@@ -86,18 +88,28 @@ def block_store_in(lab: NetLab, size: int = 4 << 20) -> Iterator[int]:
 
 
 def stall(lab: NetLab, client_port: int) -> None:
-    """Drop every packet of the connection from ``client_port`` at the server's side."""
+    """Drop every packet of the connection from ``client_port`` at the server's side
+    (a counted rule: :func:`unstall` says how many it dropped)."""
     lab.ns(
         lab.receiver,
         "nft",
         f"add table inet pagefrag_stall; add chain inet pagefrag_stall pre "
         f"{{ type filter hook prerouting priority -300; }}; add rule inet "
-        f"pagefrag_stall pre tcp sport {client_port} drop",
+        f"pagefrag_stall pre tcp sport {client_port} counter drop",
     )
 
 
-def unstall(lab: NetLab) -> None:
+def unstall(lab: NetLab) -> int:
+    """Lift the stall; returns how many packets it dropped."""
+    raw = lab.ns(lab.receiver, "nft", "-j", "list", "table", "inet", "pagefrag_stall")
+    dropped = sum(
+        int(expr["counter"]["packets"])
+        for item in json.loads(raw)["nftables"]
+        for expr in item.get("rule", {}).get("expr", [])
+        if "counter" in expr
+    )
     lab.ns(lab.receiver, "nft", "delete table inet pagefrag_stall")
+    return dropped
 
 
 def run_repro(
@@ -116,9 +128,9 @@ def run_repro(
             conn = await client.connection()
             stall(lab, conn.local_port)
 
-            async def lift() -> None:
+            async def lift() -> int:
                 await asyncio.sleep(stall_for)
-                await loop.run_in_executor(None, unstall, lab)
+                return await loop.run_in_executor(None, unstall, lab)
 
             lifted = asyncio.ensure_future(lift())
             buf = bytearray(a)  # the application's one buffer, filled with A
@@ -139,7 +151,9 @@ def run_repro(
                 applied = await check.writes_applied()
                 block = await check.read(0, block_size)
             holds = "A" if block == a else "B" if block == b else "other"
-            return ReproResult(safe, block_size, first, transmissions, reconnects, applied, holds)
+            return ReproResult(
+                safe, block_size, first, transmissions, reconnects, applied, holds, lifted.result()
+            )
 
         with lab.inside(lab.sender):
             return asyncio.run(asyncio.wait_for(client_main(), 60))
