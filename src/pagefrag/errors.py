@@ -24,6 +24,7 @@ __all__ = [
     "CompletionTimeoutError",
     "SendBufferError",
     "QueuedSocketError",
+    "ForkedSocketError",
 ]
 
 
@@ -94,3 +95,9 @@ class QueuedSocketError(ZeroCopyError, OSError):
     ``report`` holds the decoded ``sock_extended_err``."""
 
     report: object = None
+
+
+class ForkedSocketError(ZeroCopyError, OSError):
+    """A :class:`ZeroCopySocket` used in a child process after ``fork()``. The child's
+    copy is inert: its error queue and its zero-copy accounting belong to the parent, so
+    the child may only ``close()`` its descriptor."""
