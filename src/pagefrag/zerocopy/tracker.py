@@ -154,7 +154,7 @@ class CompletionTracker(Generic[T]):
 
     def sent(self, token: T, nbytes: int) -> int:
         """Record one send call the kernel accepted with ``MSG_ZEROCOPY``; returns its id."""
-        self.filings.extend(zip((nbytes,), self.ids, (token,), strict=False))
+        self.filings.extend(zip((nbytes,), self.ids, (token,)))  # noqa: B905
         return self.filings[-1][1] & _U32
 
     def absorb(self) -> list[T]:
@@ -162,12 +162,13 @@ class CompletionTracker(Generic[T]):
         whose completion had already come (:attr:`early`): they are released now."""
         filings = self.filings
         pending = self._pending
+        early = self.early
         released: list[T] = []
         while filings:
             nbytes, sid, token = filings[0]
             if sid >= self._absorbed:
-                if sid in self.early:
-                    copied = self.early.pop(sid)
+                if early and sid in early:
+                    copied = early.pop(sid)
                     if token is not _USED:
                         released.append(token)
                         self.completions += 1
@@ -184,6 +185,12 @@ class CompletionTracker(Generic[T]):
             if len(filings) == 1:
                 break  # the last filing stays: its filer may still read it back
             filings.popleft()
+        if early and min(early) < self._absorbed:
+            # Never filed (a call made behind the tracker's back): forget them, or every
+            # later filing would pay for a look.
+            for sid in [s for s in early if s < self._absorbed]:
+                del early[sid]
+                self.duplicates += 1
         return released
 
     def complete(self, lo: int, hi: int, copied: bool = False) -> list[T]:
@@ -255,6 +262,6 @@ class CompletionTracker(Generic[T]):
         if failed not in self.early:
             return False
         # File an already-completed placeholder: the id is consumed in one C-level step.
-        self.filings.extend(zip((0,), self.ids, (_USED,), strict=False))
+        self.filings.extend(zip((0,), self.ids, (_USED,)))  # noqa: B905
         self.ids_used_by_failed_sends += 1
         return True
