@@ -583,7 +583,7 @@ os.setresuid(65534, 65534, 65534)  # all ids non-zero: every capability (CAP_IPC
 out = {"euid": os.geteuid()}
 fired = []
 if mode == "auto":
-    zs = ZeroCopySocket(client, zerocopy="auto", enobufs_timeout=10)
+    zs = ZeroCopySocket(client, zerocopy="auto", enobufs_timeout=20)
     sent = bytearray()
     t0 = time.monotonic()
     try:
@@ -649,7 +649,7 @@ def test_non_root_auto_copies_what_exceeds_the_memlock_limit_at_once() -> None:
     allowed): auto sends them copied at once, without waiting, intact."""
     r = run_as_nobody("auto")
     assert "error" not in r, r
-    assert r["seconds"] < 5, r  # enobufs_timeout is 10 s: not one wait
+    assert r["seconds"] < 10, r  # enobufs_timeout is 20 s: not one wait
     assert r["enobufs_copies"] >= 3 and r["enobufs_retries"] == 0
     assert r["intact"] and sorted(r["fired"]) == [0, 1, 2]
     assert r["completions"] == r["zerocopy_sends"]
@@ -661,7 +661,7 @@ def test_non_root_always_raises_after_enobufs_timeout_and_zero_never_waits() -> 
     it never waits. Either way nothing was sent and no reference is kept."""
     r = run_as_nobody("always")
     assert r["raised_1.0"] == errno.ENOBUFS and 0.9 < r["seconds_1.0"] < 10
-    assert r["raised_0.0"] == errno.ENOBUFS and r["seconds_0.0"] < 0.5
+    assert r["raised_0.0"] == errno.ENOBUFS and r["seconds_0.0"] < 0.8
     for t in ("1.0", "0.0"):
         assert r[f"refcount_{t}"] == 1 and r[f"bytes_sent_{t}"] == 0
 

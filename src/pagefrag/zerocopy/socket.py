@@ -363,7 +363,8 @@ class ZeroCopySocket:
     ) -> None:
         """Send every byte, as ``socket.sendall``; ``TimeoutError`` after ``timeout``
         seconds (what was sent stays sent and pinned until its completion). Holds the
-        send lock throughout: another thread's bytes never land in the middle.
+        send lock throughout: another thread's bytes never land in the middle. Kernel:
+        ``sendmsg(MSG_ZEROCOPY)`` until every byte is taken.
 
         Refs: as :meth:`send`, for each call it makes."""
         _check_destructor(destructor)

@@ -1,10 +1,12 @@
 """The MSG_ZEROCOPY completion tracker: ids in, ranges in, "release these" out.
 
-Sans-I/O: this module knows nothing of sockets. The socket wrapper tells it each
-zero-copy send call the kernel accepted (:meth:`CompletionTracker.sent`) and hands it the
-raw ``struct sock_extended_err`` it read from the error queue (:func:`parse_extended_err`,
-:meth:`CompletionTracker.complete`); the tracker answers with the tokens (pinned buffers
-and destructor references) whose send calls the kernel has released.
+Sans-I/O: this module knows nothing of sockets. The socket wrapper files each zero-copy
+send call the kernel accepted in :attr:`CompletionTracker.filings` (the structure it
+appends to in the same C-level step as the system call; :meth:`CompletionTracker.sent`
+for other callers) and hands it the raw ``struct sock_extended_err`` it read from the
+error queue (:func:`parse_extended_err`, :meth:`CompletionTracker.complete`); the tracker
+answers with the tokens (pinned buffers and destructor references) whose send calls the
+kernel has released.
 
 Kernel facts it follows (Documentation/networking/msg_zerocopy.rst): every successful
 ``sendmsg(..., MSG_ZEROCOPY)`` call takes the next value of a per-socket u32 counter,
