@@ -316,11 +316,13 @@ class ZeroCopySocket:
 
         Refs: a zero-copy call takes one per piece sent (frag destructors, ``destructor``)
         and drops them on its completion; a copied call takes none."""
-        if destructor is None and type(data) in _FLAT:
-            # The hot paths: one plain buffer, no references to take.
+        if destructor is not None and type(destructor) is not FragDestructor:
+            _check_destructor(destructor)
+        if type(data) in _FLAT:
+            # The hot paths: one plain buffer.
             nbytes = len(data)
             policy = self._policy
-            if nbytes < policy.copy_below:
+            if nbytes < policy.copy_below:  # copied: holds nothing, not even `destructor`
                 with self._send_lock:
                     if self._blocked or self._errors:
                         self._refuse()
@@ -331,7 +333,7 @@ class ZeroCopySocket:
                     if self._since_poll >= self._batch:
                         self._poll_after_send()
                 return n
-            if nbytes >= policy.zerocopy_from and nbytes:
+            if destructor is None and nbytes >= policy.zerocopy_from and nbytes:
                 pin: _Pin = [[memoryview(data)], _NO_REFS]  # type: ignore[arg-type]
                 tracker = self._tracker
                 filings = tracker.filings
@@ -352,8 +354,6 @@ class ZeroCopySocket:
                     if tracker.early:
                         self._absorb_early()
                 return n
-        else:
-            _check_destructor(destructor)
         views, owners = pieces(data)
         with self._send_lock:
             return self._send(views, owners, destructor, 0, None)
@@ -425,8 +425,7 @@ class ZeroCopySocket:
         nbytes = len(views[0]) if len(views) == 1 else sum(map(len, views))
         sock = self._sock
         if not nbytes or not self._policy.use_zerocopy(nbytes):
-            for d in owners:
-                _check_destructor(d)
+            # Copied: no reference taken (owners are checked where one is).
             n: int = (
                 sock.send(views[0], flags) if len(views) == 1 else sock.sendmsg(views, (), flags)
             )
