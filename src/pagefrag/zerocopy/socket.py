@@ -445,7 +445,8 @@ class ZeroCopySocket:
                 pin[1] = refs
                 for d in owners:
                     if d is not None:
-                        _check_destructor(d)
+                        if type(d) is not FragDestructor:
+                            _check_destructor(d)
                         d.ref(holder=self)
                         refs.append(d)
                 if destructor is not None:
@@ -461,7 +462,11 @@ class ZeroCopySocket:
             self._drop(pin)  # sent copied after ENOBUFS (auto): nothing is pinned
         elif n < nbytes and pin[1]:
             self._trim(pin, owners, destructor, n)
-        self._after_zerocopy()
+        self._since_poll += 1
+        if self._since_poll >= self._batch:
+            self._poll_after_send()
+        if self._tracker.early:
+            self._absorb_early()
         return n
 
     def _file(self, pin: _Pin, flags: int) -> int:
@@ -576,13 +581,6 @@ class ZeroCopySocket:
             pin[0], pin[1] = kept_views, kept_refs
         for d in dropped:
             d.unref(holder=self)
-
-    def _after_zerocopy(self) -> None:
-        self._since_poll += 1
-        if self._since_poll >= self._batch:
-            self._poll_after_send()
-        if self._tracker.early:
-            self._absorb_early()
 
     def _absorb_early(self) -> None:
         """A completion was read (by another thread) before its pin was filed."""
