@@ -52,6 +52,7 @@ def test_poison_after_release_under_loss(lab: NetLab) -> None:
     retransmits = tcp_info(client).total_retrans
     zs.close(timeout=60)
     rx.join(60)
+    assert lab.dropped() > 0, "the loss rule dropped nothing"
     assert rx.received == total
     assert rx.poison_bytes == 0 and rx.bad_bytes == 0
     assert retransmits > 0, "2 % loss must cause TCP retransmits"
@@ -136,6 +137,7 @@ def test_close_with_data_in_flight_flushes_first(lab: NetLab) -> None:
     d.unref()
     in_flight = zs.outstanding
     zs.close(timeout=60)
+    assert lab.dropped() > 0, "the loss rule dropped nothing"
     assert in_flight > 0, "the test needs data still held by the kernel at close()"
     assert fired == [1] and zs.outstanding == 0
     assert rx.join() == data

@@ -30,6 +30,7 @@ __all__ = [
     "BufferInUseError",
     "BufferReleasedError",
     "NotABufferError",
+    "ForkedSocketError",
 ]
 
 
@@ -141,3 +142,9 @@ class BufferReleasedError(DestructorError):
 class NotABufferError(NotContiguousError, TypeError):
     """A page that is not a buffer at all (an ``int``, a ``str``, ...): a
     :class:`NotContiguousError` that is also the ``TypeError`` Python would raise."""
+
+
+class ForkedSocketError(ZeroCopyError, OSError):
+    """A :class:`ZeroCopySocket` used in a child process after ``fork()``. The child's
+    copy is inert: its error queue and its zero-copy accounting belong to the parent, so
+    the child may only ``close()`` its descriptor."""

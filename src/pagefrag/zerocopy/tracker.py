@@ -1,10 +1,12 @@
 """The MSG_ZEROCOPY completion tracker: ids in, ranges in, "release these" out.
 
-Sans-I/O: this module knows nothing of sockets. The socket wrapper tells it each
-zero-copy send call the kernel accepted (:meth:`CompletionTracker.sent`) and hands it the
-raw ``struct sock_extended_err`` it read from the error queue (:func:`parse_extended_err`,
-:meth:`CompletionTracker.complete`); the tracker answers with the tokens (pinned buffers
-and destructor references) whose send calls the kernel has released.
+Sans-I/O: this module knows nothing of sockets. The socket wrapper files each zero-copy
+send call the kernel accepted in :attr:`CompletionTracker.filings` (the structure it
+appends to in the same C-level step as the system call; :meth:`CompletionTracker.sent`
+for other callers) and hands it the raw ``struct sock_extended_err`` it read from the
+error queue (:func:`parse_extended_err`, :meth:`CompletionTracker.complete`); the tracker
+answers with the tokens (pinned buffers and destructor references) whose send calls the
+kernel has released.
 
 Kernel facts it follows (Documentation/networking/msg_zerocopy.rst): every successful
 ``sendmsg(..., MSG_ZEROCOPY)`` call takes the next value of a per-socket u32 counter,
@@ -17,7 +19,10 @@ completions and change nothing here.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -78,99 +83,187 @@ def parse_extended_err(data: bytes) -> ZeroCopyCompletion | ErrQueueMessage:
 
 
 T = TypeVar("T")
-_UNCERTAIN: Any = object()  # the token of an id a failed send may have used
+_USED: Any = object()  # the token of an id the kernel gave a send call that failed
+_HALF = 1 << 31
+_MAX_EARLY = 1024  # completions "from the future" remembered at most (a sane kernel: 1 or 2)
 
 
 class CompletionTracker(Generic[T]):
     """Which zero-copy send calls are still pinned, and what each one holds.
 
     ``T`` is whatever the caller must keep alive and release per call (pinned views,
-    destructor references)."""
+    destructor references).
+
+    Theory of operation. A call the kernel accepted is *filed* by appending
+    ``(nbytes, sid, token)`` to :attr:`filings`, where ``sid`` is drawn from :attr:`ids`
+    (``itertools.count``: ids are unbounded here and compared modulo 2**32 with the
+    kernel's). The socket does this in one C-level expression together with the system
+    call, so nothing can come between the kernel's return and the record (see
+    ``socket.py``); :meth:`sent` is the same for plain Python callers. The tracker takes
+    filings in lazily (:meth:`absorb`, also done by :meth:`complete`). A completion for an
+    id not filed yet — read by another thread between the kernel's return and the filing —
+    is remembered in :attr:`early` and applied when the filing is taken in, instead of
+    being counted as a duplicate.
+
+    Concurrency: only ``filings.extend`` may run concurrently with the other methods
+    (appends at the right are atomic, and :meth:`absorb` never removes the last filing,
+    so a filer can read its own entry back as ``filings[-1]``). Everything else must be
+    serialized by the caller.
+    """
 
     def __init__(self, first_id: int = 0) -> None:
-        self._next = first_id & _U32
+        first = first_id & _U32
+        self.filings: collections.deque[tuple[int, int, T]] = collections.deque()
+        self.ids = itertools.count(first)
+        self.early: dict[int, bool] = {}  # sid -> copied, completed before being filed
+        self._absorbed = first  # every filing with a smaller sid has been taken in
         self._pending: dict[int, tuple[T, int]] = {}
-        self.pinned_bytes = 0
+        self._pinned = 0
+        self._failed: int | None = None
         self.peak_pinned_bytes = 0
         self.completions = 0
         self.copied_completions = 0
         self.duplicates = 0
         self.ids_used_by_failed_sends = 0
+        self.filed_calls = 0
+        self.filed_bytes = 0
+
+    def _next(self) -> int:
+        filings = self.filings
+        return filings[-1][1] + 1 if filings else self._absorbed
 
     @property
     def next_id(self) -> int:
         """The id the kernel will give the next successful zero-copy send call."""
-        return self._next
+        return self._next() & _U32
 
     @property
     def outstanding(self) -> int:
-        """Zero-copy send calls whose completion has not arrived."""
-        return len(self._pending)
+        """Zero-copy send calls whose completion has not been taken in."""
+        return len(self._pending) + self._next() - self._absorbed
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of the calls still outstanding."""
+        filings = self.filings
+        total = self._pinned
+        for k in range(len(filings) - 1, -1, -1):  # by index: appends may run meanwhile
+            nbytes, sid, _ = filings[k]
+            if sid < self._absorbed:
+                break
+            total += nbytes
+        return total
 
     def sent(self, token: T, nbytes: int) -> int:
         """Record one send call the kernel accepted with ``MSG_ZEROCOPY``; returns its id."""
-        sid = self._next
-        self._next = (sid + 1) & _U32
-        self._pending[sid] = (token, nbytes)
-        self.pinned_bytes += nbytes
-        if self.pinned_bytes > self.peak_pinned_bytes:
-            self.peak_pinned_bytes = self.pinned_bytes
-        return sid
+        self.filings.extend(zip((nbytes,), self.ids, (token,)))  # noqa: B905
+        return self.filings[-1][1] & _U32
+
+    def absorb(self) -> list[T]:
+        """Take in what was filed since the last call. Returns the tokens of filings
+        whose completion had already come (:attr:`early`): they are released now."""
+        filings = self.filings
+        pending = self._pending
+        early = self.early
+        released: list[T] = []
+        while filings:
+            nbytes, sid, token = filings[0]
+            if sid >= self._absorbed:
+                if early and sid in early:
+                    copied = early.pop(sid)
+                    if token is not _USED:
+                        released.append(token)
+                        self.completions += 1
+                        self.copied_completions += copied
+                elif sid not in pending:  # (an interrupted absorb may repeat a filing)
+                    pending[sid] = (token, nbytes)
+                    self._pinned += nbytes
+                    if self._pinned > self.peak_pinned_bytes:
+                        self.peak_pinned_bytes = self._pinned
+                self._absorbed = sid + 1
+                if token is not _USED:
+                    self.filed_calls += 1
+                    self.filed_bytes += nbytes
+            if len(filings) == 1:
+                break  # the last filing stays: its filer may still read it back
+            filings.popleft()
+        if early and min(early) < self._absorbed:
+            # Never filed (a call made behind the tracker's back): forget them, or every
+            # later filing would pay for a look.
+            for sid in [s for s in early if s < self._absorbed]:
+                del early[sid]
+                self.duplicates += 1
+        return released
 
     def complete(self, lo: int, hi: int, copied: bool = False) -> list[T]:
         """Release the send calls in ``[lo, hi]`` (inclusive, wrapping at 2**32) and
-        return their tokens, in id order. Ids not pending (already completed, or never
-        sent) are counted as duplicates and otherwise ignored."""
+        return their tokens. Ids already completed (or before the first) are counted as
+        duplicates and otherwise ignored; ids not filed yet (ahead of the filings, within
+        half the id space) are remembered until they are."""
+        released = self.absorb()
+        nxt = self._absorbed
         lo &= _U32
         span = (hi - lo) & _U32
+        ulo = nxt + ((((lo - nxt) & _U32) ^ _HALF) - _HALF)  # nearest to nxt modulo 2**32
+        uhi = ulo + span
+        if uhi >= nxt:  # ahead: read before the call that used it was filed
+            start = max(ulo, nxt)
+            if uhi - start < _MAX_EARLY:
+                for sid in range(start, uhi + 1):
+                    self.early[sid] = copied
+            else:
+                self.duplicates += uhi - start + 1
+            uhi = start - 1
+        if ulo > uhi:
+            return released
         pending = self._pending
-        if span < len(pending):
-            ids = [(lo + k) & _U32 for k in range(span + 1)]
+        width = uhi - ulo + 1
+        if width <= len(pending):
+            ids: Iterable[int] = range(ulo, uhi + 1)
         else:  # a wide range: walk what is pending instead
-            ids = sorted(
-                (i for i in pending if ((i - lo) & _U32) <= span), key=lambda i: (i - lo) & _U32
-            )
-        released: list[T] = []
+            ids = sorted(i for i in list(pending) if ulo <= i <= uhi)
+            self.duplicates += width - len(ids)
+        done = 0
         for sid in ids:
             entry = pending.pop(sid, None)
             if entry is None:
                 self.duplicates += 1
                 continue
             token, nbytes = entry
-            self.pinned_bytes -= nbytes
-            if token is not _UNCERTAIN:
+            self._pinned -= nbytes
+            if token is not _USED:
                 released.append(token)
-        self.completions += len(released)
+                done += 1
+        self.completions += done
         if copied:
-            self.copied_completions += len(released)
-        if span >= len(ids):
-            self.duplicates += span + 1 - len(ids)
+            self.copied_completions += done
         return released
 
     def pending_tokens(self) -> list[T]:
         """Tokens of every send call still pinned (for keeping them alive)."""
-        return [token for token, _ in self._pending.values() if token is not _UNCERTAIN]
+        tokens = [token for token, _ in list(self._pending.values())]
+        tokens += [e[2] for e in list(self.filings) if e[1] >= self._absorbed]
+        return [t for t in tokens if t is not _USED]
 
     def failed_send(self) -> int:
         """A zero-copy send call failed. The kernel may still have used an id for it: a
         UDP datagram dropped on the transmit path (``EPERM`` from a netfilter drop,
         ``ENOBUFS`` from a full queue with ``IP_RECVERR``) returns an error *after* its
         notification took the id, and that notification is already queued when the call
-        returns. Reserve the id; after reading the error queue call :meth:`settle_failed`.
-        """
-        sid = self._next
-        self._next = (sid + 1) & _U32
-        self._pending[sid] = (_UNCERTAIN, 0)
-        return sid
+        returns. Returns that id; read the error queue (its completion, if any, lands in
+        :attr:`early`), then call :meth:`settle_failed`."""
+        self._failed = self._next()
+        return self._failed & _U32
 
     def settle_failed(self, sid: int) -> bool:
         """Resolve :meth:`failed_send`: True if the kernel used the id (its completion
-        was read); otherwise give the id back, as the kernel did."""
-        if sid not in self._pending:
-            self.ids_used_by_failed_sends += 1
-            return True
-        if (sid + 1) & _U32 != self._next:
+        was read): the id is then consumed here as the kernel did; False otherwise."""
+        failed, self._failed = self._failed, None
+        if failed is None or failed & _U32 != sid & _U32 or failed != self._next():
             raise RuntimeError("settle_failed must directly follow failed_send")
-        del self._pending[sid]
-        self._next = sid
-        return False
+        if failed not in self.early:
+            return False
+        # File an already-completed placeholder: the id is consumed in one C-level step.
+        self.filings.extend(zip((0,), self.ids, (_USED,)))  # noqa: B905
+        self.ids_used_by_failed_sends += 1
+        return True
