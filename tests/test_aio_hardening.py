@@ -68,6 +68,14 @@ async def sink_server() -> tuple[Any, int, dict[str, bytearray]]:
     return server, server.sockets[0].getsockname()[1], received
 
 
+def receiver_listener(lab: NetLab) -> tuple[socket.socket, int]:
+    """A TCP listener at the receiver's address inside its namespace, and its port."""
+    listener = lab.open_socket(lab.receiver)
+    listener.bind((RECEIVER_IP, 0))
+    listener.listen(1)
+    return listener, listener.getsockname()[1]
+
+
 # -- item 8: a failed write changes nothing ------------------------------------------------
 
 
@@ -158,10 +166,7 @@ def test_a_protocol_raising_fails_its_connection_only(run: Run) -> None:
 def test_close_under_total_loss_reports_the_loss_after_linger_and_keeps_the_pins(
     lab: NetLab, run: Run, fired: Fired
 ) -> None:
-    listener = lab.open_socket(lab.receiver)
-    listener.bind((RECEIVER_IP, 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
+    listener, port = receiver_listener(lab)
     lost: dict[str, Any] = {}
 
     async def main() -> None:
@@ -241,10 +246,7 @@ def test_linger_and_enobufs_timeout_reach_the_transport_through_the_helpers(run:
 
 
 def test_tcp_giving_up_makes_wait_closed_raise(lab: NetLab, run: Run, fired: Fired) -> None:
-    listener = lab.open_socket(lab.receiver)
-    listener.bind((RECEIVER_IP, 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
+    listener, port = receiver_listener(lab)
     result: dict[str, Any] = {}
 
     async def main() -> None:
@@ -283,10 +285,7 @@ def test_tcp_giving_up_makes_wait_closed_raise(lab: NetLab, run: Run, fired: Fir
 
 def test_enobufs_waits_in_the_loop_and_loses_nothing(lab: NetLab, run: Run, fired: Fired) -> None:
     lab.sysctl(lab.sender, "net.core.optmem_max", 2000)
-    listener = lab.open_socket(lab.receiver)
-    listener.bind((RECEIVER_IP, 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
+    listener, port = receiver_listener(lab)
     chunk, count = 256 * 1024, 96
     result: dict[str, Any] = {}
 
@@ -357,10 +356,7 @@ def test_enobufs_past_its_bound_fails_the_connection_and_every_handle_fires(
     lab: NetLab, run: Run, fired: Fired
 ) -> None:
     lab.sysctl(lab.sender, "net.core.optmem_max", 2000)
-    listener = lab.open_socket(lab.receiver)
-    listener.bind((RECEIVER_IP, 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
+    listener, port = receiver_listener(lab)
     result: dict[str, Any] = {}
 
     async def main() -> None:
