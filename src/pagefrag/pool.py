@@ -92,13 +92,18 @@ class PoolBuffer:
 
         Refs: -1 (the holder's), once."""
         # dict.pop is atomic: of two racing releases exactly one finds the entry (the
-        # collection callback cannot race us: it runs only once self is gone).
-        if _unreleased.pop(self._watch, None) is None:
-            raise BufferReleasedError(f"{self!r} was already released")
+        # collection callback cannot race us: it runs only once self is gone). The entry
+        # is popped and recorded in one C-level step, so an interrupt landing right after
+        # the pop cannot lose the holder's reference: the finally drops it.
+        popped: list[object] = []
         try:
-            self._released = True
+            popped.extend(map(_unreleased.pop, (self._watch,), (None,)))
         finally:
-            self.destructor.unref()
+            if popped and popped[0] is not None:
+                self._released = True
+                self.destructor.unref()
+        if popped[0] is None:
+            raise BufferReleasedError(f"{self!r} was already released")
 
     @property
     def released(self) -> bool:

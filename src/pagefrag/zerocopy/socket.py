@@ -28,7 +28,9 @@ Threads. Two locks: the *send lock* (re-entrant) makes each send call — policy
 system call, filing — one critical section, and ``sendall`` holds it for all its calls, so
 the bytes of concurrent ``sendall`` calls never interleave. The *completion lock* covers
 reading the error queue and the tracker's bookkeeping; it is never held while a sender
-waits in the kernel, nor while a destructor runs. A completion read by one thread before
+waits in the kernel, nor while a destructor runs. A sending thread that reads
+completions (every ``completion_batch`` sends, on ENOBUFS, while ``sendall`` waits) runs
+their destructors with the send lock still held. A completion read by one thread before
 the sender thread filed its pin is remembered by the tracker and applied at the filing.
 """
 
@@ -239,8 +241,10 @@ class ZeroCopySocket:
     not interleave their bytes (concurrent ``send`` calls on a stream may: a stream has
     one order). A sender blocked in the kernel blocks other senders, not the readers of
     completions: one thread may loop in :meth:`poll_completions` while others send.
-    Destructors run in whichever thread reads their completion, with no lock of this
-    socket held. ``close``/``abort`` wait for a send in progress (within their timeout).
+    Destructors run in whichever thread reads their completion, never under the
+    completion lock; in a sending thread, under its send lock: a destructor must not wait
+    for another thread that sends on this socket (it would wait for the lock its own
+    thread holds). ``close``/``abort`` wait for a send in progress (within their timeout).
     After ``fork()`` the child's copy is inert (:class:`ForkedSocketError`; ``close()``
     only closes the child's descriptor).
     """
@@ -653,12 +657,13 @@ class ZeroCopySocket:
 
     def _drain(self, blocking: bool = True) -> int:
         """Read the error queue and release what completed; returns how many calls."""
-        if not self._lock.acquire(blocking):
-            return 0
-        try:
+        lock = self._lock
+        if not blocking and lock.locked():
+            return 0  # another thread is reading the queue right now
+        # "with", not acquire() then try: an interrupt landing between the two would
+        # leave the lock held for good (every later flush/close would hang).
+        with lock:
             n = self._drain_locked()
-        finally:
-            self._lock.release()
         self._run_unrefs()
         return n
 
@@ -774,8 +779,9 @@ class ZeroCopySocket:
         if timeout is None:
             timeout = self._close_timeout
         deadline = _deadline(timeout)
-        self._acquire_send_lock(deadline)
+        held: list[bool] = []
         try:
+            self._acquire_send_lock(held, deadline)
             if self._closed:
                 return
             # A connection that failed with sends in flight lost them (TCP purges what
@@ -792,7 +798,8 @@ class ZeroCopySocket:
                         error = ErrQueueMessage(err, 0, 0, 0, 0, 0)
             self._close()
         finally:
-            self._send_lock.release()
+            if held and held[0]:
+                self._send_lock.release()
         if error is not None:
             raise _queued_error(error)
 
@@ -811,18 +818,24 @@ class ZeroCopySocket:
         except OSError as exc:
             if exc.errno not in (errno.ENOTCONN, errno.EINVAL):
                 raise
-        self._acquire_send_lock(deadline)
+        held: list[bool] = []
         try:
+            self._acquire_send_lock(held, deadline)
             if self._closed:
                 return
             self._flush(deadline)
             self._close()
         finally:
-            self._send_lock.release()
+            if held and held[0]:
+                self._send_lock.release()
 
-    def _acquire_send_lock(self, deadline: float | None) -> None:
+    def _acquire_send_lock(self, held: list[bool], deadline: float | None) -> None:
+        """Acquire the send lock within the deadline and record it in ``held`` in the same
+        C-level step (``list.extend(map(...))``), so that the caller's ``finally`` knows
+        to release it even when an interrupt lands right after the acquisition."""
         wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._send_lock.acquire(timeout=wait):
+        held.extend(map(self._send_lock.acquire, (True,), (wait,)))
+        if not held[0]:
             raise CompletionTimeoutError(
                 "a send call is still in progress in another thread",
                 self._tracker.outstanding,
