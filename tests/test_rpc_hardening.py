@@ -668,3 +668,120 @@ def test_a_handler_raising_cancelled_error_is_a_remote_error_not_a_dropped_conne
         await server.wait_closed()
 
     run(main())
+
+
+# -- hash flooding: colliding set elements and dict keys ---------------------------------
+
+M61 = 2**61 - 1  # int hashes are reduced modulo this prime: every k * M61 hashes to 0
+
+
+def _complex_key(k: int) -> bytes:
+    # hash(complex(x, y)) == hash(x) + 1000003 * hash(y): 0 for every k >= 2.
+    return b"c" + struct.pack("!dd", 1000003.0 * k, -float(k))
+
+
+def _int_key(k: int) -> bytes:
+    raw = (k * M61).to_bytes(((k * M61).bit_length() + 8) // 8, "big", signed=True)
+    return b"I" + struct.pack("!I", len(raw)) + raw
+
+
+def _tuple_key(k: int) -> bytes:  # (k * M61, 1): a tuple's hash derives from its elements'
+    return b"t" + struct.pack("!I", 2) + _int_key(k) + b"i" + struct.pack("!q", 1)
+
+
+def _frozenset_key(k: int) -> bytes:
+    return b"z" + struct.pack("!I", 1) + _complex_key(k)
+
+
+def _flood(container: bytes, key: Any, n: int) -> bytes:
+    """A set/frozenset (``S``/``z``) or dict (``d``, values None) of ``n`` keys that all
+    share one hash value, encoded by hand (building it would itself take O(n^2))."""
+    body = bytearray(container + struct.pack("!I", n))
+    for k in range(2, n + 2):
+        body += key(k)
+        if container == b"d":
+            body += b"N"
+    return bytes(body)
+
+
+FLOODS = [
+    (b"S", _complex_key),
+    (b"d", _complex_key),
+    (b"S", _int_key),
+    (b"d", _int_key),
+    (b"z", _tuple_key),
+    (b"d", _frozenset_key),
+]
+
+
+@pytest.mark.parametrize(
+    ("container", "key"), FLOODS, ids=[f"{c.decode()}-{k.__name__}" for c, k in FLOODS]
+)
+def test_colliding_keys_are_refused_in_linear_time(container: bytes, key: Any) -> None:
+    # Fails on the old code: no CodecError — the body decoded, after seconds of O(n^2)
+    # insertion (20,000 colliding complex keys: ~7 s).
+    from pagefrag.rpc import SafeCodec
+
+    data = _flood(container, key, 20_000)
+    values = [SafeCodec().loads(memoryview(_flood(container, key, n)), []) for n in (2, 8)]
+    assert [len(v) for v in values] == [2, 8]  # a few collisions are fine
+    t0 = time.monotonic()
+    with pytest.raises(errors.CodecError, match="hash"):
+        SafeCodec().loads(memoryview(data), [])
+    assert time.monotonic() - t0 < 2
+    nested = b"l" + struct.pack("!I", 2) + b"N" + data  # anywhere in the body
+    with pytest.raises(errors.CodecError, match="hash"):
+        SafeCodec().loads(memoryview(nested), [])
+
+
+def test_legitimate_sets_and_dicts_with_a_few_hash_collisions_still_round_trip() -> None:
+    from pagefrag.rpc import SafeCodec
+
+    codec = SafeCodec(_registry())
+    assert hash(-1) == hash(-2) and hash((-1, -1)) == hash((-2, -2))
+    grid = [(a, b, c, d) for a in (-2, -1, 0) for b in (-2, -1) for c in (-2, -1) for d in (-2, -1)]
+    for value in [
+        {-1, -2, -1.5, -2.5, complex(-1, 0.5)},
+        {-1: "a", -2: "b", -1.0 + 1j: "c", M61: "d", 2 * M61: "e", 3 * M61: "f"},
+        frozenset({(-1,), (-2,), (-1, -2), (-2, -1), frozenset({-1}), frozenset({-2})}),
+        {k: sum(k) for k in grid},  # 16 4-tuples over {-1, -2} share one hash
+        set(grid),
+        {f"k{i}": i for i in range(10_000)},
+        {i: str(i) for i in range(-5_000, 5_000)},
+        {i * 0.5 for i in range(10_000)},
+        {Point(i, -i): i for i in range(1000)},
+    ]:
+        data, buffers = codec.dumps(value)
+        assert codec.loads(memoryview(data), buffers) == value
+
+
+def test_a_hash_flood_gets_an_error_reply_and_does_not_stall_other_connections() -> None:
+    # Fails on the old code: the server decoded the body in its event loop for ~30 s;
+    # the other connection's call waited that long.
+    async def main() -> None:
+        server = RpcServer(handlers())
+        host, port = await server.start()
+        body = b"t" + struct.pack("!I", 2) + b"s\x00\x00\x00\x04echo"
+        body += _flood(b"S", _complex_key, 40_000)
+        header = struct.pack("!IBxHIQ", 11, 0, 0, len(body), 0)
+        record = struct.pack("!I", LAST_FRAGMENT | (len(header) + len(body))) + header + body
+        async with RpcClient(host, port, timeout=60, retries=0) as client:
+            assert await client.call("echo", "warm") == "warm"
+            t0 = time.monotonic()
+            hostile = asyncio.create_task(_raw_exchange(host, port, record, timeout=60))
+            await asyncio.sleep(0.5)  # the record arrives: a blocked loop also delays this
+            assert await client.call("echo", "honest") == "honest"
+            assert time.monotonic() - t0 < 6, "the flood blocked the server's loop"
+            got = await hostile
+            assert time.monotonic() - t0 < 10
+        from pagefrag.rpc.record import ERROR, RecordReader, decode_message
+
+        (reply,) = RecordReader().feed(got[HELLO_SIZE:])
+        msg = decode_message(reply)
+        assert (msg.xid, msg.kind) == (11, ERROR)
+        assert "CodecError" in msg.body and "hash" in msg.body
+        assert server.bad_records == 1
+        server.close()
+        await server.wait_closed()
+
+    run(main())

@@ -41,6 +41,7 @@ import pickle
 import re
 import struct
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,6 +59,14 @@ _U8 = struct.Struct("!B")
 _DTYPE = re.compile(r"[<>|=][?biufcmMSUV][0-9]{1,6}(\[[0-9A-Za-z]{1,8}\])?")
 _SEQ_TAGS = {b"l"[0]: list, b"t"[0]: tuple, b"S"[0]: set, b"z"[0]: frozenset}
 _INLINE = {b"s"[0], b"b"[0], b"a"[0]}
+# Hash flooding: int, float and complex hashes are not randomized (every k * (2**61 - 1)
+# hashes to 0), tuples' and frozensets' derive from their elements', so a peer can send
+# keys that all share one hash, and building the set or dict costs one comparison per
+# earlier key with that hash: O(n**2). A container whose keys make more colliding pairs
+# than this per key (plus the slack, for the few natural ones such as hash(-1) ==
+# hash(-2)) is refused before it is built, which keeps that work linear.
+_COLLIDING_PAIRS_PER_KEY = 8
+_COLLIDING_PAIRS_SLACK = 64
 
 
 class Codec:
@@ -311,23 +320,25 @@ class SafeCodec(Codec):
             n = st.count()
             items = [self._decode(st, depth + 1) for _ in range(n)]
             kind = _SEQ_TAGS[tag]
-            if kind is list:
-                return items
+            if kind is list or kind is tuple:
+                return items if kind is list else tuple(items)
+            _check_hashes(items, "set element")
             try:
                 return kind(items)
-            except (TypeError, ValueError) as exc:  # unhashable (a writable memoryview: ValueError)
+            except (TypeError, ValueError) as exc:
                 raise CodecError(f"bad set element: {exc}") from None
         if tag == 0x64:  # d
             n = st.count(2)
-            out: dict[Any, Any] = {}
+            keys = []
+            values = []
             for _ in range(n):
-                key = self._decode(st, depth + 1)
-                value = self._decode(st, depth + 1)
-                try:
-                    out[key] = value
-                except (TypeError, ValueError) as exc:
-                    raise CodecError(f"bad dict key: {exc}") from None
-            return out
+                keys.append(self._decode(st, depth + 1))
+                values.append(self._decode(st, depth + 1))
+            _check_hashes(keys, "dict key")
+            try:
+                return dict(zip(keys, values, strict=True))
+            except (TypeError, ValueError) as exc:
+                raise CodecError(f"bad dict key: {exc}") from None
         if tag == 0x6F:  # o
             return st.buffer(st.u32())
         if tag == 0x6E:  # n
@@ -417,6 +428,27 @@ class _Decoding:
         if k >= len(self.buffers):
             raise CodecError(f"out-of-band buffer {k} of {len(self.buffers)}")
         return self.buffers[k]
+
+
+def _check_hashes(keys: list[Any], what: str) -> None:
+    """Refuse, before a set or dict is built from ``keys``, keys that are unhashable or
+    whose hash values collide in more than ``_COLLIDING_PAIRS_PER_KEY`` pairs per key.
+    str and bytes are skipped: their hashes are randomized per process."""
+    try:
+        hashes = [hash(k) for k in keys if type(k) is not str and type(k) is not bytes]
+    except (TypeError, ValueError) as exc:  # unhashable (a writable memoryview: ValueError)
+        raise CodecError(f"bad {what}: {exc}") from None
+    except Exception as exc:  # a registered type's __hash__
+        raise CodecError(f"bad {what}: hashing it raised {exc!r}") from None
+    if len(set(hashes)) == len(hashes):
+        return
+    # Counting is itself linear: distinct 64-bit hash values meet in these int keys only
+    # when congruent modulo 2**61 - 1, at most 9 of them.
+    pairs = sum(c * (c - 1) // 2 for c in Counter(hashes).values())
+    if pairs > _COLLIDING_PAIRS_PER_KEY * len(hashes) + _COLLIDING_PAIRS_SLACK:
+        raise CodecError(
+            f"{len(keys)} {what}s whose hash values collide in {pairs} pairs (hash flooding?)"
+        )
 
 
 def _is_ndarray(obj: Any) -> bool:
