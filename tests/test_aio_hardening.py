@@ -160,6 +160,107 @@ def test_a_protocol_raising_fails_its_connection_only(run: Run) -> None:
     ]
 
 
+def flow_control_pair(
+    loop: asyncio.AbstractEventLoop, raise_in: str, contexts: list[dict[str, Any]]
+) -> tuple[type[asyncio.Protocol], asyncio.Future[BaseException | None]]:
+    """A protocol class whose ``raise_in`` callback (pause_writing or resume_writing)
+    raises, and a future set by its connection_lost."""
+    lost: asyncio.Future[BaseException | None] = loop.create_future()
+
+    class Flaky(asyncio.Protocol):
+        def pause_writing(self) -> None:
+            if raise_in == "pause_writing":
+                raise RuntimeError("protocol bug in pause_writing")
+
+        def resume_writing(self) -> None:
+            if raise_in == "resume_writing":
+                raise RuntimeError("protocol bug in resume_writing")
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            lost.set_result(exc)
+
+    loop.set_exception_handler(lambda _loop, ctx: contexts.append(ctx))
+    return Flaky, lost
+
+
+async def still_echoes(port: int) -> None:
+    """Another connection of the same loop still works."""
+    reader, writer = await open_connection("127.0.0.1", port)
+    writer.write(b"still here")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b"still here"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def echo_server() -> tuple[Any, int]:
+    async def echo(reader: asyncio.StreamReader, writer: ZeroCopyStreamWriter) -> None:
+        # The flaky clients close without reading their echo: their reset is expected.
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(1 << 20):
+                writer.write(data)
+        writer.close()
+
+    server = await start_server(echo, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_a_protocol_raising_in_resume_writing_still_gets_connection_lost(run: Run) -> None:
+    """As asyncio's flow control: a protocol's resume_writing() raising goes to the
+    loop's exception handler and the transport goes on; close() still ends in
+    connection_lost, and the loop's other connections are unaffected."""
+    contexts: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        flaky, lost = flow_control_pair(loop, "resume_writing", contexts)
+        server, port = await echo_server()
+        transport, _ = await create_connection(
+            flaky, "127.0.0.1", port, zerocopy="always", high_water=65536
+        )
+        handle = transport.write(bytearray(1 << 20))  # pins far above high water
+        transport.close()  # resume_writing() comes with the completions
+        result["lost"] = await asyncio.wait_for(asyncio.shield(lost), 20)
+        result["handle"] = handle.done
+        result["closed"] = transport.get_extra_info("socket").fileno() == -1
+        await still_echoes(port)
+        server.close()
+
+    run(main())
+    assert result["lost"] is None and result["handle"] and result["closed"]
+    assert [(c["message"], type(c["exception"])) for c in contexts] == [
+        ("protocol.resume_writing() failed", RuntimeError)
+    ]
+
+
+def test_a_protocol_raising_in_pause_writing_does_not_fail_the_write(run: Run) -> None:
+    """The protocol's exception is not write()'s caller's: the write is queued and sent,
+    its handle returned; the exception goes to the loop's exception handler."""
+    contexts: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        flaky, lost = flow_control_pair(loop, "pause_writing", contexts)
+        server, port = await echo_server()
+        transport, _ = await create_connection(
+            flaky, "127.0.0.1", port, zerocopy="always", high_water=65536
+        )
+        handle = transport.write(bytearray(1 << 20))
+        await asyncio.wait_for(handle, 20)
+        transport.close()
+        result["lost"] = await asyncio.wait_for(asyncio.shield(lost), 20)
+        await still_echoes(port)
+        server.close()
+
+    run(main())
+    assert result["lost"] is None
+    assert [(c["message"], type(c["exception"])) for c in contexts] == [
+        ("protocol.pause_writing() failed", RuntimeError)
+    ]
+
+
 # -- item 10: close() is bounded -----------------------------------------------------------
 
 

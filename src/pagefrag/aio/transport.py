@@ -185,6 +185,7 @@ class ZeroCopyTransport(asyncio.Transport):
             except OSError as exc:
                 self._fatal(exc)
                 return
+            callback = "data_received" if data else "eof_received"
             try:
                 if not data:
                     self._reading = False
@@ -196,7 +197,7 @@ class ZeroCopyTransport(asyncio.Transport):
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:  # as asyncio's transports: the connection fails
-                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+                self._fatal_error(exc, f"Fatal error: protocol.{callback}() call failed.")
                 return
         self._schedule_read()
 
@@ -368,12 +369,30 @@ class ZeroCopyTransport(asyncio.Transport):
     def _maybe_pause_protocol(self) -> None:
         if not self._writing_paused and self.get_write_buffer_size() > self._high_water:
             self._writing_paused = True
-            self._protocol.pause_writing()
+            self._call_flow_control("pause_writing")
 
     def _maybe_resume_protocol(self) -> None:
         if self._writing_paused and self.get_write_buffer_size() <= self._low_water:
             self._writing_paused = False
-            self._protocol.resume_writing()
+            self._call_flow_control("resume_writing")
+
+    def _call_flow_control(self, name: str) -> None:
+        # As asyncio's _FlowControlMixin: the protocol's exception is reported and the
+        # transport goes on. Raised here it would skip the close check (the transport
+        # would never finish) or escape write() after the data was queued.
+        try:
+            getattr(self._protocol, name)()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler(
+                {
+                    "message": f"protocol.{name}() failed",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
 
     def can_write_eof(self) -> bool:
         return True
