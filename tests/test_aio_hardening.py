@@ -316,6 +316,72 @@ def test_close_under_total_loss_reports_the_loss_after_linger_and_keeps_the_pins
     assert all(fired.counts.get(i) == 1 for i in set(range(8)) - set(lost["pending"]))
 
 
+def test_pages_released_after_the_linger_bound_still_fire_and_close_the_socket(
+    lab: NetLab, run: Run, fired: Fired
+) -> None:
+    """Past the linger bound the loss is reported, but the socket stays watched: when the
+    kernel releases the pages later (here: the loss is lifted), the handles fire once
+    and the descriptor is closed."""
+    listener, port = receiver_listener(lab)
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (RECEIVER_IP, port))
+        conn, _ = listener.accept()
+
+        def drain() -> None:  # until the sender's FIN: reading keeps the window open
+            with contextlib.suppress(OSError):
+                while conn.recv(1 << 20):
+                    pass
+
+        reader_thread = threading.Thread(target=drain, daemon=True)
+        reader_thread.start()
+        lab.add_loss(100)
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport = ZeroCopyTransport(loop, sock, protocol, zerocopy="always", linger=1.0)
+        writer = ZeroCopyStreamWriter(transport, protocol, reader, loop)
+        await asyncio.sleep(0)
+        handles = []
+        for i in range(8):
+            d = fired.make(i)
+            handles.append(transport.write(bytearray([i]) * (512 * 1024), d))
+            d.unref()
+        await asyncio.sleep(0.5)
+        transport.close()
+        with pytest.raises(CompletionTimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 20)
+        await asyncio.sleep(1.0)
+        result["pending"] = pending = [i for i, h in enumerate(handles) if not h.done]
+        result["fired_before"] = {i: fired.counts.get(i) for i in pending}
+        result["open_before"] = sock.fileno() != -1
+        result["dropped"] = lab.dropped()
+        lab.add_loss(0)
+        # Bounded: TCP's backed-off retransmit timer (seconds) decides when.
+        await asyncio.wait_for(transport.wait_released(), 60)
+        for _ in range(400):
+            if sock.fileno() == -1:
+                break
+            await asyncio.sleep(0.05)
+        result["closed_after"] = sock.fileno() == -1
+        await loop.run_in_executor(None, reader_thread.join, 30)
+        result["peer_saw_eof"] = not reader_thread.is_alive()
+        conn.close()
+        sock.close()  # no-op when the transport closed it (the old code did not)
+
+    with lab.inside(lab.sender):
+        run(main())
+    assert result["dropped"] > 0, "the drop rule must have dropped frames"
+    assert result["pending"], "the kernel must have held some writes past the linger bound"
+    assert result["fired_before"] == {i: None for i in result["pending"]}
+    assert result["open_before"], "the socket stays open while the kernel holds pages"
+    assert fired.once_each(range(8)), fired.counts
+    assert result["closed_after"] and result["peer_saw_eof"]
+
+
 def test_linger_and_enobufs_timeout_reach_the_transport_through_the_helpers(run: Run) -> None:
     async def main() -> None:
         seen: list[ZeroCopyStreamWriter] = []

@@ -62,8 +62,9 @@ _ENOBUFS_RETRY = 0.05  # seconds: the retry timer while ENOBUFS and no completio
 _EPOLLERR = select.EPOLLERR
 _EPOLLOUT = select.EPOLLOUT
 _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
-# Connections lost with pages still pinned, whose completions never came within the
-# linger time: kept alive (pins and descriptor) for the life of the process.
+# Connections reported lost with pages still pinned (their completions did not come within
+# the linger time): kept alive, pins and descriptor, and still watched by the loop's poller
+# until the kernel releases the last page (then closed and removed) or the loop goes.
 _LINGERING: list[ZeroCopySocket] = []
 
 
@@ -124,6 +125,7 @@ class ZeroCopyTransport(asyncio.Transport):
         self._unsent = 0
         self._closing = False  # close() or abort() was called, or the connection failed
         self._lost = False  # connection_lost has been scheduled
+        self._lingering = False  # lost past the linger bound, the kernel still holds pages
         self._exc: Exception | None = None
         self._reading = True
         self._writing_paused = False
@@ -151,6 +153,9 @@ class ZeroCopyTransport(asyncio.Transport):
     # -- events ----------------------------------------------------------------------------
     def _on_events(self, ev: int) -> None:
         """What the shared poller reports for this socket."""
+        if self._lingering:
+            self._drain_lingering()
+            return
         if ev & _EPOLLERR:
             if not self._reading:
                 # Nobody reads, so no recv() would raise a socket error (ETIMEDOUT when
@@ -495,7 +500,10 @@ class ZeroCopyTransport(asyncio.Transport):
         # Past the linger bound: report the loss now. Pages the kernel has not reported
         # released stay pinned for good rather than be reused.
         self._linger_timer = None
-        if self._lost or not (self._queue or self._zs.outstanding):
+        if self._lost:
+            return
+        if not (self._queue or self._zs.outstanding):
+            self._finish()  # released meanwhile, without a wake-up that noticed
             return
         zs = self._zs
         if self._exc is None:
@@ -509,11 +517,14 @@ class ZeroCopyTransport(asyncio.Transport):
         self._drop_queue()  # never handed to the kernel: those handles may fire
         if zs.outstanding:
             _LINGERING.append(zs)
-            self._finish(force=True)
+            self._finish(linger=True)
         else:
             self._finish()
 
-    def _finish(self, force: bool = False) -> None:
+    def _finish(self, linger: bool = False) -> None:
+        """Report the loss. ``linger``: the kernel still holds pages; the socket stays
+        open and registered so their completions, whenever they come, still release them
+        (:meth:`_drain_lingering`)."""
         if self._lost:
             return
         self._lost = True
@@ -521,10 +532,30 @@ class ZeroCopyTransport(asyncio.Transport):
             if timer is not None:
                 timer.cancel()
         self._linger_timer = self._retry_timer = None
-        self._poller.unregister(self._fd, self._on_events)
-        if not force:
+        if linger:
+            self._lingering = True
+        else:
+            self._poller.unregister(self._fd, self._on_events)
             self._zs.close(timeout=0)
         self._loop.call_soon(self._protocol.connection_lost, self._exc)
+
+    def _drain_lingering(self) -> None:
+        """A wake-up of a socket lost with pages pinned: release what completed; once the
+        kernel holds nothing more, close it and stop watching."""
+        zs = self._zs
+        # The loss was reported already: a late socket error (TCP giving up, a reset,
+        # a descriptor closed behind our back) is nobody's to handle; the completions
+        # that came with it were drained before it was raised.
+        with contextlib.suppress(PageFragError, OSError):
+            zs.poll_completions(0)
+        if zs.outstanding:
+            return
+        self._lingering = False
+        self._poller.unregister(self._fd, self._on_events)
+        with contextlib.suppress(PageFragError, OSError):
+            zs.close(timeout=0)
+        with contextlib.suppress(ValueError):
+            _LINGERING.remove(zs)
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "closing" if self._closing else "open"
