@@ -261,6 +261,35 @@ def test_a_protocol_raising_in_pause_writing_does_not_fail_the_write(run: Run) -
     ]
 
 
+def test_abort_whose_reset_fails_still_reports_the_loss(run: Run) -> None:
+    """abort() always reaches connection_lost: a reset that fails for an unexpected
+    reason (here EBADF: the socket was closed behind the transport's back) becomes the
+    connection's exception instead of leaving the transport closing forever."""
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[BaseException | None] = loop.create_future()
+
+        class Watch(asyncio.Protocol):
+            def connection_lost(self, exc: BaseException | None) -> None:
+                lost.set_result(exc)
+
+        server, port = await echo_server()
+        transport, _ = await create_connection(Watch, "127.0.0.1", port, linger=2.0)
+        await asyncio.sleep(0)
+        transport.get_extra_info("socket").close()
+        transport.abort()
+        result["lost"] = await asyncio.wait_for(asyncio.shield(lost), 10)
+        result["closing"] = transport.is_closing()
+        await still_echoes(port)
+        server.close()
+
+    run(main())
+    assert isinstance(result["lost"], OSError) and result["lost"].errno == errno.EBADF
+    assert result["closing"]
+
+
 # -- item 10: close() is bounded -----------------------------------------------------------
 
 

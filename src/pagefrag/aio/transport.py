@@ -439,7 +439,13 @@ class ZeroCopyTransport(asyncio.Transport):
         self._closing = True
         self.pause_reading()
         self._drop_queue()
-        self._reset()
+        try:
+            self._reset()
+        except (OSError, PageFragError) as exc:
+            # An unexpected failure (EBADF: the socket was closed behind our back) is
+            # the connection's: it must still reach the loss path below.
+            if self._exc is None:
+                self._exc = exc
         self._after_progress()
         self._arm_linger()
 
@@ -536,7 +542,11 @@ class ZeroCopyTransport(asyncio.Transport):
             self._lingering = True
         else:
             self._poller.unregister(self._fd, self._on_events)
-            self._zs.close(timeout=0)
+            try:
+                self._zs.close(timeout=0)
+            except (OSError, PageFragError) as exc:  # EBADF: closed behind our back
+                if self._exc is None:
+                    self._exc = exc
         self._loop.call_soon(self._protocol.connection_lost, self._exc)
 
     def _drain_lingering(self) -> None:
