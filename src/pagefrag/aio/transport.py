@@ -421,7 +421,8 @@ class ZeroCopyTransport(asyncio.Transport):
         Bounded by ``linger`` seconds: past it the connection is reported lost with
         :class:`CompletionTimeoutError` (``wait_closed()`` raises it), writes never sent
         are dropped (their handles fire: the kernel never saw those pages), and the pages
-        the kernel still holds stay pinned for the life of the process.
+        the kernel still holds stay pinned until it releases them: the socket stays
+        watched while the loop runs, so their handles fire then and the socket is closed.
 
         Refs: dropped as the completions arrive; never before."""
         if self._closing:
@@ -504,7 +505,7 @@ class ZeroCopyTransport(asyncio.Transport):
 
     def _give_up(self) -> None:
         # Past the linger bound: report the loss now. Pages the kernel has not reported
-        # released stay pinned for good rather than be reused.
+        # released stay pinned rather than be reused, until their late completions.
         self._linger_timer = None
         if self._lost:
             return
