@@ -160,6 +160,136 @@ def test_a_protocol_raising_fails_its_connection_only(run: Run) -> None:
     ]
 
 
+def flow_control_pair(
+    loop: asyncio.AbstractEventLoop, raise_in: str, contexts: list[dict[str, Any]]
+) -> tuple[type[asyncio.Protocol], asyncio.Future[BaseException | None]]:
+    """A protocol class whose ``raise_in`` callback (pause_writing or resume_writing)
+    raises, and a future set by its connection_lost."""
+    lost: asyncio.Future[BaseException | None] = loop.create_future()
+
+    class Flaky(asyncio.Protocol):
+        def pause_writing(self) -> None:
+            if raise_in == "pause_writing":
+                raise RuntimeError("protocol bug in pause_writing")
+
+        def resume_writing(self) -> None:
+            if raise_in == "resume_writing":
+                raise RuntimeError("protocol bug in resume_writing")
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            lost.set_result(exc)
+
+    loop.set_exception_handler(lambda _loop, ctx: contexts.append(ctx))
+    return Flaky, lost
+
+
+async def still_echoes(port: int) -> None:
+    """Another connection of the same loop still works."""
+    reader, writer = await open_connection("127.0.0.1", port)
+    writer.write(b"still here")
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 10) == b"still here"
+    writer.close()
+    await writer.wait_closed()
+
+
+async def echo_server() -> tuple[Any, int]:
+    async def echo(reader: asyncio.StreamReader, writer: ZeroCopyStreamWriter) -> None:
+        # The flaky clients close without reading their echo: their reset is expected.
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(1 << 20):
+                writer.write(data)
+        writer.close()
+
+    server = await start_server(echo, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_a_protocol_raising_in_resume_writing_still_gets_connection_lost(run: Run) -> None:
+    """As asyncio's flow control: a protocol's resume_writing() raising goes to the
+    loop's exception handler and the transport goes on; close() still ends in
+    connection_lost, and the loop's other connections are unaffected."""
+    contexts: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        flaky, lost = flow_control_pair(loop, "resume_writing", contexts)
+        server, port = await echo_server()
+        transport, _ = await create_connection(
+            flaky, "127.0.0.1", port, zerocopy="always", high_water=65536
+        )
+        handle = transport.write(bytearray(1 << 20))  # pins far above high water
+        transport.close()  # resume_writing() comes with the completions
+        result["lost"] = await asyncio.wait_for(asyncio.shield(lost), 20)
+        result["handle"] = handle.done
+        result["closed"] = transport.get_extra_info("socket").fileno() == -1
+        await still_echoes(port)
+        server.close()
+
+    run(main())
+    assert result["lost"] is None and result["handle"] and result["closed"]
+    assert [(c["message"], type(c["exception"])) for c in contexts] == [
+        ("protocol.resume_writing() failed", RuntimeError)
+    ]
+
+
+def test_a_protocol_raising_in_pause_writing_does_not_fail_the_write(run: Run) -> None:
+    """The protocol's exception is not write()'s caller's: the write is queued and sent,
+    its handle returned; the exception goes to the loop's exception handler."""
+    contexts: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        flaky, lost = flow_control_pair(loop, "pause_writing", contexts)
+        server, port = await echo_server()
+        transport, _ = await create_connection(
+            flaky, "127.0.0.1", port, zerocopy="always", high_water=65536
+        )
+        handle = transport.write(bytearray(1 << 20))
+        await asyncio.wait_for(handle, 20)
+        transport.close()
+        result["lost"] = await asyncio.wait_for(asyncio.shield(lost), 20)
+        await still_echoes(port)
+        server.close()
+
+    run(main())
+    assert result["lost"] is None
+    assert [(c["message"], type(c["exception"])) for c in contexts] == [
+        ("protocol.pause_writing() failed", RuntimeError)
+    ]
+
+
+def test_abort_whose_reset_fails_still_reports_the_loss(run: Run) -> None:
+    """abort() always reaches connection_lost: a reset that fails for an unexpected
+    reason (here EBADF: the socket was closed behind the transport's back) becomes the
+    connection's exception instead of leaving the transport closing forever."""
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[BaseException | None] = loop.create_future()
+
+        class Watch(asyncio.Protocol):
+            def connection_lost(self, exc: BaseException | None) -> None:
+                lost.set_result(exc)
+
+        server, port = await echo_server()
+        transport, _ = await create_connection(Watch, "127.0.0.1", port, linger=2.0)
+        await asyncio.sleep(0)
+        transport.get_extra_info("socket").close()
+        transport.abort()
+        result["lost"] = await asyncio.wait_for(asyncio.shield(lost), 10)
+        result["closing"] = transport.is_closing()
+        await still_echoes(port)
+        server.close()
+
+    run(main())
+    assert isinstance(result["lost"], OSError) and result["lost"].errno == errno.EBADF
+    assert result["closing"]
+
+
 # -- item 10: close() is bounded -----------------------------------------------------------
 
 
@@ -213,6 +343,72 @@ def test_close_under_total_loss_reports_the_loss_after_linger_and_keeps_the_pins
     assert lost["pending"] and lost["pinned"] > 0
     assert all(fired.counts.get(i) is None for i in lost["pending"])
     assert all(fired.counts.get(i) == 1 for i in set(range(8)) - set(lost["pending"]))
+
+
+def test_pages_released_after_the_linger_bound_still_fire_and_close_the_socket(
+    lab: NetLab, run: Run, fired: Fired
+) -> None:
+    """Past the linger bound the loss is reported, but the socket stays watched: when the
+    kernel releases the pages later (here: the loss is lifted), the handles fire once
+    and the descriptor is closed."""
+    listener, port = receiver_listener(lab)
+    result: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (RECEIVER_IP, port))
+        conn, _ = listener.accept()
+
+        def drain() -> None:  # until the sender's FIN: reading keeps the window open
+            with contextlib.suppress(OSError):
+                while conn.recv(1 << 20):
+                    pass
+
+        reader_thread = threading.Thread(target=drain, daemon=True)
+        reader_thread.start()
+        lab.add_loss(100)
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport = ZeroCopyTransport(loop, sock, protocol, zerocopy="always", linger=1.0)
+        writer = ZeroCopyStreamWriter(transport, protocol, reader, loop)
+        await asyncio.sleep(0)
+        handles = []
+        for i in range(8):
+            d = fired.make(i)
+            handles.append(transport.write(bytearray([i]) * (512 * 1024), d))
+            d.unref()
+        await asyncio.sleep(0.5)
+        transport.close()
+        with pytest.raises(CompletionTimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 20)
+        await asyncio.sleep(1.0)
+        result["pending"] = pending = [i for i, h in enumerate(handles) if not h.done]
+        result["fired_before"] = {i: fired.counts.get(i) for i in pending}
+        result["open_before"] = sock.fileno() != -1
+        result["dropped"] = lab.dropped()
+        lab.add_loss(0)
+        # Bounded: TCP's backed-off retransmit timer (seconds) decides when.
+        await asyncio.wait_for(transport.wait_released(), 60)
+        for _ in range(400):
+            if sock.fileno() == -1:
+                break
+            await asyncio.sleep(0.05)
+        result["closed_after"] = sock.fileno() == -1
+        await loop.run_in_executor(None, reader_thread.join, 30)
+        result["peer_saw_eof"] = not reader_thread.is_alive()
+        conn.close()
+        sock.close()  # no-op when the transport closed it (the old code did not)
+
+    with lab.inside(lab.sender):
+        run(main())
+    assert result["dropped"] > 0, "the drop rule must have dropped frames"
+    assert result["pending"], "the kernel must have held some writes past the linger bound"
+    assert result["fired_before"] == {i: None for i in result["pending"]}
+    assert result["open_before"], "the socket stays open while the kernel holds pages"
+    assert fired.once_each(range(8)), fired.counts
+    assert result["closed_after"] and result["peer_saw_eof"]
 
 
 def test_linger_and_enobufs_timeout_reach_the_transport_through_the_helpers(run: Run) -> None:

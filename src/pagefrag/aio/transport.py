@@ -62,8 +62,9 @@ _ENOBUFS_RETRY = 0.05  # seconds: the retry timer while ENOBUFS and no completio
 _EPOLLERR = select.EPOLLERR
 _EPOLLOUT = select.EPOLLOUT
 _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
-# Connections lost with pages still pinned, whose completions never came within the
-# linger time: kept alive (pins and descriptor) for the life of the process.
+# Connections reported lost with pages still pinned (their completions did not come within
+# the linger time): kept alive, pins and descriptor, and still watched by the loop's poller
+# until the kernel releases the last page (then closed and removed) or the loop goes.
 _LINGERING: list[ZeroCopySocket] = []
 
 
@@ -124,6 +125,7 @@ class ZeroCopyTransport(asyncio.Transport):
         self._unsent = 0
         self._closing = False  # close() or abort() was called, or the connection failed
         self._lost = False  # connection_lost has been scheduled
+        self._lingering = False  # lost past the linger bound, the kernel still holds pages
         self._exc: Exception | None = None
         self._reading = True
         self._writing_paused = False
@@ -151,6 +153,9 @@ class ZeroCopyTransport(asyncio.Transport):
     # -- events ----------------------------------------------------------------------------
     def _on_events(self, ev: int) -> None:
         """What the shared poller reports for this socket."""
+        if self._lingering:
+            self._drain_lingering()
+            return
         if ev & _EPOLLERR:
             if not self._reading:
                 # Nobody reads, so no recv() would raise a socket error (ETIMEDOUT when
@@ -185,6 +190,7 @@ class ZeroCopyTransport(asyncio.Transport):
             except OSError as exc:
                 self._fatal(exc)
                 return
+            callback = "data_received" if data else "eof_received"
             try:
                 if not data:
                     self._reading = False
@@ -196,7 +202,7 @@ class ZeroCopyTransport(asyncio.Transport):
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:  # as asyncio's transports: the connection fails
-                self._fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+                self._fatal_error(exc, f"Fatal error: protocol.{callback}() call failed.")
                 return
         self._schedule_read()
 
@@ -368,12 +374,30 @@ class ZeroCopyTransport(asyncio.Transport):
     def _maybe_pause_protocol(self) -> None:
         if not self._writing_paused and self.get_write_buffer_size() > self._high_water:
             self._writing_paused = True
-            self._protocol.pause_writing()
+            self._call_flow_control("pause_writing")
 
     def _maybe_resume_protocol(self) -> None:
         if self._writing_paused and self.get_write_buffer_size() <= self._low_water:
             self._writing_paused = False
-            self._protocol.resume_writing()
+            self._call_flow_control("resume_writing")
+
+    def _call_flow_control(self, name: str) -> None:
+        # As asyncio's _FlowControlMixin: the protocol's exception is reported and the
+        # transport goes on. Raised here it would skip the close check (the transport
+        # would never finish) or escape write() after the data was queued.
+        try:
+            getattr(self._protocol, name)()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler(
+                {
+                    "message": f"protocol.{name}() failed",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
 
     def can_write_eof(self) -> bool:
         return True
@@ -397,7 +421,8 @@ class ZeroCopyTransport(asyncio.Transport):
         Bounded by ``linger`` seconds: past it the connection is reported lost with
         :class:`CompletionTimeoutError` (``wait_closed()`` raises it), writes never sent
         are dropped (their handles fire: the kernel never saw those pages), and the pages
-        the kernel still holds stay pinned for the life of the process.
+        the kernel still holds stay pinned until it releases them: the socket stays
+        watched while the loop runs, so their handles fire then and the socket is closed.
 
         Refs: dropped as the completions arrive; never before."""
         if self._closing:
@@ -415,7 +440,13 @@ class ZeroCopyTransport(asyncio.Transport):
         self._closing = True
         self.pause_reading()
         self._drop_queue()
-        self._reset()
+        try:
+            self._reset()
+        except (OSError, PageFragError) as exc:
+            # An unexpected failure (EBADF: the socket was closed behind our back) is
+            # the connection's: it must still reach the loss path below.
+            if self._exc is None:
+                self._exc = exc
         self._after_progress()
         self._arm_linger()
 
@@ -474,9 +505,12 @@ class ZeroCopyTransport(asyncio.Transport):
 
     def _give_up(self) -> None:
         # Past the linger bound: report the loss now. Pages the kernel has not reported
-        # released stay pinned for good rather than be reused.
+        # released stay pinned rather than be reused, until their late completions.
         self._linger_timer = None
-        if self._lost or not (self._queue or self._zs.outstanding):
+        if self._lost:
+            return
+        if not (self._queue or self._zs.outstanding):
+            self._finish()  # released meanwhile, without a wake-up that noticed
             return
         zs = self._zs
         if self._exc is None:
@@ -490,11 +524,14 @@ class ZeroCopyTransport(asyncio.Transport):
         self._drop_queue()  # never handed to the kernel: those handles may fire
         if zs.outstanding:
             _LINGERING.append(zs)
-            self._finish(force=True)
+            self._finish(linger=True)
         else:
             self._finish()
 
-    def _finish(self, force: bool = False) -> None:
+    def _finish(self, linger: bool = False) -> None:
+        """Report the loss. ``linger``: the kernel still holds pages; the socket stays
+        open and registered so their completions, whenever they come, still release them
+        (:meth:`_drain_lingering`)."""
         if self._lost:
             return
         self._lost = True
@@ -502,10 +539,34 @@ class ZeroCopyTransport(asyncio.Transport):
             if timer is not None:
                 timer.cancel()
         self._linger_timer = self._retry_timer = None
-        self._poller.unregister(self._fd, self._on_events)
-        if not force:
-            self._zs.close(timeout=0)
+        if linger:
+            self._lingering = True
+        else:
+            self._poller.unregister(self._fd, self._on_events)
+            try:
+                self._zs.close(timeout=0)
+            except (OSError, PageFragError) as exc:  # EBADF: closed behind our back
+                if self._exc is None:
+                    self._exc = exc
         self._loop.call_soon(self._protocol.connection_lost, self._exc)
+
+    def _drain_lingering(self) -> None:
+        """A wake-up of a socket lost with pages pinned: release what completed; once the
+        kernel holds nothing more, close it and stop watching."""
+        zs = self._zs
+        # The loss was reported already: a late socket error (TCP giving up, a reset,
+        # a descriptor closed behind our back) is nobody's to handle; the completions
+        # that came with it were drained before it was raised.
+        with contextlib.suppress(PageFragError, OSError):
+            zs.poll_completions(0)
+        if zs.outstanding:
+            return
+        self._lingering = False
+        self._poller.unregister(self._fd, self._on_events)
+        with contextlib.suppress(PageFragError, OSError):
+            zs.close(timeout=0)
+        with contextlib.suppress(ValueError):
+            _LINGERING.remove(zs)
 
     def __repr__(self) -> str:
         state = "closed" if self._lost else "closing" if self._closing else "open"
