@@ -427,14 +427,9 @@ class ZeroCopySocket:
                 )
             views, owners = views[:IOV_MAX], owners[:IOV_MAX]
         nbytes = len(views[0]) if len(views) == 1 else sum(map(len, views))
-        sock = self._sock
         if not nbytes or not self._policy.use_zerocopy(nbytes):
             # Copied: no reference taken (owners are checked where one is).
-            n: int = (
-                sock.send(views[0], flags) if len(views) == 1 else sock.sendmsg(views, (), flags)
-            )
-            self._copied_sends += 1
-            self._copied_bytes += n
+            n: int = self._send_copied(views, flags)
             self._since_poll += 1
             if self._since_poll >= self._batch:
                 self._poll_after_send()
@@ -512,15 +507,16 @@ class ZeroCopySocket:
             # Locked pages or optmem exhausted: copying needs neither, and waiting would
             # stall the caller for completions that may be slow to come.
             self._enobufs_copies += 1
-            views = pin[0]
-            sock = self._sock
-            n: int = (
-                sock.send(views[0], flags) if len(views) == 1 else sock.sendmsg(views, (), flags)
-            )
-            self._copied_sends += 1
-            self._copied_bytes += n
-            return n
+            return self._send_copied(pin[0], flags)
         return self._retry_after_enobufs(pin, zflags, deadline)
+
+    def _send_copied(self, views: list[memoryview], flags: int) -> int:
+        """One plain (copying) ``send``/``sendmsg`` of ``views``; takes no reference."""
+        sock = self._sock
+        n: int = sock.send(views[0], flags) if len(views) == 1 else sock.sendmsg(views, (), flags)
+        self._copied_sends += 1
+        self._copied_bytes += n
+        return n
 
     def _retry_after_enobufs(self, pin: _Pin, zflags: int, deadline: float | None) -> int:
         """ENOBUFS in ``always``: process completions, wait for more, retry — until the
@@ -843,7 +839,6 @@ class ZeroCopySocket:
             )
 
     def _close(self) -> None:
-        self._closed = self._blocked = True
         self._errors.clear()
         self._close_descriptor()
 
