@@ -13,7 +13,14 @@ from __future__ import annotations
 import enum
 import time
 
-__all__ = ["Mode", "ZeroCopyPolicy"]
+__all__ = ["DEFAULT_MIN_ZEROCOPY_SIZE", "Mode", "ZeroCopyPolicy"]
+
+DEFAULT_MIN_ZEROCOPY_SIZE = 16 * 1024
+"""Below this, ``auto`` copies. The kernel documentation puts the break-even near 10 KB
+per call on a real NIC; measured here over veth (where delivery copies anyway) a bare
+MSG_ZEROCOPY loop reaches ``socket.send`` at 32 KiB (8 KiB: 0.48 vs 1.01 GB/s, 16 KiB:
+0.65 vs 1.06, 32 KiB: 0.95 vs 0.92). 16 KiB sits between; on copying paths ``auto``
+stops asking for zero-copy anyway."""
 
 
 class Mode(enum.Enum):
@@ -28,7 +35,7 @@ class ZeroCopyPolicy:
     def __init__(
         self,
         mode: Mode | str = Mode.AUTO,
-        min_size: int = 16 * 1024,
+        min_size: int = DEFAULT_MIN_ZEROCOPY_SIZE,
         *,
         copied_streak: int = 8,
         probe_every: int = 1024,

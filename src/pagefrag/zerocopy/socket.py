@@ -77,7 +77,7 @@ from ._syscalls import (
     SOL_IPV6,
     disconnect,
 )
-from .policy import Mode, ZeroCopyPolicy
+from .policy import DEFAULT_MIN_ZEROCOPY_SIZE, Mode, ZeroCopyPolicy
 from .tracker import CompletionTracker, ErrQueueMessage, ZeroCopyCompletion, parse_extended_err
 
 __all__ = [
@@ -91,12 +91,6 @@ __all__ = [
     "take_refs",
 ]
 
-DEFAULT_MIN_ZEROCOPY_SIZE = 16 * 1024
-"""Below this, ``auto`` copies. The kernel documentation puts the break-even near 10 KB
-per call on a real NIC; measured here over veth (where delivery copies anyway) a bare
-MSG_ZEROCOPY loop reaches ``socket.send`` at 32 KiB (8 KiB: 0.48 vs 1.01 GB/s, 16 KiB:
-0.65 vs 1.06, 32 KiB: 0.95 vs 0.92). 16 KiB sits between; on copying paths ``auto``
-stops asking for zero-copy anyway."""
 
 DEFAULT_CLOSE_TIMEOUT = 30.0
 """How long ``close()`` waits for the kernel's completions unless told otherwise: TCP
@@ -373,7 +367,7 @@ class ZeroCopySocket:
         Refs: as :meth:`send`, for each call it makes."""
         _check_destructor(destructor)
         views, owners = pieces(data)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         # With a deadline, never block inside the kernel: wait in poll() instead.
         flags = MSG_DONTWAIT if deadline is not None else 0
         with self._send_lock:
@@ -617,9 +611,9 @@ class ZeroCopySocket:
         self._check_usable()
         n = self._drain()
         if not n and timeout != 0 and self._tracker.outstanding:
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = _deadline(timeout)
             while not n and self._tracker.outstanding:
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0:
                     break
                 self._wait_error_queue(remaining)
@@ -641,7 +635,7 @@ class ZeroCopySocket:
             self._drain()
             if not self._tracker.outstanding:
                 return
-            remaining = None if deadline is None else deadline - time.monotonic()
+            remaining = _remaining(deadline)
             if remaining is not None and remaining <= 0:
                 raise CompletionTimeoutError(
                     f"the kernel still holds {self._tracker.outstanding} sends "
@@ -737,7 +731,7 @@ class ZeroCopySocket:
                 self._errors.append(ErrQueueMessage(err, 0, 0, 0, 0, 0))
 
     def _wait_writable(self, deadline: float | None) -> None:
-        remaining = None if deadline is None else deadline - time.monotonic()
+        remaining = _remaining(deadline)
         if remaining is not None and remaining <= 0:
             raise TimeoutError(f"sendall did not finish in time ({self.outstanding} pinned)")
         p = select.poll()
@@ -955,9 +949,15 @@ class ZeroCopySocket:
 
 
 def _deadline(timeout: float | None) -> float | None:
+    """The monotonic time at which ``timeout`` seconds run out (None: never)."""
     if timeout is None or math.isinf(timeout):
         return None
     return time.monotonic() + timeout
+
+
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (None: no deadline; may be negative)."""
+    return None if deadline is None else deadline - time.monotonic()
 
 
 def _queued_error(msg: ErrQueueMessage) -> QueuedSocketError:
