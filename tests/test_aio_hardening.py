@@ -76,6 +76,27 @@ def receiver_listener(lab: NetLab) -> tuple[socket.socket, int]:
     return listener, listener.getsockname()[1]
 
 
+async def writes_in_flight(
+    sock: socket.socket, fired: Fired, linger: float
+) -> tuple[ZeroCopyTransport, ZeroCopyStreamWriter, list[FragDestructor]]:
+    """A bare transport (always zero-copy, ``linger``) on a connected ``sock`` with eight
+    512 KiB writes handed over, each with destructor ``fired.make(i)``; half a second
+    later, for the kernel to take what it can."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport = ZeroCopyTransport(loop, sock, protocol, zerocopy="always", linger=linger)
+    writer = ZeroCopyStreamWriter(transport, protocol, reader, loop)
+    await asyncio.sleep(0)
+    handles = []
+    for i in range(8):
+        d = fired.make(i)
+        handles.append(transport.write(bytearray([i]) * (512 * 1024), d))
+        d.unref()
+    await asyncio.sleep(0.5)
+    return transport, writer, handles
+
+
 # -- item 8: a failed write changes nothing ------------------------------------------------
 
 
@@ -306,18 +327,7 @@ def test_close_under_total_loss_reports_the_loss_after_linger_and_keeps_the_pins
         await loop.sock_connect(sock, (RECEIVER_IP, port))
         conn, _ = listener.accept()
         lab.add_loss(100)
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        # The transport alone (its linger argument exists on the old code too).
-        transport = ZeroCopyTransport(loop, sock, protocol, zerocopy="always", linger=2.0)
-        writer = ZeroCopyStreamWriter(transport, protocol, reader, loop)
-        await asyncio.sleep(0)
-        handles = []
-        for i in range(8):
-            d = fired.make(i)
-            handles.append(transport.write(bytearray([i]) * (512 * 1024), d))
-            d.unref()
-        await asyncio.sleep(0.5)
+        transport, writer, handles = await writes_in_flight(sock, fired, linger=2.0)
         assert transport.pinned_bytes > 0, "the kernel must hold some of the writes"
         started = time.monotonic()
         transport.close()
@@ -369,17 +379,7 @@ def test_pages_released_after_the_linger_bound_still_fire_and_close_the_socket(
         reader_thread = threading.Thread(target=drain, daemon=True)
         reader_thread.start()
         lab.add_loss(100)
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport = ZeroCopyTransport(loop, sock, protocol, zerocopy="always", linger=1.0)
-        writer = ZeroCopyStreamWriter(transport, protocol, reader, loop)
-        await asyncio.sleep(0)
-        handles = []
-        for i in range(8):
-            d = fired.make(i)
-            handles.append(transport.write(bytearray([i]) * (512 * 1024), d))
-            d.unref()
-        await asyncio.sleep(0.5)
+        transport, writer, handles = await writes_in_flight(sock, fired, linger=1.0)
         transport.close()
         with pytest.raises(CompletionTimeoutError):
             await asyncio.wait_for(writer.wait_closed(), 20)
