@@ -1,0 +1,272 @@
+"""IoVec and Pin: bytes that travel with their lifetime. Every reference an I/O layer
+holds moves here.
+
+Rule: outside :mod:`._skbuff` (the frags an skb holds) and :mod:`._destructor` (the
+count itself), this is the only module that takes or drops a reference on a
+:class:`FragDestructor`. The kernel bridge and the asyncio transport hold references
+only as :class:`Pin` objects and release them only through it. (A creator still drops
+its own first reference with ``unref()``: that one is the API's, not a holder's.)
+
+Theory of operation. An :class:`IoVec` is what a send hands the kernel: byte views and,
+beside each, the destructor of its pages (None for memory nobody tracks). A
+:class:`Pin` is what one holder keeps alive for as long as the kernel (or a write queue)
+may read the bytes: the views, so Python can neither free nor resize the memory, and one
+reference on each destructor. The model is Seastar's ``deleter``
+(``include/seastar/core/deleter.hh``): one object owning a buffer's lifetime, shared by
+the holders of its pieces. Kernel counterparts: the iovec of ``sendmsg``, and the
+``skb_frag_destructor_ref`` a zero-copy send takes on every frag it pins.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, TypeAlias
+
+from ._buffers import byte_view
+from ._destructor import FragDestructor
+from ._skbuff import Frag, SkBuff
+from .pool import PoolBuffer
+
+if TYPE_CHECKING:  # collections.abc.Buffer is Python 3.12; the checker knows it here
+    from typing_extensions import Buffer
+
+__all__ = ["Data", "IoVec", "Pin", "Unrefs"]
+
+Piece: TypeAlias = "Frag | PoolBuffer | Buffer"
+Data: TypeAlias = "SkBuff | Piece | Sequence[Piece]"
+"""What a send takes: an :class:`SkBuff` (its head, then its frags), one piece, or a list
+or tuple of pieces. A piece is a :class:`Frag`, a :class:`PoolBuffer` (all of it) or any
+C-contiguous buffer (bytes, bytearray, memoryview, mmap, array, numpy array)."""
+
+_FLAT = (bytes, bytearray)
+_NO_REFS: list[FragDestructor] = []  # shared, never appended to: a pin that holds none
+
+
+def check_destructor(d: object) -> None:
+    """``TypeError`` unless ``d`` is a :class:`FragDestructor` or None."""
+    if d is not None and not isinstance(d, FragDestructor):
+        raise TypeError(f"destructor must be a FragDestructor or None, not {type(d).__name__}")
+
+
+class IoVec:
+    """Byte views with the destructor of each: ``views[i]`` belongs to ``owners[i]``
+    (None: memory nobody tracks). Kernel counterpart: the ``struct iovec`` array of one
+    ``sendmsg``. Takes no reference by itself (see :meth:`pin`)."""
+
+    __slots__ = ("owners", "views")
+
+    def __init__(self, views: list[memoryview], owners: list[FragDestructor | None]) -> None:
+        self.views = views
+        self.owners = owners
+
+    @classmethod
+    def of(cls, data: Data) -> IoVec:
+        """The views of ``data`` (see :data:`Data`). ``TypeError`` for what is not one.
+
+        Refs: none."""
+        if type(data) in _FLAT:
+            return cls([memoryview(data)], [None])  # type: ignore[arg-type]  # bytes-like
+        if isinstance(data, SkBuff):
+            views = data.iovecs()
+            owners: list[FragDestructor | None] = [None] * (len(views) - data.nr_frags)
+            owners.extend(f.destructor for f in data.frags)
+            return cls(views, owners)
+        items = data if isinstance(data, (list, tuple)) else (data,)
+        views, owners = [], []
+        for item in items:
+            if isinstance(item, PoolBuffer):
+                item = item.frag()
+            if isinstance(item, Frag):
+                views.append(item.view())
+                owners.append(item.destructor)
+            else:
+                views.append(byte_view(item))
+                owners.append(None)
+        return cls(views, owners)
+
+    @property
+    def nbytes(self) -> int:
+        views = self.views
+        return len(views[0]) if len(views) == 1 else sum(map(len, views))
+
+    def __len__(self) -> int:
+        """How many pieces are left."""
+        return len(self.views)
+
+    def first(self, count: int) -> IoVec:
+        """The first ``count`` pieces (for an iovec limit), sharing their views."""
+        return IoVec(self.views[:count], self.owners[:count])
+
+    def advance(self, n: int) -> None:
+        """Drop the first ``n`` bytes in place (after a partial stream send).
+
+        Refs: none (a holder's references are in its :class:`Pin`)."""
+        views, owners = self.views, self.owners
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+            owners.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+    def pin(self, holder: object, extra: FragDestructor | None = None) -> Pin:
+        """A :class:`Pin` of these bytes for ``holder``: a copy of the views and one
+        reference on each owner (and on ``extra``, the call's own destructor), all or
+        nothing: if one cannot be taken (a destructor that has fired), those taken are
+        dropped and the error raised. Kernel: ``skb_frag_destructor_ref`` per frag.
+
+        Refs: +1 on every owner and on ``extra``."""
+        pin = Pin(self.views[:], self.owners[:])
+        if extra is not None or any(self.owners):
+            pin.take(self.owners, holder, extra)
+        return pin
+
+
+class Pin:
+    """What one holder keeps alive: views (so Python cannot free or resize their memory)
+    and one reference per destructor (Seastar: a ``deleter``). For the kernel bridge,
+    what one zero-copy call holds until its completion; for a write queue, what a write
+    holds until the kernel has taken it. ``views`` and ``refs`` are None once released.
+
+    Not thread-safe by itself: its holder serializes :meth:`trim` and :meth:`detach`."""
+
+    __slots__ = ("extra", "owners", "refs", "views")
+
+    def __init__(
+        self,
+        views: list[memoryview] | None,
+        owners: list[FragDestructor | None] | None = None,
+    ) -> None:
+        self.views = views
+        self.owners = owners  # aligned with views; None: no piece has a destructor
+        self.refs: list[FragDestructor] | None = _NO_REFS
+        self.extra = False  # the last reference is the call's own destructor's
+
+    @classmethod
+    def holding(cls, holder: object, destructors: Iterable[FragDestructor | None]) -> Pin:
+        """A pin of no views: one reference on each destructor given (None skipped),
+        all or nothing.
+
+        Refs: +1 on each."""
+        pin = cls(None)
+        pin.take(destructors, holder, None)
+        return pin
+
+    def take(
+        self,
+        owners: Iterable[FragDestructor | None],
+        holder: object,
+        extra: FragDestructor | None,
+    ) -> None:
+        """Take the references (the pin must hold none yet). Each is in :attr:`refs` as
+        soon as it is taken, so a failure (or an interrupt) drops exactly those.
+
+        Refs: +1 on every owner and on ``extra``."""
+        refs: list[FragDestructor] = []
+        self.refs = refs
+        try:
+            for d in owners:
+                if d is not None:
+                    if type(d) is not FragDestructor:
+                        check_destructor(d)
+                    d.ref(holder=holder)
+                    refs.append(d)
+            if extra is not None:
+                if type(extra) is not FragDestructor:
+                    check_destructor(extra)
+                extra.ref(holder=holder)
+                refs.append(extra)
+                self.extra = True
+        except BaseException:
+            self.release(holder)
+            raise
+
+    def trim(self, n: int) -> list[FragDestructor]:
+        """Keep only the first ``n`` bytes (after a partial send took them): the views
+        and references of the pieces past them leave the pin and are returned, for the
+        caller to drop (:func:`unref_all`) outside its locks. The ``extra`` reference
+        stays (``n > 0``). A pin already released returns nothing.
+
+        Refs: moves those of the pieces not covered out of the pin."""
+        views, refs = self.views, self.refs
+        if views is None or not refs:
+            return []
+        taken = iter(refs)
+        owners = self.owners or [None] * len(views)
+        kept_views: list[memoryview] = []
+        kept_owners: list[FragDestructor | None] = []
+        kept_refs: list[FragDestructor] = []
+        dropped: list[FragDestructor] = []
+        pos = 0
+        for view, owner in zip(views, owners, strict=True):
+            covered = pos < n
+            if covered:
+                kept_views.append(view if pos + len(view) <= n else view[: n - pos])
+                kept_owners.append(owner)
+            if owner is not None:
+                (kept_refs if covered else dropped).append(next(taken))
+            pos += len(view)
+        kept_refs.extend(taken)  # the extra one
+        self.views, self.owners, self.refs = kept_views, kept_owners, kept_refs
+        return dropped
+
+    def detach(self) -> list[FragDestructor]:
+        """Release the views and hand over the references, for the caller to drop
+        (:class:`Unrefs`, :func:`unref_all`) once its locks are released.
+
+        Refs: moves them out of the pin."""
+        refs, self.refs = self.refs, None
+        self.views = self.owners = None
+        return refs or []
+
+    def release(self, holder: object) -> None:
+        """Release the views and drop every reference now; destructors whose last
+        reference this was fire, in this thread. Releasing twice drops nothing.
+
+        Refs: -1 on each held."""
+        unref_all(self.detach(), holder)
+
+    @property
+    def released(self) -> bool:
+        return self.refs is None
+
+    def __repr__(self) -> str:
+        if self.refs is None:
+            return "<Pin released>"
+        nbytes = sum(map(len, self.views or ()))
+        return f"<Pin {nbytes} bytes, {len(self.refs)} refs>"
+
+
+def unref_all(refs: Iterable[FragDestructor], holder: object) -> None:
+    """Drop one reference of ``holder`` on each. Kernel: ``skb_frag_destructor_unref``.
+
+    Refs: -1 on each."""
+    for d in refs:
+        d.unref(holder=holder)
+
+
+class Unrefs:
+    """References detached under a lock, waiting to be dropped after it is released
+    (a destructor may run anything: never under the holder's lock). Any thread may
+    :meth:`run` them; each is dropped exactly once."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[FragDestructor] = collections.deque()
+
+    def add(self, pin: Pin) -> None:
+        """Detach ``pin`` into the queue. Refs: moves them from the pin to the queue."""
+        refs = pin.detach()
+        if refs:
+            self._queue.extend(refs)
+
+    def run(self, holder: object) -> None:
+        """Drop every queued reference. Refs: -1 on each."""
+        queue = self._queue
+        while queue:
+            try:
+                d = queue.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            d.unref(holder=holder)
