@@ -38,9 +38,10 @@ import socket
 from typing import Any
 
 from .._destructor import FragDestructor
+from .._iov import Data, IoVec, Pin
 from ..errors import CompletionTimeoutError, PageFragError, SendBufferError
 from ..zerocopy._syscalls import disconnect
-from ..zerocopy.socket import Data, ZeroCopySocket, advance, pieces, take_refs
+from ..zerocopy.socket import ZeroCopySocket
 from ._poller import poller_for
 
 __all__ = ["DEFAULT_ENOBUFS_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_LINGER", "ZeroCopyTransport"]
@@ -69,19 +70,12 @@ _LINGERING: list[ZeroCopySocket] = []
 
 
 class _Write:
-    __slots__ = ("handle", "owners", "refs", "views")
+    __slots__ = ("handle", "hold", "iov")
 
-    def __init__(
-        self,
-        views: list[memoryview],
-        owners: list[FragDestructor | None],
-        handle: FragDestructor,
-        refs: list[FragDestructor],
-    ) -> None:
-        self.views = views
-        self.owners = owners
+    def __init__(self, iov: IoVec, hold: Pin, handle: FragDestructor) -> None:
+        self.iov = iov
+        self.hold = hold  # the queue's references: dropped once every byte is sent
         self.handle = handle
-        self.refs = refs  # the queue's references: dropped once every byte is sent
 
 
 class ZeroCopyTransport(asyncio.Transport):
@@ -237,28 +231,30 @@ class ZeroCopyTransport(asyncio.Transport):
         handle fires; the kernel bridge holds its own until the completions."""
         if self._closing:
             raise ConnectionError("write() on a closing transport")
-        views, owners = pieces(data)
-        if destructor is None:
-            refs = take_refs(owners, self)
-        else:
-            if not isinstance(destructor, FragDestructor):
-                raise TypeError(
-                    f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
-                )
+        iov = IoVec.of(data)
+        if destructor is not None and not isinstance(destructor, FragDestructor):
+            raise TypeError(
+                f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
+            )
+        hold = iov.pin(self)
+        if destructor is not None:
             # All or nothing, the write's own destructor included (DestructorError if it
-            # has already fired).
-            refs = take_refs((*owners, destructor), self)
-            refs.pop()  # the destructor's: dropped when the handle fires, not when sent
+            # has already fired); its reference is dropped when the handle fires.
+            try:
+                keep = Pin.holding(self, (destructor,))
+            except BaseException:
+                hold.release(self)
+                raise
         handle = FragDestructor(None, name="write")
         self._handles.add(handle)
         handle.add_done_callback(self._handles.discard)
         if destructor is not None:
-            handle.add_done_callback(lambda _: destructor.unref(holder=self))
-        nbytes = sum(map(len, views))
+            handle.add_done_callback(lambda _: keep.release(self))
+        nbytes = iov.nbytes if iov.views else 0
         if not nbytes:
-            self._release(_Write(views, owners, handle, refs))
+            self._release(_Write(iov, hold, handle))
             return handle
-        self._queue.append(_Write(views, owners, handle, refs))
+        self._queue.append(_Write(iov, hold, handle))
         self._unsent += nbytes
         if len(self._queue) == 1:
             self._flush_queue()
@@ -274,7 +270,7 @@ class ZeroCopyTransport(asyncio.Transport):
         while queue:
             w = queue[0]
             try:
-                n = self._zs.send_iov(w.views, w.owners, w.handle)
+                n = self._zs.send_iov(w.iov, w.handle)
             except (BlockingIOError, InterruptedError):
                 break
             except SendBufferError as exc:  # nothing sent, nothing kept: wait in the loop
@@ -287,8 +283,8 @@ class ZeroCopyTransport(asyncio.Transport):
             if self._enobufs_since is not None:
                 self._enobufs_since = None  # progress: a later ENOBUFS starts a new stall
             self._unsent -= n
-            advance(w.views, w.owners, n)
-            if w.views:
+            w.iov.advance(n)
+            if w.iov.views:
                 continue  # the kernel took part: try again until it refuses
             queue.popleft()
             self._release(w)
@@ -297,9 +293,7 @@ class ZeroCopyTransport(asyncio.Transport):
 
     def _release(self, w: _Write) -> None:
         """Drop the queue's references of a write that is sent or abandoned."""
-        refs, w.refs = w.refs, []
-        for d in refs:
-            d.unref(holder=self)
+        w.hold.release(self)
         w.handle.unref()
 
     def _wait_enobufs(self, exc: SendBufferError) -> bool:
