@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pagefrag import FragDestructor
-from pagefrag.netlab import NetLab, lab_namespaces, missing_tools, remove_stale, run
+from pagefrag.testing.netlab import NetLab, lab_namespaces, missing_tools, remove_stale, run
 
 
 class Receiver:

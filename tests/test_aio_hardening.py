@@ -34,7 +34,7 @@ from pagefrag.errors import (
     NotContiguousError,
     SendBufferError,
 )
-from pagefrag.netlab import RECEIVER_IP, NetLab
+from pagefrag.testing.netlab import RECEIVER_IP, NetLab
 
 try:
     import uvloop

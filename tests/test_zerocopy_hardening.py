@@ -30,7 +30,7 @@ from conftest import POISON, Fired, Receiver
 import pagefrag
 from pagefrag import Frag, FragDestructor
 from pagefrag.errors import CompletionTimeoutError, QueuedSocketError
-from pagefrag.netlab import NetLab
+from pagefrag.testing.netlab import NetLab
 from pagefrag.zerocopy import CompletionTracker, ZeroCopySocket, tcp_info
 
 try:

@@ -16,7 +16,7 @@ import pytest
 from conftest import POISON, Fired, Receiver, VerifyingReceiver, counters
 
 from pagefrag import FragDestructor
-from pagefrag.netlab import NetLab
+from pagefrag.testing.netlab import NetLab
 from pagefrag.zerocopy import ZeroCopySocket, tcp_info
 
 
