@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import POISON, Fired, VerifyingReceiver, counters
+from helpers import POISON, Fired, VerifyingReceiver, counters
 
 from pagefrag import BufferPool, FragDestructor, SkBuff, leaks
 from pagefrag.aio import ZeroCopyStreamWriter, create_connection, open_connection, start_server

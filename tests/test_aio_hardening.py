@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import Fired, VerifyingReceiver, counters
+from helpers import Fired, VerifyingReceiver, counters
 
 from pagefrag import FragDestructor
 from pagefrag._skbuff import Frag

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import POISON, Fired, Receiver
+from helpers import POISON, Fired, Receiver
 
 import pagefrag
 from pagefrag import Frag, FragDestructor

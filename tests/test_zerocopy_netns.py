@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import POISON, Fired, Receiver, VerifyingReceiver, counters
+from helpers import POISON, Fired, Receiver, VerifyingReceiver, counters
 
 from pagefrag import FragDestructor
 from pagefrag.testing.netlab import NetLab
