@@ -2,71 +2,12 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-import numpy as np
 import pytest
+from helpers import Fired
 
-from pagefrag import FragDestructor
-from pagefrag.netlab import NetLab, lab_namespaces, missing_tools, remove_stale, run
-
-
-class Receiver:
-    """A thread that reads a socket to EOF (stream) or until told (datagrams)."""
-
-    def __init__(self, sock: socket.socket, *, stream: bool = True, paused: bool = False) -> None:
-        self.sock = sock
-        self.stream = stream
-        self.data = bytearray()
-        self.datagrams: list[bytes] = []
-        self.go = threading.Event()
-        if not paused:
-            self.go.set()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.go.wait(60)
-            self.sock.settimeout(30)
-            while True:
-                chunk = self.sock.recv(1 << 20)
-                if self.stream:
-                    if not chunk:
-                        return
-                    self.data += chunk
-                else:
-                    self.datagrams.append(chunk)
-        except (TimeoutError, OSError) as exc:
-            if self.stream:
-                self.error = exc
-
-    def join(self, timeout: float = 30) -> bytes:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "receiver did not finish"
-        return bytes(self.data)
-
-
-class Fired:
-    """Destructors that record when they fire, and how often."""
-
-    def __init__(self) -> None:
-        self.counts: dict[int, int] = {}
-        self.lock = threading.Lock()
-
-    def make(self, key: int, then: Callable[[], None] | None = None) -> FragDestructor:
-        def destroy(_: object) -> None:
-            with self.lock:
-                self.counts[key] = self.counts.get(key, 0) + 1
-            if then is not None:
-                then()
-
-        return FragDestructor(destroy, key)
-
-    def once_each(self, keys: range | list[int]) -> bool:
-        return all(self.counts.get(k) == 1 for k in keys) and set(self.counts) == set(keys)
+from pagefrag.testing.netlab import NetLab, lab_namespaces, missing_tools, remove_stale, run
 
 
 @pytest.fixture
@@ -108,42 +49,3 @@ def lab() -> Iterator[NetLab]:
         pytest.skip(why)
     with NetLab() as lab:
         yield lab
-
-
-POISON = 0xEE
-
-
-def counters(offset: int, size: int) -> np.ndarray:
-    """The stream's expected bytes at ``offset``: little-endian u64 word counters."""
-    first = offset // 8
-    return np.arange(first, first + size // 8, dtype="<u8").view(np.uint8)
-
-
-class VerifyingReceiver(threading.Thread):
-    """Reads the stream to EOF, checking every byte against ``counters``."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(daemon=True)
-        self.sock = sock
-        self.received = 0
-        self.bad_bytes = 0
-        self.poison_bytes = 0
-        self.start()
-
-    def run(self) -> None:
-        self.sock.settimeout(60)
-        carry = b""
-        while True:
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                break
-            data = carry + chunk
-            usable = len(data) - len(data) % 8
-            got = np.frombuffer(data[:usable], dtype=np.uint8)
-            want = counters(self.received, usable)
-            wrong = got != want
-            self.bad_bytes += int(wrong.sum())
-            self.poison_bytes += int(((got == POISON) & wrong).sum())
-            self.received += usable
-            carry = data[usable:]
-        self.bad_bytes += len(carry)

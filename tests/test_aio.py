@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import POISON, Fired, VerifyingReceiver, counters
+from helpers import POISON, Fired, VerifyingReceiver, counters
 
 from pagefrag import BufferPool, FragDestructor, SkBuff, leaks
 from pagefrag.aio import ZeroCopyStreamWriter, create_connection, open_connection, start_server
-from pagefrag.netlab import RECEIVER_IP, NetLab
+from pagefrag.testing.netlab import RECEIVER_IP, NetLab
 from pagefrag.zerocopy import tcp_info
 
 try:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import Fired, VerifyingReceiver, counters
+from helpers import Fired, VerifyingReceiver, counters
 
 from pagefrag import FragDestructor
 from pagefrag._skbuff import Frag
@@ -34,7 +34,7 @@ from pagefrag.errors import (
     NotContiguousError,
     SendBufferError,
 )
-from pagefrag.netlab import RECEIVER_IP, NetLab
+from pagefrag.testing.netlab import RECEIVER_IP, NetLab
 
 try:
     import uvloop

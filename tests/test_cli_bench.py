@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pagefrag.netlab import lab_namespaces, missing_tools
+from pagefrag.testing.netlab import lab_namespaces, missing_tools
 
 BENCH = [sys.executable, "-m", "pagefrag.cli", "bench"]
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pagefrag.netlab import lab_namespaces, missing_tools
+from pagefrag.testing.netlab import lab_namespaces, missing_tools
 
 CLI = [sys.executable, "-m", "pagefrag.cli"]
 

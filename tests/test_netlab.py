@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pagefrag.netlab import RECEIVER_IP, NetLab, lab_namespaces, missing_tools
+from pagefrag.testing.netlab import RECEIVER_IP, NetLab, lab_namespaces, missing_tools
 
 pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))
 
@@ -127,7 +127,7 @@ def test_loss_100_stops_tcp_connecting(lab: NetLab) -> None:
 
 HOLDER = """
 import sys, time
-from pagefrag.netlab import NetLab
+from pagefrag.testing.netlab import NetLab
 with NetLab() as lab:
     print(lab.sender, lab.receiver, flush=True)
     time.sleep(120)

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Iterator
 
 import pytest
-from conftest import Receiver
+from helpers import Receiver
 
 from pagefrag import BufferPool, DestructorError, PoolBuffer, PoolExhaustedError, SkBuff, leaks
 from pagefrag.errors import BufferReleasedError

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from pagefrag import SkBuff
-from pagefrag.netlab import missing_tools
 from pagefrag.rpc import (
     BlockStore,
     BlockStoreClient,
@@ -27,6 +26,7 @@ from pagefrag.rpc import (
 )
 from pagefrag.rpc.handshake import HELLO
 from pagefrag.rpc.record import LAST_FRAGMENT, decode_message, encode_head
+from pagefrag.testing.netlab import missing_tools
 
 
 def run(coro: Awaitable[Any]) -> Any:
@@ -209,7 +209,7 @@ def test_the_seeds_corruption_reproduced_unsafe_and_prevented_safe() -> None:
     why = missing_tools()
     if why:
         pytest.skip(why)
-    from pagefrag.rpc.repro import run_repro
+    from pagefrag.testing.repro import run_repro
 
     unsafe = run_repro(safe=False)
     assert unsafe.stall_dropped > 0, "the stall dropped nothing"

@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pagefrag.errors as errors
-from pagefrag.netlab import RECEIVER_IP, NetLab, missing_tools
 from pagefrag.rpc import BlockStoreClient, RemoteError, RpcClient, RpcError, RpcServer
+from pagefrag.testing.netlab import RECEIVER_IP, NetLab, missing_tools
 
 KEY = b"k" * 32
 MAGIC = b"PFRPC/1\n"  # the server's hello; literal so this file imports on the old code
@@ -59,7 +59,7 @@ def _stalled_write_then_reuse(release_timeout: float | None, stall_for: float) -
     ``stall_for`` s; the application bounds its safe write with ``asyncio.wait_for``,
     reuses its buffer as soon as the call gives control back, and we read block 0 once
     the stall is over. Returns what happened."""
-    from pagefrag.rpc.repro import block_store_in, stall, unstall
+    from pagefrag.testing.repro import block_store_in, stall, unstall
 
     size = 256 * 1024
     a, b = _pattern(b"A-block-", size), _pattern(b"B-block-", size)

@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import POISON, Fired, Receiver
+from helpers import POISON, Fired, Receiver
 
 import pagefrag
 from pagefrag import Frag, FragDestructor, IoVec
 from pagefrag.errors import CompletionTimeoutError, QueuedSocketError
-from pagefrag.netlab import NetLab
+from pagefrag.testing.netlab import NetLab
 from pagefrag.zerocopy import CompletionTracker, ZeroCopySocket, tcp_info
 
 try:

@@ -8,7 +8,7 @@ import socket
 import warnings
 
 import pytest
-from conftest import Fired, Receiver
+from helpers import Fired, Receiver
 
 from pagefrag import FragDestructor, SkBuff
 from pagefrag.errors import CompletionTimeoutError

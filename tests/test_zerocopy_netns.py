@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import POISON, Fired, Receiver, VerifyingReceiver, counters
+from helpers import POISON, Fired, Receiver, VerifyingReceiver, counters
 
 from pagefrag import FragDestructor
-from pagefrag.netlab import NetLab
+from pagefrag.testing.netlab import NetLab
 from pagefrag.zerocopy import ZeroCopySocket, tcp_info
 
 

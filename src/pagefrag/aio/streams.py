@@ -50,11 +50,45 @@ async def _connected_socket(host: str, port: int, **kwargs: Any) -> socket.socke
     raise error or OSError(f"no address for {host}:{port}")
 
 
+def _given_socket(
+    sock: socket.socket, host: str | None, port: int | None, kwargs: dict[str, Any]
+) -> socket.socket:
+    """Check a caller's socket (``sock=``) before anything changes: a refused socket is
+    left as it was, open and in its blocking mode (as asyncio's ``create_connection``)."""
+    if host is not None or port is not None:
+        raise ValueError("host/port and sock can not be specified at the same time")
+    if kwargs:
+        raise ValueError(f"{', '.join(sorted(kwargs))}: address resolution options, not for sock")
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
+    # The transport needs TCP (MSG_ZEROCOPY, SO_ZEROCOPY): checked here, not after it
+    # has made the socket non-blocking.
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise ValueError(f"a connected TCP stream socket was expected, got {sock!r}")
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        raise ValueError(f"a connected socket was expected ({exc.strerror}): {sock!r}") from None
+    return sock
+
+
+async def _socket_for(
+    host: str | None, port: int | None, sock: socket.socket | None, kwargs: dict[str, Any]
+) -> socket.socket:
+    """``sock`` checked and used as is, or a new socket connected to ``host:port``."""
+    if sock is not None:
+        return _given_socket(sock, host, port, kwargs)
+    if host is None or port is None:
+        raise ValueError("host and port must both be given when no sock is")
+    return await _connected_socket(host, port, **kwargs)
+
+
 async def create_connection(
     protocol_factory: Callable[[], P],
-    host: str,
-    port: int,
+    host: str | None = None,
+    port: int | None = None,
     *,
+    sock: socket.socket | None = None,
     zerocopy: str = "auto",
     min_zerocopy_size: int | None = None,
     high_water: int | None = None,
@@ -65,8 +99,16 @@ async def create_connection(
     """Connect and return ``(transport, protocol)``, as ``loop.create_connection``; the
     transport is a :class:`ZeroCopyTransport`. ``linger``: seconds ``close()`` waits for
     the kernel's completions before reporting the loss (None: no bound);
-    ``enobufs_timeout``: seconds of ENOBUFS without progress before the connection fails."""
-    sock = await _connected_socket(host, port, **kwargs)
+    ``enobufs_timeout``: seconds of ENOBUFS without progress before the connection fails.
+
+    ``sock``: an already connected TCP socket, used as is instead of ``host``/``port``
+    (as ``loop.create_connection(sock=...)``); the transport owns it from then on. A
+    ``ValueError`` if ``host`` or ``port`` is given too, or if it is not a connected
+    ``SOCK_STREAM`` IPv4/IPv6 socket; the socket is then left untouched and open.
+    Other keyword arguments go to ``getaddrinfo`` and are refused with ``sock``.
+
+    Refs: none taken; each write's are described at :meth:`ZeroCopyTransport.write`."""
+    sock = await _socket_for(host, port, sock, kwargs)
     try:
         protocol = protocol_factory()
         transport = ZeroCopyTransport(
@@ -135,9 +177,10 @@ def _stream_pair(
 
 
 async def open_connection(
-    host: str,
-    port: int,
+    host: str | None = None,
+    port: int | None = None,
     *,
+    sock: socket.socket | None = None,
     zerocopy: str = "auto",
     limit: int = _STREAM_LIMIT,
     min_zerocopy_size: int | None = None,
@@ -147,9 +190,11 @@ async def open_connection(
     **kwargs: Any,
 ) -> tuple[asyncio.StreamReader, ZeroCopyStreamWriter]:
     """Connect and return ``(reader, writer)``, as ``asyncio.open_connection``.
-    ``linger`` and ``enobufs_timeout`` as for :func:`create_connection`."""
+    ``sock``, ``linger`` and ``enobufs_timeout`` as for :func:`create_connection`.
+
+    Refs: none taken; each write's are described at :meth:`ZeroCopyTransport.write`."""
     loop = asyncio.get_running_loop()
-    sock = await _connected_socket(host, port, **kwargs)
+    sock = await _socket_for(host, port, sock, kwargs)
     reader, writer = _stream_pair(
         loop,
         sock,

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager, nullco
 from dataclasses import dataclass
 from typing import Any
 
-from ..netlab import RECEIVER_IP, NetLab, missing_tools
+from ..testing.netlab import RECEIVER_IP, NetLab, missing_tools
 from .runners import (
     Run,
     run_asyncio_streams,

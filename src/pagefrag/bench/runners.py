@@ -142,18 +142,11 @@ def run_asyncio_streams(sock: socket.socket, buf: bytearray, seconds: float) -> 
 
 def run_pagefrag_aio(sock: socket.socket, buf: bytearray, seconds: float) -> Run:
     """pagefrag.aio: ``write(); await drain()``; the handle fires on the kernel's release."""
-    from ..aio.transport import ZeroCopyTransport
+    from ..aio import open_connection
 
     async def main() -> Run:
         r = Run()
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport = ZeroCopyTransport(loop, sock, protocol, zerocopy="always")
-        from ..aio.streams import ZeroCopyStreamWriter
-
-        writer = ZeroCopyStreamWriter(transport, protocol, reader, loop)
-        await asyncio.sleep(0)
+        _, writer = await open_connection(sock=sock, zerocopy="always")
         lat = r.latencies
         end = now() + seconds
         while now() < end:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..errors import PageFragError
-from ..netlab import sigterm_exits
+from ..testing.netlab import sigterm_exits
 from . import bench, demo, repro, trace
 from ._args import UsageError
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import BufferPool, SkBuff, ZeroCopySocket
-from ..netlab import NetLab, missing_tools
+from ..testing.netlab import NetLab, missing_tools
 from ..zerocopy import tcp_info
 from ._args import UsageError, int_in, seconds_up_to
 

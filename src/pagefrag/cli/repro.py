@@ -31,8 +31,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..netlab import missing_tools
-    from ..rpc.repro import run_repro
+    from ..testing.netlab import missing_tools
+    from ..testing.repro import run_repro
 
     why = missing_tools()
     if why:

@@ -23,9 +23,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..netlab import RECEIVER_IP, NetLab
-from .blockstore import BlockStore, BlockStoreClient
-from .client import RpcClient
+from ..rpc.blockstore import BlockStore, BlockStoreClient
+from ..rpc.client import RpcClient
+from .netlab import RECEIVER_IP, NetLab
 
 __all__ = ["ReproResult", "block_store_in", "run_repro", "stall", "unstall"]
 
