@@ -59,6 +59,16 @@ def disconnect(sock: socket.socket) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def check_connected_inet(sock: socket.socket) -> None:
+    """``ValueError`` unless ``sock`` is an IPv4 or IPv6 TCP or UDP socket;
+    ``OSError(ENOTCONN)`` unless it is connected."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise ValueError(f"ZeroCopySocket needs an IPv4 or IPv6 socket, not {sock.family!r}")
+    if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        raise ValueError(f"ZeroCopySocket needs a TCP or UDP socket, not {sock.type!r}")
+    sock.getpeername()
+
+
 def enable_zerocopy(sock: socket.socket) -> None:
     """``setsockopt(SO_ZEROCOPY, 1)``; :class:`ZeroCopyUnsupportedError` where the kernel
     or the socket refuses it."""

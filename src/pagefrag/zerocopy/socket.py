@@ -27,7 +27,19 @@ the id, the pin is released: views dropped, references dropped — and a destruc
 last reference that was fires. A send that is copied (small, ``never``, ``auto`` after the
 kernel kept copying or refused with ``ENOBUFS``) takes no references at all.
 
-Threads. Two locks: the *send lock* (re-entrant) makes each send call — policy decision,
+Threads. Any number of threads may send and read completions on one socket at once.
+Each send call (``send``, ``send_iov``) is atomic with its id's filing, and a ``sendall``
+holds the send lock for all its calls, so concurrent ``sendall`` calls do not interleave
+their bytes (concurrent ``send`` calls on a stream may: a stream has one order). A
+sender blocked in the kernel blocks other senders, not the readers of completions: one
+thread may loop in ``poll_completions`` while others send. Destructors run in whichever
+thread reads their completion, never under the completion lock; in a sending thread,
+under its send lock: a destructor must not wait for another thread that sends on this
+socket (it would wait for the lock its own thread holds). ``close``/``abort`` wait for a
+send in progress (within their timeout). After ``fork()`` the child's copy is inert
+(``ForkedSocketError``; ``close()`` only closes the child's descriptor).
+
+Two locks: the *send lock* (re-entrant) makes each send call — policy decision,
 system call, filing — one critical section, and ``sendall`` holds it for all its calls, so
 the bytes of concurrent ``sendall`` calls never interleave. The *completion lock* covers
 reading the error queue and the tracker's bookkeeping; it is never held while a sender
@@ -44,10 +56,8 @@ import math
 import os
 import socket
 import threading
-import time
 import warnings
 import weakref
-from dataclasses import dataclass
 from types import TracebackType
 
 from .._buffers import as_timeout
@@ -58,12 +68,13 @@ from ..errors import (
     ForkedSocketError,
     ZeroCopyUnsupportedError,
 )
-from ._deadline import deadline_after, remaining_until
+from ._deadline import acquire_within, deadline_after, remaining_until
 from ._errqueue import ErrorQueue, queued_error
+from ._sender import Sender, ZeroCopyStats
 from ._syscalls import (
-    IOV_MAX,
     MSG_DONTWAIT,
     MSG_ZEROCOPY,
+    check_connected_inet,
     disconnect,
     enable_recverr,
     enable_zerocopy,
@@ -99,25 +110,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-@dataclass(frozen=True)
-class ZeroCopyStats:
-    """Counters of one :class:`ZeroCopySocket`."""
-
-    sends: int
-    zerocopy_sends: int
-    completions: int
-    copied_completions: int
-    enobufs_retries: int
-    bytes_sent: int
-    peak_pinned_bytes: int
-    mode: str
-    current_mode: str
-    enobufs_copies: int = 0
-    """``auto`` calls refused with ENOBUFS (optmem or locked pages) and sent copied."""
-    duplicates: int = 0
-    """Completion ids that matched no outstanding call (a healthy socket: 0)."""
-
-
 class ZeroCopySocket:
     """A connected TCP or UDP socket (IPv4 or IPv6, blocking or not) whose sends hand
     their pages to the kernel with ``MSG_ZEROCOPY`` and release them only on the kernel's
@@ -129,18 +121,8 @@ class ZeroCopySocket:
     :class:`SendBufferError`) or ``"never"``. ``close_timeout``: how long :meth:`close`
     waits for completions by default (None: no bound).
 
-    Threading model. Any number of threads may send and read completions on one socket
-    at once. Each send call (``send``, ``send_iov``) is atomic with its id's filing, and a
-    ``sendall`` holds the send lock for all its calls, so concurrent ``sendall`` calls do
-    not interleave their bytes (concurrent ``send`` calls on a stream may: a stream has
-    one order). A sender blocked in the kernel blocks other senders, not the readers of
-    completions: one thread may loop in :meth:`poll_completions` while others send.
-    Destructors run in whichever thread reads their completion, never under the
-    completion lock; in a sending thread, under its send lock: a destructor must not wait
-    for another thread that sends on this socket (it would wait for the lock its own
-    thread holds). ``close``/``abort`` wait for a send in progress (within their timeout).
-    After ``fork()`` the child's copy is inert (:class:`ForkedSocketError`; ``close()``
-    only closes the child's descriptor).
+    Threads and fork: see the module docstring (any number of threads may send and read
+    completions at once; a forked child's copy is inert).
     """
 
     def __init__(
@@ -158,24 +140,23 @@ class ZeroCopySocket:
         if enobufs_timeout is None:
             raise TypeError("enobufs_timeout must be a number, not NoneType")
         enobufs_seconds = as_timeout(enobufs_timeout, "enobufs_timeout")
-        self._enobufs_timeout = math.inf if enobufs_seconds is None else enobufs_seconds
         self._close_timeout = as_timeout(close_timeout, "close_timeout")
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            raise ValueError(f"ZeroCopySocket needs an IPv4 or IPv6 socket, not {sock.family!r}")
-        if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-            raise ValueError(f"ZeroCopySocket needs a TCP or UDP socket, not {sock.type!r}")
-        sock.getpeername()  # raises OSError(ENOTCONN) for an unconnected socket
+        check_connected_inet(sock)
         self._sock = sock
         self._stream = sock.type == socket.SOCK_STREAM
         self._policy = ZeroCopyPolicy(zerocopy, min_zerocopy_size)
         self._tracker: CompletionTracker[Pin] = CompletionTracker()
         # The error queue holds the pins: every reference is taken in its name.
         self._eq = ErrorQueue(sock, self._tracker, self._policy)
-        self._batch = max(1, completion_batch)
-        self._since_poll = 0
+        self._tx = Sender(
+            sock,
+            self._policy,
+            self._eq,
+            enobufs_timeout=math.inf if enobufs_seconds is None else enobufs_seconds,
+            batch=max(1, completion_batch),
+        )
         self._closed = self._forked = False
         self._blocked = False  # closed or forked: every send refuses
-        self._copied_sends = self._copied_bytes = self._enobufs = self._enobufs_copies = 0
         self._send_lock = threading.RLock()
         if self._policy.mode is not Mode.NEVER:
             try:
@@ -206,14 +187,15 @@ class ZeroCopySocket:
             # The hot paths: one plain buffer.
             nbytes = len(data)  # type: ignore[arg-type]  # bytes or bytearray
             policy = self._policy
+            tx = self._tx
             if nbytes < policy.copy_below:  # copied: holds nothing, not even `destructor`
                 with self._send_lock:
                     if self._blocked or self._eq.errors:
                         self._refuse()
                     n: int = self._sock.send(data)  # type: ignore[arg-type]
-                    self._copied_sends += 1
-                    self._copied_bytes += n
-                    self._after_send()
+                    tx.copied_sends += 1
+                    tx.copied_bytes += n
+                    tx.after_send()
                 return n
             if destructor is None and nbytes >= policy.zerocopy_from and nbytes:
                 pin = Pin([memoryview(data)])  # type: ignore[arg-type]
@@ -222,15 +204,15 @@ class ZeroCopySocket:
                 with self._send_lock:
                     if self._blocked or self._eq.errors:
                         self._refuse()
-                    try:  # _file, inlined: the system call and the filing in one C step
+                    try:  # Sender.file, inlined: the system call and its filing, one C step
                         sent = map(self._sock.send, pin.views, _ZC)  # type: ignore[arg-type]
                         filings.extend(zip(sent, tracker.ids, (pin,)))  # noqa: B905
                         n = filings[-1][0]
                     except OSError as exc:
-                        if not self._enobufs_after_failure(exc):
+                        if not tx.enobufs_after_failure(exc):
                             raise
-                        n = self._after_enobufs(pin, 0, None)
-                    self._after_send()
+                        n = tx.after_enobufs(pin, 0, None)
+                    tx.after_send()
                 return n
         with self._send_lock:
             return self._send(IoVec.of(data), destructor, 0, None)
@@ -284,109 +266,9 @@ class ZeroCopySocket:
     def _send(
         self, iov: IoVec, destructor: FragDestructor | None, flags: int, deadline: float | None
     ) -> int:
-        """One send call; the send lock is held."""
         if self._blocked or self._eq.errors:
             self._refuse()
-        if len(iov) > IOV_MAX:
-            if not self._stream:
-                raise ValueError(
-                    f"a datagram of {len(iov)} pieces: one sendmsg takes at most {IOV_MAX}"
-                )
-            iov = iov.first(IOV_MAX)
-        nbytes = iov.nbytes
-        if not nbytes or not self._policy.use_zerocopy(nbytes):
-            n = self._send_copied(iov.views, flags)  # no reference taken
-            self._after_send()
-            return n
-        # Taken before the kernel sees the pages, so none can fire while it reads them.
-        pin = iov.pin(self._eq, destructor)
-        filings = self._tracker.filings
-        try:
-            n = self._zerocopy_call(pin, flags, deadline)
-        except BaseException:
-            # Nothing may be dropped that the kernel holds: only if the pin was not filed.
-            if not (filings and filings[-1][2] is pin):
-                pin.release(self._eq)
-            raise
-        if not (filings and filings[-1][2] is pin):
-            pin.release(self._eq)  # sent copied after ENOBUFS (auto): nothing is pinned
-        elif n < nbytes and pin.refs:
-            self._eq.trim(pin, n)
-        self._after_send()
-        return n
-
-    def _syscall(self, views: list[memoryview], flags: int) -> map[int]:
-        """The ``send``/``sendmsg`` of ``views``, made when the iterator is drawn: drawn
-        inside ``deque.extend``, the call and its filing are one C-level step."""
-        if len(views) == 1:
-            return map(self._sock.send, views, (flags,))
-        return map(self._sock.sendmsg, (views,), _NO_ANCDATA, (flags,))
-
-    def _file(self, pin: Pin, flags: int) -> int:
-        """The zero-copy system call and the filing of its pin, in one C-level step (see
-        the module docstring). Returns the bytes the kernel took."""
-        filings = self._tracker.filings
-        sent = self._syscall(pin.views, flags)  # type: ignore[arg-type]  # views while filed
-        filings.extend(zip(sent, self._tracker.ids, (pin,)))  # noqa: B905
-        n: int = filings[-1][0]  # the last filing stays put while we hold the send lock
-        return n
-
-    def _send_copied(self, views: list[memoryview], flags: int) -> int:
-        """One plain (copying) call of ``views``; takes no reference."""
-        n: int = next(self._syscall(views, flags))
-        self._copied_sends += 1
-        self._copied_bytes += n
-        return n
-
-    def _zerocopy_call(self, pin: Pin, flags: int, deadline: float | None) -> int:
-        """One ``sendmsg(MSG_ZEROCOPY)`` of the pin's views, filed; a failure is settled
-        (did it use an id?), and ENOBUFS copied (``auto``) or retried (``always``)."""
-        try:
-            return self._file(pin, flags | MSG_ZEROCOPY)
-        except OSError as exc:
-            if not self._enobufs_after_failure(exc):
-                raise  # (a bare raise: no frame keeps the pin's views alive through exc)
-        return self._after_enobufs(pin, flags, deadline)
-
-    def _enobufs_after_failure(self, exc: OSError) -> bool:
-        """A zero-copy call raised ``exc``: settle its id; True if it was ENOBUFS."""
-        if isinstance(exc, (BlockingIOError, InterruptedError)):
-            return False  # refused before any notification was allocated: no id used
-        self._eq.settle_failed_send()
-        return exc.errno == errno.ENOBUFS
-
-    def _after_enobufs(self, pin: Pin, flags: int, deadline: float | None) -> int:
-        """ENOBUFS (locked pages or optmem exhausted): ``auto`` copies at once (copying
-        needs neither, and waiting would stall the caller); ``always`` processes
-        completions, waits for more in poll() and retries, until the deadline."""
-        if self._policy.mode is Mode.AUTO:
-            self._enobufs_copies += 1
-            return self._send_copied(pin.views, flags)  # type: ignore[arg-type]
-        limit = time.monotonic() + self._enobufs_timeout
-        if deadline is not None:
-            limit = min(limit, deadline)
-        while True:
-            self._enobufs += 1
-            self._eq.make_room(limit, self._enobufs_timeout)
-            try:
-                return self._file(pin, flags | MSG_ZEROCOPY)
-            except (BlockingIOError, InterruptedError):
-                raise
-            except OSError as exc:
-                self._eq.settle_failed_send()
-                if exc.errno != errno.ENOBUFS:
-                    raise
-
-    def _after_send(self) -> None:
-        """Every ``completion_batch`` sends, read what completed (unless another thread
-        is reading); apply completions another thread read before their filing."""
-        self._since_poll += 1
-        if self._since_poll >= self._batch:
-            self._since_poll = 0
-            if self._tracker.outstanding:
-                self._eq.drain(blocking=False)  # another thread is reading them: fine
-        if self._tracker.early:
-            self._eq.absorb()
+        return self._tx.call(iov, destructor, flags, deadline)
 
     def _wait_writable(self, deadline: float | None) -> None:
         remaining = remaining_until(deadline)
@@ -460,11 +342,7 @@ class ZeroCopySocket:
                     raise
         held: list[bool] = []
         try:
-            # The acquisition is recorded in `held` in the same C-level step, so this
-            # `finally` releases it even when an interrupt lands right after it.
-            wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            held.extend(map(self._send_lock.acquire, (True,), (wait,)))
-            if not held[0]:
+            if not acquire_within(self._send_lock, deadline, held):
                 raise CompletionTimeoutError(
                     "a send call is still in progress in another thread",
                     self._tracker.outstanding,
@@ -549,20 +427,7 @@ class ZeroCopySocket:
 
     @property
     def stats(self) -> ZeroCopyStats:
-        t = self._eq.absorb()
-        return ZeroCopyStats(
-            sends=self._copied_sends + t.filed_calls,
-            zerocopy_sends=t.filed_calls,
-            completions=t.completions,
-            copied_completions=t.copied_completions,
-            enobufs_retries=self._enobufs,
-            bytes_sent=self._copied_bytes + t.filed_bytes,
-            peak_pinned_bytes=t.peak_pinned_bytes,
-            mode=self._policy.mode.value,
-            current_mode=self._policy.current,
-            enobufs_copies=self._enobufs_copies,
-            duplicates=t.duplicates,
-        )
+        return self._tx.stats()
 
     @property
     def socket(self) -> socket.socket:
