@@ -33,11 +33,12 @@ if TYPE_CHECKING:  # collections.abc.Buffer is Python 3.12; the checker knows it
 
 __all__ = ["Data", "IoVec", "Pin", "Unrefs"]
 
-Piece: TypeAlias = "Frag | PoolBuffer | Buffer"
-Data: TypeAlias = "SkBuff | Piece | Sequence[Piece]"
-"""What a send takes: an :class:`SkBuff` (its head, then its frags), one piece, or a list
-or tuple of pieces. A piece is a :class:`Frag`, a :class:`PoolBuffer` (all of it) or any
-C-contiguous buffer (bytes, bytearray, memoryview, mmap, array, numpy array)."""
+Piece: TypeAlias = "SkBuff | Frag | PoolBuffer | Buffer"
+Data: TypeAlias = "Piece | Sequence[Piece]"
+"""What a send takes: one piece, or a list or tuple of pieces. A piece is an
+:class:`SkBuff` (its head, then its frags), a :class:`Frag`, a :class:`PoolBuffer` (all
+of it) or any C-contiguous buffer (bytes, bytearray, memoryview, mmap, array, numpy
+array)."""
 
 _FLAT = (bytes, bytearray)
 _NO_REFS: list[FragDestructor] = []  # shared, never appended to: a pin that holds none
@@ -75,6 +76,11 @@ class IoVec:
         items = data if isinstance(data, (list, tuple)) else (data,)
         views, owners = [], []
         for item in items:
+            if isinstance(item, SkBuff):
+                part = cls.of(item)
+                views += part.views
+                owners += part.owners
+                continue
             if isinstance(item, PoolBuffer):
                 item = item.frag()
             if isinstance(item, Frag):

@@ -273,7 +273,8 @@ class SkBuff:
         destructor: FragDestructor | None = None,
     ) -> int:
         """Append a paged fragment (a page and range, or a :class:`Frag`) and return its
-        index. Kernel: ``skb_fill_page_desc`` + ``skb_frag_set_destructor`` + ``skb_frag_ref``.
+        index. Kernel: ``skb_add_rx_frag`` (``skb_fill_page_desc`` and the length) +
+        ``skb_frag_set_destructor`` + ``skb_frag_ref``.
 
         Refs: takes the skb's reference on the destructor (or keeps the page alive)."""
         sh = self._live()

@@ -1,0 +1,193 @@
+"""IoVec and Pin (pagefrag._iov): bytes travelling with their lifetime — what a send hands
+the kernel, and what each holder keeps alive until the kernel is done."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import Receiver
+
+from pagefrag import BufferPool, Frag, FragDestructor, IoVec, SkBuff, aio
+from pagefrag._iov import Pin
+from pagefrag.errors import DestructorError, NotABufferError
+from pagefrag.zerocopy import ZeroCopySocket
+
+
+def joined(iov: IoVec) -> bytes:
+    return b"".join(bytes(v) for v in iov.views)
+
+
+def test_of_every_kind_of_data_keeps_each_piece_with_its_destructor() -> None:
+    d1, d2 = FragDestructor(name="a"), FragDestructor(name="b")
+    skb = SkBuff(b"head:")
+    skb.add_frag(bytearray(b"frag1"), destructor=d1)
+    pool = BufferPool(8, 1)
+    buf = pool.acquire()
+    buf.data[:] = b"poolbuf!"
+    data: list[Any] = [
+        b"bytes", bytearray(b"ba"), memoryview(b"mv"), np.arange(3, dtype=np.uint8),
+        Frag(b"xxfragyy", 2, 4, d2), buf, skb,
+    ]
+    iov = IoVec.of(data)
+    assert joined(iov) == b"bytesbamv\x00\x01\x02fragpoolbuf!head:frag1"
+    assert iov.owners == [None, None, None, None, d2, buf.destructor, None, d1]
+    assert iov.nbytes == len(joined(iov)) and len(iov) == 8
+    assert [d.refcount for d in (d1, d2)] == [2, 1]  # only the skb's own reference: none taken
+    skb.free()
+    buf.release()
+    for d in (d1, d2):
+        d.unref()
+
+
+def test_a_list_of_skbuffs_is_their_heads_and_frags_in_order() -> None:
+    d = FragDestructor()
+    skbs = []
+    for k in range(3):
+        skb = SkBuff(f"h{k}".encode())
+        skb.add_frag(bytes([65 + k]) * 3, destructor=d)
+        skbs.append(skb)
+    iov = IoVec.of(skbs)
+    assert joined(iov) == b"h0AAAh1BBBh2CCC"
+    assert iov.owners == [None, d, None, d, None, d]
+    for skb in skbs:
+        skb.free()
+    d.unref()
+    assert d.done
+
+
+def test_what_is_not_a_buffer_raises_and_changes_nothing() -> None:
+    d = FragDestructor()
+    with pytest.raises(NotABufferError):
+        IoVec.of([Frag(b"ok", destructor=d), object()])
+    assert d.refcount == 1
+
+
+def test_advance_drops_whole_and_partial_pieces_with_their_owners() -> None:
+    d = FragDestructor()
+    iov = IoVec.of([b"abc", Frag(b"defg", destructor=d), b"hi"])
+    iov.advance(4)
+    assert joined(iov) == b"efghi" and iov.owners == [d, None]
+    iov.advance(3)
+    assert joined(iov) == b"hi" and iov.owners == [None]
+    iov.advance(2)
+    assert len(iov) == 0
+    d.unref()
+
+
+def test_pin_takes_every_reference_or_none() -> None:
+    live, fired = FragDestructor(), FragDestructor()
+    fired.unref()  # fired: no reference may be taken on it any more
+    iov = IoVec.of([Frag(b"aa", destructor=live), Frag(b"bb", destructor=fired)])
+    with pytest.raises(DestructorError):
+        iov.pin("holder")
+    assert live.refcount == 1  # the one taken before the failure was dropped again
+    extra = FragDestructor()
+    extra.unref()
+    with pytest.raises(DestructorError):
+        IoVec.of([Frag(b"aa", destructor=live)]).pin("holder", extra)
+    assert live.refcount == 1
+    with pytest.raises(TypeError):
+        IoVec.of(b"x").pin("holder", "not a destructor")  # type: ignore[arg-type]
+    live.unref()
+
+
+def test_pin_holds_views_and_references_until_released_once() -> None:
+    events: list[str] = []
+    d = FragDestructor(events.append, "released")
+    own = FragDestructor(events.append, "call's own")
+    iov = IoVec.of([Frag(b"aaaa", destructor=d), b"bb"])
+    pin = iov.pin("h", own)
+    d.unref()
+    own.unref()
+    assert events == [] and d.refcount == 1 and own.refcount == 1
+    assert pin.views is not None and b"".join(map(bytes, pin.views)) == b"aaaabb"
+    pin.release("h")
+    assert sorted(events) == ["call's own", "released"] and pin.released
+    pin.release("h")  # a second release drops nothing
+    assert d.refcount == 0 and own.refcount == 0
+
+
+def test_trim_keeps_what_the_kernel_took_and_hands_back_the_rest() -> None:
+    ds = [FragDestructor(name=str(k)) for k in range(3)]
+    own = FragDestructor(name="own")
+    iov = IoVec.of([Frag(b"0000", destructor=ds[0]), Frag(b"1111", destructor=ds[1]),
+                    b"plain", Frag(b"2222", destructor=ds[2])])
+    pin = iov.pin("h", own)
+    dropped = pin.trim(6)  # the kernel took "0000" and "11"
+    assert dropped == [ds[2]]
+    assert pin.views is not None and b"".join(map(bytes, pin.views)) == b"000011"
+    assert pin.refs == [ds[0], ds[1], own]  # the call's own reference stays
+    for d in dropped:
+        d.unref(holder="h")
+    pin.release("h")
+    assert [d.refcount for d in (*ds, own)] == [1, 1, 1, 1]
+    assert Pin.holding("h", [None]).refs == [] and pin.trim(1) == []  # released: nothing
+
+
+def test_sendall_of_a_list_of_skbuffs_arrives_intact_and_fires_after_completion(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    client, server = tcp_pair
+    rx = Receiver(server)
+    fired: list[int] = []
+    d = FragDestructor(fired.append, 1)
+    skbs = []
+    expect = b""
+    for k in range(4):
+        page = bytearray([k + 1]) * 40_000
+        skb = SkBuff(f"record {k}|".encode())
+        skb.add_frag(page, destructor=d)
+        skbs.append(skb)
+        expect += f"record {k}|".encode() + bytes(page)
+    with ZeroCopySocket(client, zerocopy="always") as zs:
+        zs.sendall(skbs)
+        for skb in skbs:
+            skb.free()
+        d.unref()
+        zs.flush(timeout=30)
+        assert fired == [1]
+        client.shutdown(socket.SHUT_WR)
+        assert rx.join() == expect
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_aio_write_of_a_list_of_skbuffs_arrives_intact(loop: str) -> None:
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> tuple[bytes, bytes, bool]:
+        got = bytearray()
+        done = asyncio.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: Any) -> None:
+            got.extend(await reader.read())
+            done.set()
+            writer.close()
+
+        server = await aio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await aio.open_connection("127.0.0.1", port, zerocopy="always")
+        skbs, expect = [], b""
+        for k in range(3):
+            skb = SkBuff(b"<%d>" % k)
+            skb.add_frag(bytes([k + 7]) * 50_000)
+            skbs.append(skb)
+            expect += b"<%d>" % k + bytes([k + 7]) * 50_000
+        handle_ = writer.write(skbs)
+        for skb in skbs:
+            skb.free()
+        await asyncio.wait_for(handle_, 30)
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.wait_for(done.wait(), 30)
+        server.close()
+        await server.wait_closed()
+        return bytes(got), expect, handle_.done
+
+    coro = main()
+    got, expect, released = (uvloop.run(coro) if loop == "uvloop" else asyncio.run(coro))
+    assert got == expect and released
