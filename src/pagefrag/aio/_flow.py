@@ -62,11 +62,10 @@ class FlowControlMixin(asyncio.Transport):
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            self._loop.call_exception_handler(
-                {
-                    "message": f"protocol.{name}() failed",
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
+            self._report(f"protocol.{name}() failed", exc)
+
+    def _report(self, message: str, exc: BaseException) -> None:
+        """Hand a protocol's exception to the loop's exception handler."""
+        self._loop.call_exception_handler(
+            {"message": message, "exception": exc, "transport": self, "protocol": self._protocol}
+        )

@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from ..errors import PageFragError
+from ..errors import CompletionTimeoutError, PageFragError
 from ..zerocopy.socket import ZeroCopySocket
 from ._poller import LoopPoller
 
-__all__ = ["linger"]
+__all__ = ["linger", "still_pinned"]
 
 _LINGERING: list[ZeroCopySocket] = []
 
@@ -57,3 +57,13 @@ def linger(
     # transport's back, so no completion can come; the pins stay in the registry.
     with contextlib.suppress(OSError):
         poller.register(fd, on_events)
+
+
+def still_pinned(zs: ZeroCopySocket, linger: float | None, unsent: int) -> CompletionTimeoutError:
+    """The loss a transport reports when its linger bound ran out first."""
+    return CompletionTimeoutError(
+        f"the kernel still holds {zs.outstanding} sends ({zs.pinned_bytes} bytes) "
+        f"after {linger:g}s, with {unsent} bytes never sent; their buffers stay pinned",
+        zs.outstanding,
+        zs.pinned_bytes,
+    )

@@ -34,7 +34,6 @@ connection lost with pages still pinned is handed to :mod:`._linger`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import os
 import select
@@ -42,15 +41,17 @@ import socket
 from typing import Any
 
 from .._destructor import FragDestructor
-from .._iov import Data, IoVec, Pin
-from ..errors import CompletionTimeoutError, PageFragError, SendBufferError
+from .._iov import Data
+from ..errors import PageFragError, SendBufferError
 from ..zerocopy._syscalls import disconnect
 from ..zerocopy.socket import ZeroCopySocket
 from ._flow import DEFAULT_HIGH_WATER, FlowControlMixin
 from ._lifecycle import REPORTED, Event, State, transition
 from ._linger import linger as _hand_over
+from ._linger import still_pinned
 from ._poller import poller_for
 from ._stall import EnobufsStall
+from ._writes import WriteQueue
 
 __all__ = ["DEFAULT_ENOBUFS_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_LINGER", "ZeroCopyTransport"]
 
@@ -66,15 +67,6 @@ _EPOLLERR = select.EPOLLERR
 _EPOLLOUT = select.EPOLLOUT
 _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _OPEN, _CLOSING = State.OPEN, State.CLOSING
-
-
-class _Write:
-    __slots__ = ("handle", "hold", "iov")
-
-    def __init__(self, iov: IoVec, hold: Pin, handle: FragDestructor) -> None:
-        self.iov = iov  # what is still to send: advanced as the kernel takes it
-        self.hold = hold  # the queue's references: released once every byte is sent
-        self.handle = handle
 
 
 class ZeroCopyTransport(FlowControlMixin):
@@ -113,9 +105,7 @@ class ZeroCopyTransport(FlowControlMixin):
         self._sock = sock
         self._loop = loop
         self._protocol = protocol
-        self._queue: collections.deque[_Write] = collections.deque()
-        self._handles: set[FragDestructor] = set()  # writes not released yet
-        self._unsent = 0
+        self._writes = WriteQueue(self)
         self._state = _OPEN  # changed only by _to(): the table of ._lifecycle
         self._exc: Exception | None = None  # what connection_lost will be given
         self._reading = True
@@ -160,7 +150,7 @@ class ZeroCopyTransport(FlowControlMixin):
             self._on_error_queue()
         if ev & _READ_EVENTS and self._reading:
             self._read_ready()
-        if ev & _EPOLLOUT and self._queue:
+        if ev & _EPOLLOUT and self._writes.queue:
             self._flush_queue()
 
     def _check_socket_error(self) -> None:
@@ -233,32 +223,11 @@ class ZeroCopyTransport(FlowControlMixin):
         completions."""
         if self._state is not _OPEN:
             raise ConnectionError("write() on a closing transport")
-        iov = IoVec.of(data)
-        if destructor is not None and not isinstance(destructor, FragDestructor):
-            raise TypeError(
-                f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
-            )
-        hold = iov.pin(self)  # all or nothing (DestructorError if one has fired)
-        if destructor is not None:
-            try:  # the destructor's: released when the handle fires, not when sent
-                keep = Pin.holding(self, (destructor,))
-            except BaseException:
-                hold.release(self)
-                raise
-        handle = FragDestructor(None, name="write")
-        self._handles.add(handle)
-        handle.add_done_callback(self._handles.discard)
-        if destructor is not None:
-            handle.add_done_callback(lambda _: keep.release(self))
-        nbytes = iov.nbytes
-        if not nbytes:
-            self._release(_Write(iov, hold, handle))
-            return handle
-        self._queue.append(_Write(iov, hold, handle))
-        self._unsent += nbytes
-        if len(self._queue) == 1:
-            self._flush_queue()
-        self._maybe_pause_protocol()
+        handle, nbytes = self._writes.push(data, destructor)
+        if nbytes:
+            if len(self._writes.queue) == 1:
+                self._flush_queue()
+            self._maybe_pause_protocol()
         return handle
 
     def writelines(self, list_of_data: Any) -> None:
@@ -266,12 +235,12 @@ class ZeroCopyTransport(FlowControlMixin):
             self.write(data)
 
     def _flush_queue(self) -> None:
-        queue = self._queue
+        writes = self._writes
+        queue = writes.queue
         while queue:
             w = queue[0]
-            iov = w.iov
             try:
-                n = self._zs.send_iov(iov.views, iov.owners, w.handle)
+                n = self._zs.send_iov(w.iov.views, w.iov.owners, w.handle)
             except (BlockingIOError, InterruptedError):
                 break
             except SendBufferError:  # nothing sent, nothing kept: wait in the loop
@@ -282,19 +251,9 @@ class ZeroCopyTransport(FlowControlMixin):
                 self._force_close(exc)
                 return
             self._stall.progress()
-            self._unsent -= n
-            iov.advance(n)
-            if iov.views:
-                continue  # the kernel took part: try again until it refuses
-            queue.popleft()
-            self._release(w)
+            writes.sent(n)  # a part: try again until the kernel refuses
         # What is left goes out on the next EPOLLOUT edge.
         self._after_progress()
-
-    def _release(self, w: _Write) -> None:
-        """Release the queue's pin of a write that is sent or abandoned."""
-        w.hold.release(self)
-        w.handle.unref()  # the reference it was created with
 
     def _wait_enobufs(self) -> bool:
         """ENOBUFS: keep the write queued and retry when completions arrive or after a
@@ -313,7 +272,7 @@ class ZeroCopyTransport(FlowControlMixin):
         return True
 
     def _retry_send(self) -> None:
-        if self._queue and self._state not in REPORTED:
+        if self._writes.queue and self._state not in REPORTED:
             self._flush_queue()
 
     def _on_error_queue(self) -> None:
@@ -324,24 +283,24 @@ class ZeroCopyTransport(FlowControlMixin):
         except PageFragError as exc:  # an error-queue message that is a real socket error
             self._force_close(exc)
             released = 0
-        if released and self._stall.since is not None and self._queue:
+        if released and self._stall.since is not None and self._writes.queue:
             self._flush_queue()  # completions freed what ENOBUFS was waiting for
             return
         self._after_progress()
 
     def _after_progress(self) -> None:
         self._maybe_resume_protocol()
-        if self._state is _CLOSING and not self._queue and not self._zs.outstanding:
+        if self._state is _CLOSING and not self._writes.queue and not self._zs.outstanding:
             self._finish(Event.RELEASED)
 
     async def wait_released(self) -> None:
         """Wait until every write so far has been released by the kernel."""
-        for handle in list(self._handles):
+        for handle in list(self._writes.handles):
             await handle
 
     def get_write_buffer_size(self) -> int:
         """Unsent plus pinned bytes: what the program has handed over and may not reuse."""
-        return self._unsent + self._zs.pinned_bytes
+        return self._writes.unsent + self._zs.pinned_bytes
 
     @property
     def pinned_bytes(self) -> int:
@@ -351,7 +310,7 @@ class ZeroCopyTransport(FlowControlMixin):
         return True
 
     def write_eof(self) -> None:
-        if self._queue:
+        if self._writes.queue:
             raise RuntimeError("write_eof() with data still queued")
         self._sock.shutdown(socket.SHUT_WR)
 
@@ -388,14 +347,7 @@ class ZeroCopyTransport(FlowControlMixin):
         """A protocol callback raised: as asyncio, report it to the loop's exception
         handler (socket errors are not logged), then fail the connection."""
         if not isinstance(exc, OSError):
-            self._loop.call_exception_handler(
-                {
-                    "message": message,
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
+            self._report(message, exc)
         self._force_close(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
 
     def _force_close(self, exc: Exception | None) -> None:
@@ -411,8 +363,8 @@ class ZeroCopyTransport(FlowControlMixin):
         self.pause_reading()
         # A failure with bytes dropped resets rather than let the peer read a truncated
         # stream that ends like a whole one.
-        reset = exc is None or bool(self._queue)
-        self._drop_queue()
+        reset = exc is None or bool(self._writes.queue)
+        self._writes.drop()
         if reset:
             try:
                 self._reset()
@@ -432,12 +384,6 @@ class ZeroCopyTransport(FlowControlMixin):
         self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self._zs.poll_completions(0)
 
-    def _drop_queue(self) -> None:
-        queue, self._queue = self._queue, collections.deque()
-        self._unsent = 0
-        for w in queue:
-            self._release(w)
-
     def _arm_linger(self) -> None:
         if self._state is _CLOSING and self._linger_timer is None and self._linger is not None:
             self._linger_timer = self._loop.call_later(self._linger, self._give_up)
@@ -449,18 +395,12 @@ class ZeroCopyTransport(FlowControlMixin):
         if self._state is not _CLOSING:
             return
         zs = self._zs
-        if not (self._queue or zs.outstanding):
+        if not (self._writes.queue or zs.outstanding):
             self._finish(Event.RELEASED)  # released meanwhile, without a wake-up that noticed
             return
         if self._exc is None:
-            self._exc = CompletionTimeoutError(
-                f"the kernel still holds {zs.outstanding} sends ({zs.pinned_bytes} bytes) "
-                f"after {self._linger:g}s, with {self._unsent} bytes never sent; "
-                "their buffers stay pinned",
-                zs.outstanding,
-                zs.pinned_bytes,
-            )
-        self._drop_queue()  # never handed to the kernel: those handles may fire
+            self._exc = still_pinned(zs, self._linger, self._writes.unsent)
+        self._writes.drop()  # never handed to the kernel: those handles may fire
         self._finish(Event.LINGER_EXPIRED if zs.outstanding else Event.RELEASED)
 
     def _finish(self, event: Event) -> None:
@@ -485,6 +425,6 @@ class ZeroCopyTransport(FlowControlMixin):
 
     def __repr__(self) -> str:
         return (
-            f"<ZeroCopyTransport {self._state.value} unsent={self._unsent} "
+            f"<ZeroCopyTransport {self._state.value} unsent={self._writes.unsent} "
             f"pinned={self._zs.pinned_bytes} outstanding={self._zs.outstanding}>"
         )
