@@ -17,18 +17,19 @@ limit) leaves the write queued: it is retried when completions arrive, or after 
 timer, and the connection fails only after ``enobufs_timeout`` seconds without progress
 (:mod:`._stall`).
 
-Each ``write`` is queued with a :class:`Pin` of its bytes (one reference on every
-destructor they carry) and its *write handle* (a :class:`FragDestructor` returned to the
-caller), so nothing the queue still holds can be released by its owner. The queue is
-handed to the kernel as the socket accepts it; the kernel bridge then holds its own
-references until the completions arrive, and the queue's pin is released. The handle
-fires when the last of them is gone.
+Each ``write`` is queued (:mod:`._writes`) with a :class:`Pin` of its bytes and its
+*write handle* (a :class:`FragDestructor` returned to the caller), so nothing the queue
+still holds can be released by its owner. The queue is handed to the kernel as the
+socket accepts it; the kernel bridge then holds its own references until the completions
+arrive, and the queue's pin is released. The handle fires when the last of them is gone.
 
-Flow control (:mod:`._flow`) counts pinned bytes with unsent ones: the protocol is paused
-above the high-water mark until both together fall to the low-water mark. The lifecycle
-(open, closing, lingering, lost) is the table of :mod:`._lifecycle`; every way to end a
-connection but ``close()`` is one path, :meth:`ZeroCopyTransport._force_close`; a
-connection lost with pages still pinned is handed to :mod:`._linger`.
+The rest lives beside this module, one concern each: reading and the guarded protocol
+callbacks (:mod:`._reading`); flow control (:mod:`._flow`), which counts pinned bytes
+with unsent ones: the protocol is paused above the high-water mark until both together
+fall to the low-water mark; the lifecycle (open, closing, lingering, lost), one table
+(:mod:`._lifecycle`); connections lost with pages still pinned (:mod:`._linger`). Every
+way to end a connection but ``close()`` is one path,
+:meth:`ZeroCopyTransport._force_close`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from ._lifecycle import REPORTED, Event, State, transition
 from ._linger import linger as _hand_over
 from ._linger import still_pinned
 from ._poller import poller_for
+from ._reading import ReadingMixin
 from ._stall import EnobufsStall
 from ._writes import WriteQueue
 
@@ -62,14 +64,13 @@ the connection is reported lost with the pages still pinned."""
 DEFAULT_ENOBUFS_TIMEOUT = 30.0
 """Seconds of ``ENOBUFS`` without progress after which the connection fails."""
 
-_READ_SIZE = 256 * 1024
 _EPOLLERR = select.EPOLLERR
 _EPOLLOUT = select.EPOLLOUT
 _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _OPEN, _CLOSING = State.OPEN, State.CLOSING
 
 
-class ZeroCopyTransport(FlowControlMixin):
+class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
     """A stream transport with per-write release notification (Linux ``MSG_ZEROCOPY``).
 
     ``linger``: seconds ``close()``, ``abort()`` or a failed connection wait for the
@@ -108,7 +109,6 @@ class ZeroCopyTransport(FlowControlMixin):
         self._writes = WriteQueue(self)
         self._state = _OPEN  # changed only by _to(): the table of ._lifecycle
         self._exc: Exception | None = None  # what connection_lost will be given
-        self._reading = True
         self._linger = linger
         self._linger_timer: asyncio.TimerHandle | None = None
         self._enobufs_timeout = enobufs_timeout
@@ -123,7 +123,6 @@ class ZeroCopyTransport(FlowControlMixin):
                 **(extra or {}),
             }
         )
-        self._read_scheduled = False
         self._fd = sock.fileno()
         self._poller = poller_for(loop)
         self._poller.register(self._fd, self._on_events)
@@ -159,53 +158,6 @@ class ZeroCopyTransport(FlowControlMixin):
         err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._force_close(OSError(err, os.strerror(err)))  # OSError picks the subclass
-
-    # -- reading ---------------------------------------------------------------------------
-    def _read_ready(self) -> None:
-        """Read until the socket is empty (the registration is edge-triggered), a bounded
-        number of times per turn of the loop; more is scheduled, not waited for."""
-        self._read_scheduled = False
-        for _ in range(16):
-            if not self._reading:
-                return
-            try:
-                data = self._sock.recv(_READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._force_close(exc)
-                return
-            callback = "data_received" if data else "eof_received"
-            try:
-                if not data:
-                    self._reading = False
-                    keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
-                    if not keep_open:
-                        self.close()
-                    return
-                self._protocol.data_received(data)  # type: ignore[attr-defined]
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:  # as asyncio's transports: the connection fails
-                self._fatal_error(exc, f"Fatal error: protocol.{callback}() call failed.")
-                return
-        self._schedule_read()
-
-    def _schedule_read(self) -> None:
-        if not self._read_scheduled:
-            self._read_scheduled = True
-            self._loop.call_soon(self._read_ready)
-
-    def pause_reading(self) -> None:
-        self._reading = False
-
-    def resume_reading(self) -> None:
-        if not self._reading and self._state is _OPEN:
-            self._reading = True
-            self._schedule_read()  # data may have arrived while paused: no new edge comes
-
-    def is_reading(self) -> bool:
-        return self._reading
 
     # -- writing ---------------------------------------------------------------------------
     def write(  # type: ignore[override]
