@@ -28,7 +28,7 @@ import pytest
 from conftest import POISON, Fired, Receiver
 
 import pagefrag
-from pagefrag import Frag, FragDestructor
+from pagefrag import Frag, FragDestructor, IoVec
 from pagefrag.errors import CompletionTimeoutError, QueuedSocketError
 from pagefrag.netlab import NetLab
 from pagefrag.zerocopy import CompletionTracker, ZeroCopySocket, tcp_info
@@ -439,7 +439,7 @@ def test_forked_child_is_inert_and_the_parent_still_flushes(fired: Fired) -> Non
                 lambda: zs.flush(timeout=2),
                 lambda: zs.send(bytearray(100_000)),
                 lambda: zs.sendall(b"x"),
-                lambda: zs.send_iov([memoryview(b"y")], [None]),
+                lambda: zs.send_iov(IoVec([memoryview(b"y")], [None])),
                 lambda: zs.abort(timeout=2),
             ]
             for bit, op in enumerate(ops):
@@ -540,7 +540,7 @@ def test_close_surfaces_etimedout_when_tcp_gives_up(lab: NetLab, fired: Fired, w
 
 NON_ROOT_SCRIPT = r"""
 import json, os, resource, socket, sys, threading, time
-from pagefrag import FragDestructor
+from pagefrag import FragDestructor, IoVec
 from pagefrag.errors import SendBufferError
 from pagefrag.zerocopy import ZeroCopySocket
 
@@ -590,7 +590,7 @@ else:
         d = FragDestructor(fired.append, timeout)
         t0 = time.monotonic()
         try:
-            zs.send_iov([memoryview(bytearray(4 << 20))], [None], d)
+            zs.send_iov(IoVec([memoryview(bytearray(4 << 20))], [None]), d)
             out[f"raised_{timeout}"] = None
         except SendBufferError as exc:
             out[f"raised_{timeout}"] = exc.errno

@@ -5,6 +5,7 @@ destructors") and a socket-buffer model with the kernel's reference rules.
 """
 
 from ._destructor import FragDestructor
+from ._iov import IoVec
 from ._skbuff import MAX_SKB_FRAGS, Frag, SkBuff
 from .errors import (
     AuthenticationError,
@@ -50,6 +51,7 @@ __all__ = [
     "FragError",
     "FragSharedError",
     "InvalidRangeError",
+    "IoVec",
     "NotABufferError",
     "NotContiguousError",
     "PageFragError",

@@ -261,6 +261,11 @@ class Unrefs:
         if refs:
             self._queue.extend(refs)
 
+    def extend(self, refs: list[FragDestructor]) -> None:
+        """Queue references already detached. Refs: moves them to the queue."""
+        if refs:
+            self._queue.extend(refs)
+
     def run(self, holder: object) -> None:
         """Drop every queued reference. Refs: -1 on each."""
         queue = self._queue

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .._destructor import FragDestructor
-from ..zerocopy.socket import Data
+from .._iov import Data
 from .transport import DEFAULT_ENOBUFS_TIMEOUT, DEFAULT_LINGER, ZeroCopyTransport
 
 __all__ = [

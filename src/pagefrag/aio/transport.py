@@ -192,7 +192,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         while queue:
             w = queue[0]
             try:
-                n = self._zs.send_iov(w.iov.views, w.iov.owners, w.handle)
+                n = self._zs.send_iov(w.iov, w.handle)
             except (BlockingIOError, InterruptedError):
                 break
             except SendBufferError:  # nothing sent, nothing kept: wait in the loop

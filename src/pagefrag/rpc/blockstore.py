@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..zerocopy.socket import Data
+from .._iov import Data
 from .client import RpcClient
 from .server import RpcServer
 

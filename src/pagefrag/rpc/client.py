@@ -32,6 +32,7 @@ from typing import Any
 
 from .. import aio
 from .._destructor import FragDestructor
+from .._iov import Data, IoVec
 from .._skbuff import Frag, SkBuff
 from ..errors import (
     AuthenticationError,
@@ -40,7 +41,6 @@ from ..errors import (
     PageFragError,
     RecordTooLargeError,
 )
-from ..zerocopy.socket import Data, pieces
 from . import handshake
 from .codec import Codec, PickleCodec, get_codec
 from .record import (
@@ -221,7 +221,8 @@ class RpcClient:
     def _request(
         self, xid: int, proc: str, args: Any, payload: Data | None
     ) -> tuple[SkBuff, FragDestructor, int]:
-        views, owners = pieces(payload) if payload is not None else ([], [])
+        iov = IoVec.of(payload) if payload is not None else IoVec([], [])
+        views, owners = iov.views, iov.owners
         head, buffers = encode_head(
             xid, 0, (proc, args), sum(v.nbytes for v in views), codec=self.codec
         )

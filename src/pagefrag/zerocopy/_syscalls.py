@@ -7,9 +7,12 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import select
 import socket
 import struct
 from dataclasses import dataclass
+
+from ..errors import ZeroCopyUnsupportedError
 
 # Plain ints, not the socket module's IntFlag members: "|" on an enum is slow.
 SO_ZEROCOPY: int = int(getattr(socket, "SO_ZEROCOPY", 60))
@@ -23,6 +26,19 @@ SOL_IPV6: int = int(getattr(socket, "SOL_IPV6", 41))
 RECVERR_CMSGS = frozenset({(SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR)})
 # One error-queue message: struct sock_extended_err (16) + the offender's sockaddr_in6 (28).
 ERRQUEUE_ANCBUF = socket.CMSG_SPACE(16 + 28)
+
+
+
+def _iov_max() -> int:
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (ValueError, OSError):
+        value = -1
+    return value if value > 0 else 1024
+
+
+IOV_MAX = _iov_max()
+"""The most pieces one ``sendmsg`` may carry (``UIO_MAXIOV``); more fail with EMSGSIZE."""
 
 _libc: ctypes.CDLL | None = None
 
@@ -50,6 +66,35 @@ def disconnect(sock: socket.socket) -> None:
         err = ctypes.get_errno()
         if err not in _NOT_CONNECTED:
             raise OSError(err, os.strerror(err))
+
+
+def enable_zerocopy(sock: socket.socket) -> None:
+    """``setsockopt(SO_ZEROCOPY, 1)``; :class:`ZeroCopyUnsupportedError` where the kernel
+    or the socket refuses it."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
+    except OSError as exc:
+        raise ZeroCopyUnsupportedError(
+            exc.errno, f"SO_ZEROCOPY is not supported here: {exc.strerror}"
+        ) from exc
+
+
+def enable_recverr(sock: socket.socket) -> None:
+    """``IP_RECVERR``/``IPV6_RECVERR``: a datagram socket's ICMP errors are queued on its
+    error queue, in order with the zero-copy completions."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
+    else:
+        sock.setsockopt(SOL_IP, IP_RECVERR, 1)
+
+
+def wait_writable(sock: socket.socket, timeout: float | None) -> bool:
+    """``poll(POLLOUT)`` for at most ``timeout`` seconds (None: no bound); True if it
+    reported ``POLLERR`` (a socket error, or error-queue messages to read)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    ms = -1 if timeout is None else int(timeout * 1000) + 1
+    return any(ev & select.POLLERR for _, ev in poller.poll(ms))
 
 
 @dataclass(frozen=True)
