@@ -10,9 +10,12 @@ waits: the transport asks and acts."""
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Callable
 
-__all__ = ["ENOBUFS_RETRY", "EnobufsStall"]
+from ..errors import SendBufferError
+
+__all__ = ["ENOBUFS_RETRY", "EnobufsStall", "stalled"]
 
 ENOBUFS_RETRY = 0.05
 """Seconds: the retry timer while ENOBUFS and no completion comes."""
@@ -54,3 +57,12 @@ class EnobufsStall:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+def stalled(timeout: float, outstanding: int) -> SendBufferError:
+    """The failure of a connection whose stall lasted ``timeout`` seconds."""
+    return SendBufferError(
+        errno.ENOBUFS,
+        f"ENOBUFS for {timeout:g}s with {outstanding} sends outstanding "
+        "(net.core.optmem_max or RLIMIT_MEMLOCK too small)",
+    )

@@ -35,7 +35,6 @@ way to end a connection but ``close()`` is one path,
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import select
 import socket
@@ -52,7 +51,7 @@ from ._linger import linger as _hand_over
 from ._linger import still_pinned
 from ._poller import poller_for
 from ._reading import ReadingMixin
-from ._stall import EnobufsStall
+from ._stall import EnobufsStall, stalled
 from ._writes import WriteQueue
 
 __all__ = ["DEFAULT_ENOBUFS_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_LINGER", "ZeroCopyTransport"]
@@ -211,14 +210,9 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         """ENOBUFS: keep the write queued and retry when completions arrive or after a
         short timer; fail the connection after ``enobufs_timeout`` seconds without
         progress. False if it failed."""
-        if self._stall.refused(self._loop.time(), self._enobufs_timeout):
-            self._force_close(
-                SendBufferError(
-                    errno.ENOBUFS,
-                    f"ENOBUFS for {self._enobufs_timeout:g}s with {self._zs.outstanding} "
-                    "sends outstanding (net.core.optmem_max or RLIMIT_MEMLOCK too small)",
-                )
-            )
+        timeout = self._enobufs_timeout
+        if self._stall.refused(self._loop.time(), timeout):
+            self._force_close(stalled(timeout, self._zs.outstanding))
             return False
         self._stall.retry_later(self._loop, self._retry_send)
         return True
@@ -292,7 +286,11 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
 
     def abort(self) -> None:
         """Disconnect at once (RST, kernel queues purged), drop what was never sent, read
-        the completions of what was, then close."""
+        the completions of what was, then close. Kernel: ``connect(AF_UNSPEC)``
+        (``tcp_disconnect``). Bounded by ``linger`` as :meth:`close`.
+
+        Refs: the queue's pins released at once; the kernel's dropped as the completions
+        arrive, never before."""
         self._force_close(None)
 
     def _fatal_error(self, exc: BaseException, message: str) -> None:
