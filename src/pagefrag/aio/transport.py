@@ -14,42 +14,47 @@ report ``POLLERR`` and libuv, under uvloop, stops watching it.)
 
 Nothing blocks inside a callback. ``ENOBUFS`` (``net.core.optmem_max`` or the locked-page
 limit) leaves the write queued: it is retried when completions arrive, or after a short
-timer, and the connection fails only after ``enobufs_timeout`` seconds without progress.
+timer, and the connection fails only after ``enobufs_timeout`` seconds without progress
+(:mod:`._stall`).
 
-Each ``write`` is queued with one reference on every destructor its bytes carry and one on
-its *write handle* (a :class:`FragDestructor` returned to the caller), so nothing the
-queue still holds can be released by its owner. The queue is handed to the kernel as the
+Each ``write`` is queued (:mod:`._writes`) with a :class:`Pin` of its bytes and its
+*write handle* (a :class:`FragDestructor` returned to the caller), so nothing the queue
+still holds can be released by its owner. The queue is handed to the kernel as the
 socket accepts it; the kernel bridge then holds its own references until the completions
-arrive, and the queue's are dropped. The handle fires when the last of them is gone.
+arrive, and the queue's pin is released. The handle fires when the last of them is gone.
 
-Flow control counts pinned bytes with unsent ones: the protocol is paused above the
-high-water mark until both together fall to the low-water mark.
+The rest lives beside this module, one concern each: reading and the guarded protocol
+callbacks (:mod:`._reading`); flow control (:mod:`._flow`), which counts pinned bytes
+with unsent ones: the protocol is paused above the high-water mark until both together
+fall to the low-water mark; the lifecycle (open, closing, lingering, lost), one table
+(:mod:`._lifecycle`); connections lost with pages still pinned (:mod:`._linger`). Every
+way to end a connection but ``close()`` is one path,
+:meth:`ZeroCopyTransport._force_close`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import errno
 import os
 import select
 import socket
 from typing import Any
 
 from .._destructor import FragDestructor
-from .._iov import Data, IoVec, Pin
-from ..errors import CompletionTimeoutError, PageFragError, SendBufferError
+from .._iov import Data
+from ..errors import PageFragError, SendBufferError
 from ..zerocopy._syscalls import disconnect
 from ..zerocopy.socket import ZeroCopySocket
+from ._flow import DEFAULT_HIGH_WATER, FlowControlMixin
+from ._lifecycle import REPORTED, Event, State, transition
+from ._linger import linger as _hand_over
+from ._linger import still_pinned
 from ._poller import poller_for
+from ._reading import ReadingMixin
+from ._stall import EnobufsStall, stalled
+from ._writes import WriteQueue
 
 __all__ = ["DEFAULT_ENOBUFS_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_LINGER", "ZeroCopyTransport"]
-
-DEFAULT_HIGH_WATER = 4 << 20
-"""Unsent plus pinned bytes above which the protocol is paused. A zero-copy write stays
-pinned until the peer ACKs it, so this is the in-flight window: far above asyncio's
-64 KiB, which would stall every write on a round trip."""
 
 DEFAULT_LINGER = 30.0
 """Seconds ``close()``, ``abort()`` or a failure wait for the kernel's completions before
@@ -58,27 +63,13 @@ the connection is reported lost with the pages still pinned."""
 DEFAULT_ENOBUFS_TIMEOUT = 30.0
 """Seconds of ``ENOBUFS`` without progress after which the connection fails."""
 
-_READ_SIZE = 256 * 1024
-_ENOBUFS_RETRY = 0.05  # seconds: the retry timer while ENOBUFS and no completion comes
 _EPOLLERR = select.EPOLLERR
 _EPOLLOUT = select.EPOLLOUT
 _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
-# Connections reported lost with pages still pinned (their completions did not come within
-# the linger time): kept alive, pins and descriptor, and still watched by the loop's poller
-# until the kernel releases the last page (then closed and removed) or the loop goes.
-_LINGERING: list[ZeroCopySocket] = []
+_OPEN, _CLOSING = State.OPEN, State.CLOSING
 
 
-class _Write:
-    __slots__ = ("handle", "hold", "iov")
-
-    def __init__(self, iov: IoVec, hold: Pin, handle: FragDestructor) -> None:
-        self.iov = iov
-        self.hold = hold  # the queue's references: dropped once every byte is sent
-        self.handle = handle
-
-
-class ZeroCopyTransport(asyncio.Transport):
+class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
     """A stream transport with per-write release notification (Linux ``MSG_ZEROCOPY``).
 
     ``linger``: seconds ``close()``, ``abort()`` or a failed connection wait for the
@@ -114,20 +105,13 @@ class ZeroCopyTransport(asyncio.Transport):
         self._sock = sock
         self._loop = loop
         self._protocol = protocol
-        self._queue: collections.deque[_Write] = collections.deque()
-        self._handles: set[FragDestructor] = set()  # writes not released yet
-        self._unsent = 0
-        self._closing = False  # close() or abort() was called, or the connection failed
-        self._lost = False  # connection_lost has been scheduled
-        self._lingering = False  # lost past the linger bound, the kernel still holds pages
-        self._exc: Exception | None = None
-        self._reading = True
-        self._writing_paused = False
+        self._writes = WriteQueue(self)
+        self._state = _OPEN  # changed only by _to(): the table of ._lifecycle
+        self._exc: Exception | None = None  # what connection_lost will be given
         self._linger = linger
         self._linger_timer: asyncio.TimerHandle | None = None
         self._enobufs_timeout = enobufs_timeout
-        self._enobufs_since: float | None = None  # loop time of the first ENOBUFS of a stall
-        self._retry_timer: asyncio.TimerHandle | None = None
+        self._stall = EnobufsStall()
         self.set_write_buffer_limits(high_water, low_water)
         super().__init__(
             {
@@ -138,18 +122,23 @@ class ZeroCopyTransport(asyncio.Transport):
                 **(extra or {}),
             }
         )
-        self._read_scheduled = False
         self._fd = sock.fileno()
         self._poller = poller_for(loop)
         self._poller.register(self._fd, self._on_events)
         loop.call_soon(protocol.connection_made, self)
 
+    def _to(self, event: Event) -> bool:
+        """Take the lifecycle transition of ``event``; False if the table has none (the
+        event is ignored)."""
+        state = transition(self._state, event)
+        if state is None:
+            return False
+        self._state = state
+        return True
+
     # -- events ----------------------------------------------------------------------------
     def _on_events(self, ev: int) -> None:
         """What the shared poller reports for this socket."""
-        if self._lingering:
-            self._drain_lingering()
-            return
         if ev & _EPOLLERR:
             if not self._reading:
                 # Nobody reads, so no recv() would raise a socket error (ETIMEDOUT when
@@ -159,62 +148,15 @@ class ZeroCopyTransport(asyncio.Transport):
             self._on_error_queue()
         if ev & _READ_EVENTS and self._reading:
             self._read_ready()
-        if ev & _EPOLLOUT and self._queue:
+        if ev & _EPOLLOUT and self._writes.queue:
             self._flush_queue()
 
     def _check_socket_error(self) -> None:
-        if self._lost:
+        if self._state in REPORTED:
             return
         err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._fatal(OSError(err, os.strerror(err)))  # OSError picks the subclass
-
-    # -- reading ---------------------------------------------------------------------------
-    def _read_ready(self) -> None:
-        """Read until the socket is empty (the registration is edge-triggered), a bounded
-        number of times per turn of the loop; more is scheduled, not waited for."""
-        self._read_scheduled = False
-        for _ in range(16):
-            if not self._reading:
-                return
-            try:
-                data = self._sock.recv(_READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._fatal(exc)
-                return
-            callback = "data_received" if data else "eof_received"
-            try:
-                if not data:
-                    self._reading = False
-                    keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
-                    if not keep_open:
-                        self.close()
-                    return
-                self._protocol.data_received(data)  # type: ignore[attr-defined]
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:  # as asyncio's transports: the connection fails
-                self._fatal_error(exc, f"Fatal error: protocol.{callback}() call failed.")
-                return
-        self._schedule_read()
-
-    def _schedule_read(self) -> None:
-        if not self._read_scheduled:
-            self._read_scheduled = True
-            self._loop.call_soon(self._read_ready)
-
-    def pause_reading(self) -> None:
-        self._reading = False
-
-    def resume_reading(self) -> None:
-        if not self._reading and not self._closing:
-            self._reading = True
-            self._schedule_read()  # data may have arrived while paused: no new edge comes
-
-    def is_reading(self) -> bool:
-        return self._reading
+            self._force_close(OSError(err, os.strerror(err)))  # OSError picks the subclass
 
     # -- writing ---------------------------------------------------------------------------
     def write(  # type: ignore[override]
@@ -227,38 +169,16 @@ class ZeroCopyTransport(asyncio.Transport):
         A write that raises (closing transport, bad data, a destructor that has already
         fired) changes nothing: no reference taken, no handle registered.
 
-        Refs: one per piece's destructor while queued, one on ``destructor`` until the
-        handle fires; the kernel bridge holds its own until the completions."""
-        if self._closing:
+        Refs: one per piece's destructor while queued (a :class:`Pin`), one on
+        ``destructor`` until the handle fires; the kernel bridge holds its own until the
+        completions."""
+        if self._state is not _OPEN:
             raise ConnectionError("write() on a closing transport")
-        iov = IoVec.of(data)
-        if destructor is not None and not isinstance(destructor, FragDestructor):
-            raise TypeError(
-                f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
-            )
-        hold = iov.pin(self)
-        if destructor is not None:
-            # All or nothing, the write's own destructor included (DestructorError if it
-            # has already fired); its reference is dropped when the handle fires.
-            try:
-                keep = Pin.holding(self, (destructor,))
-            except BaseException:
-                hold.release(self)
-                raise
-        handle = FragDestructor(None, name="write")
-        self._handles.add(handle)
-        handle.add_done_callback(self._handles.discard)
-        if destructor is not None:
-            handle.add_done_callback(lambda _: keep.release(self))
-        nbytes = iov.nbytes if iov.views else 0
-        if not nbytes:
-            self._release(_Write(iov, hold, handle))
-            return handle
-        self._queue.append(_Write(iov, hold, handle))
-        self._unsent += nbytes
-        if len(self._queue) == 1:
-            self._flush_queue()
-        self._maybe_pause_protocol()
+        handle, nbytes = self._writes.push(data, destructor)
+        if nbytes:
+            if len(self._writes.queue) == 1:
+                self._flush_queue()
+            self._maybe_pause_protocol()
         return handle
 
     def writelines(self, list_of_data: Any) -> None:
@@ -266,138 +186,77 @@ class ZeroCopyTransport(asyncio.Transport):
             self.write(data)
 
     def _flush_queue(self) -> None:
-        queue = self._queue
+        writes = self._writes
+        queue = writes.queue
         while queue:
             w = queue[0]
             try:
                 n = self._zs.send_iov(w.iov, w.handle)
             except (BlockingIOError, InterruptedError):
                 break
-            except SendBufferError as exc:  # nothing sent, nothing kept: wait in the loop
-                if not self._wait_enobufs(exc):
+            except SendBufferError:  # nothing sent, nothing kept: wait in the loop
+                if not self._wait_enobufs():
                     return
                 break
             except OSError as exc:
-                self._fatal(exc)
+                self._force_close(exc)
                 return
-            if self._enobufs_since is not None:
-                self._enobufs_since = None  # progress: a later ENOBUFS starts a new stall
-            self._unsent -= n
-            w.iov.advance(n)
-            if w.iov.views:
-                continue  # the kernel took part: try again until it refuses
-            queue.popleft()
-            self._release(w)
+            self._stall.progress()
+            writes.sent(n)  # a part: try again until the kernel refuses
         # What is left goes out on the next EPOLLOUT edge.
         self._after_progress()
 
-    def _release(self, w: _Write) -> None:
-        """Drop the queue's references of a write that is sent or abandoned."""
-        w.hold.release(self)
-        w.handle.unref()
-
-    def _wait_enobufs(self, exc: SendBufferError) -> bool:
-        """ENOBUFS: keep the write queued and retry when completions arrive (they free
-        optmem and locked pages) or after a short timer; fail the connection after
-        ``enobufs_timeout`` seconds without progress. False if it failed."""
-        now = self._loop.time()
-        if self._enobufs_since is None:
-            self._enobufs_since = now
-        elif now - self._enobufs_since >= self._enobufs_timeout:
-            self._fatal(
-                SendBufferError(
-                    errno.ENOBUFS,
-                    f"ENOBUFS for {self._enobufs_timeout:g}s with {self._zs.outstanding} "
-                    "sends outstanding (net.core.optmem_max or RLIMIT_MEMLOCK too small)",
-                )
-            )
+    def _wait_enobufs(self) -> bool:
+        """ENOBUFS: keep the write queued and retry when completions arrive or after a
+        short timer; fail the connection after ``enobufs_timeout`` seconds without
+        progress. False if it failed."""
+        timeout = self._enobufs_timeout
+        if self._stall.refused(self._loop.time(), timeout):
+            self._force_close(stalled(timeout, self._zs.outstanding))
             return False
-        if self._retry_timer is None:
-            self._retry_timer = self._loop.call_later(_ENOBUFS_RETRY, self._retry_send)
+        self._stall.retry_later(self._loop, self._retry_send)
         return True
 
     def _retry_send(self) -> None:
-        self._retry_timer = None
-        if self._queue and not self._lost:
+        if self._writes.queue and self._state not in REPORTED:
             self._flush_queue()
 
     def _on_error_queue(self) -> None:
-        if self._lost:
+        if self._state in REPORTED:
             return
         try:
             released = self._zs.poll_completions(0)
         except PageFragError as exc:  # an error-queue message that is a real socket error
-            self._fatal(exc)
+            self._force_close(exc)
             released = 0
-        if released and self._enobufs_since is not None and self._queue:
+        if released and self._stall.since is not None and self._writes.queue:
             self._flush_queue()  # completions freed what ENOBUFS was waiting for
             return
         self._after_progress()
 
     def _after_progress(self) -> None:
         self._maybe_resume_protocol()
-        if self._closing and not self._queue and not self._zs.outstanding:
-            self._finish()
+        if self._state is _CLOSING and not self._writes.queue and not self._zs.outstanding:
+            self._finish(Event.RELEASED)
 
     async def wait_released(self) -> None:
         """Wait until every write so far has been released by the kernel."""
-        for handle in list(self._handles):
+        for handle in list(self._writes.handles):
             await handle
 
     def get_write_buffer_size(self) -> int:
         """Unsent plus pinned bytes: what the program has handed over and may not reuse."""
-        return self._unsent + self._zs.pinned_bytes
+        return self._writes.unsent + self._zs.pinned_bytes
 
     @property
     def pinned_bytes(self) -> int:
         return self._zs.pinned_bytes
 
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = DEFAULT_HIGH_WATER if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high_water, self._low_water = high, low
-        self._maybe_pause_protocol()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._low_water, self._high_water
-
-    def _maybe_pause_protocol(self) -> None:
-        if not self._writing_paused and self.get_write_buffer_size() > self._high_water:
-            self._writing_paused = True
-            self._call_flow_control("pause_writing")
-
-    def _maybe_resume_protocol(self) -> None:
-        if self._writing_paused and self.get_write_buffer_size() <= self._low_water:
-            self._writing_paused = False
-            self._call_flow_control("resume_writing")
-
-    def _call_flow_control(self, name: str) -> None:
-        # As asyncio's _FlowControlMixin: the protocol's exception is reported and the
-        # transport goes on. Raised here it would skip the close check (the transport
-        # would never finish) or escape write() after the data was queued.
-        try:
-            getattr(self._protocol, name)()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self._loop.call_exception_handler(
-                {
-                    "message": f"protocol.{name}() failed",
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
-
     def can_write_eof(self) -> bool:
         return True
 
     def write_eof(self) -> None:
-        if self._queue:
+        if self._writes.queue:
             raise RuntimeError("write_eof() with data still queued")
         self._sock.shutdown(socket.SHUT_WR)
 
@@ -407,7 +266,7 @@ class ZeroCopyTransport(asyncio.Transport):
 
     # -- closing ---------------------------------------------------------------------------
     def is_closing(self) -> bool:
-        return self._closing
+        return self._state is not _OPEN
 
     def close(self) -> None:
         """Send what is queued, wait for every completion, then close (connection_lost).
@@ -419,122 +278,92 @@ class ZeroCopyTransport(asyncio.Transport):
         watched while the loop runs, so their handles fire then and the socket is closed.
 
         Refs: dropped as the completions arrive; never before."""
-        if self._closing:
+        if not self._to(Event.CLOSE):
             return
-        self._closing = True
         self.pause_reading()
         self._after_progress()
         self._arm_linger()
 
     def abort(self) -> None:
         """Disconnect at once (RST, kernel queues purged), drop what was never sent, read
-        the completions of what was, then close."""
-        if self._lost:
+        the completions of what was, then close. Kernel: ``connect(AF_UNSPEC)``
+        (``tcp_disconnect``). Bounded by ``linger`` as :meth:`close`.
+
+        Refs: the queue's pins released at once; the kernel's dropped as the completions
+        arrive, never before."""
+        self._force_close(None)
+
+    def _fatal_error(self, exc: BaseException, message: str) -> None:
+        """A protocol callback raised: as asyncio, report it to the loop's exception
+        handler (socket errors are not logged), then fail the connection."""
+        if not isinstance(exc, OSError):
+            self._report(message, exc)
+        self._force_close(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+
+    def _force_close(self, exc: Exception | None) -> None:
+        """The one teardown path but close(): abort() (``exc`` None) or a failure of the
+        connection (``exc``, what connection_lost gets). Nothing more is sent; what was
+        never sent is dropped (its handles fire); the connection is reset (always on
+        abort, on failure if bytes of the stream were dropped); then the completions of
+        what the kernel held are awaited, up to ``linger``, and the loss reported."""
+        if not self._to(Event.FORCE_CLOSE):
             return
-        self._closing = True
+        if self._exc is None:
+            self._exc = exc
         self.pause_reading()
-        self._drop_queue()
-        try:
-            self._reset()
-        except (OSError, PageFragError) as exc:
-            # An unexpected failure (EBADF: the socket was closed behind our back) is
-            # the connection's: it must still reach the loss path below.
-            if self._exc is None:
-                self._exc = exc
+        # A failure with bytes dropped resets rather than let the peer read a truncated
+        # stream that ends like a whole one.
+        reset = exc is None or bool(self._writes.queue)
+        self._writes.drop()
+        if reset:
+            try:
+                self._reset()
+            except (OSError, PageFragError) as err:
+                # EBADF: the socket was closed behind our back. Still the loss path
+                # below; on abort the error is the connection's.
+                if self._exc is None:
+                    self._exc = err
         self._after_progress()
         self._arm_linger()
 
     def _reset(self) -> None:
         """Disconnect (RST, kernel queues purged, the descriptor kept open so the
         completions still arrive) and read what is already there."""
-        try:
-            disconnect(self._sock)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTCONN, errno.EINVAL):
-                raise
+        disconnect(self._sock)
         # Our own reset sets the socket error (ECONNRESET): it is no failure to report.
         self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self._zs.poll_completions(0)
 
-    def _fatal_error(self, exc: BaseException, message: str) -> None:
-        if not isinstance(exc, OSError):  # as asyncio: socket errors are not logged
-            self._loop.call_exception_handler(
-                {
-                    "message": message,
-                    "exception": exc,
-                    "transport": self,
-                    "protocol": self._protocol,
-                }
-            )
-        self._fatal(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
-
-    def _fatal(self, exc: Exception) -> None:
-        """The connection failed: nothing more will be sent; wait for the completions of
-        what the kernel held (it purges its queues on reset), then report the loss."""
-        if self._lost:
-            return
-        if self._exc is None:
-            self._exc = exc
-        self._closing = True
-        self.pause_reading()
-        had_unsent = bool(self._queue)
-        self._drop_queue()
-        if had_unsent:
-            # Bytes of the stream were dropped: reset rather than let the peer read a
-            # truncated stream that ends like a whole one.
-            with contextlib.suppress(OSError):
-                self._reset()
-        self._after_progress()
-        self._arm_linger()
-
-    def _drop_queue(self) -> None:
-        queue, self._queue = self._queue, collections.deque()
-        self._unsent = 0
-        for w in queue:
-            self._release(w)
-
     def _arm_linger(self) -> None:
-        if not self._lost and self._linger_timer is None and self._linger is not None:
+        if self._state is _CLOSING and self._linger_timer is None and self._linger is not None:
             self._linger_timer = self._loop.call_later(self._linger, self._give_up)
 
     def _give_up(self) -> None:
         # Past the linger bound: report the loss now. Pages the kernel has not reported
         # released stay pinned rather than be reused, until their late completions.
         self._linger_timer = None
-        if self._lost:
-            return
-        if not (self._queue or self._zs.outstanding):
-            self._finish()  # released meanwhile, without a wake-up that noticed
+        if self._state is not _CLOSING:
             return
         zs = self._zs
-        if self._exc is None:
-            self._exc = CompletionTimeoutError(
-                f"the kernel still holds {zs.outstanding} sends ({zs.pinned_bytes} bytes) "
-                f"after {self._linger:g}s, with {self._unsent} bytes never sent; "
-                "their buffers stay pinned",
-                zs.outstanding,
-                zs.pinned_bytes,
-            )
-        self._drop_queue()  # never handed to the kernel: those handles may fire
-        if zs.outstanding:
-            _LINGERING.append(zs)
-            self._finish(linger=True)
-        else:
-            self._finish()
-
-    def _finish(self, linger: bool = False) -> None:
-        """Report the loss. ``linger``: the kernel still holds pages; the socket stays
-        open and registered so their completions, whenever they come, still release them
-        (:meth:`_drain_lingering`)."""
-        if self._lost:
+        if not (self._writes.queue or zs.outstanding):
+            self._finish(Event.RELEASED)  # released meanwhile, without a wake-up that noticed
             return
-        self._lost = True
-        for timer in (self._linger_timer, self._retry_timer):
-            if timer is not None:
-                timer.cancel()
-        self._linger_timer = self._retry_timer = None
-        if linger:
-            self._lingering = True
+        if self._exc is None:
+            self._exc = still_pinned(zs, self._linger, self._writes.unsent)
+        self._writes.drop()  # never handed to the kernel: those handles may fire
+        self._finish(Event.LINGER_EXPIRED if zs.outstanding else Event.RELEASED)
+
+    def _finish(self, event: Event) -> None:
+        """Report the loss. LINGER_EXPIRED: the kernel still holds pages; the socket is
+        handed to :mod:`._linger`, which releases them whenever their completions come."""
+        if not self._to(event):
+            return
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        self._stall.cancel()
+        if self._state is State.LINGERING:
+            _hand_over(self._zs, self._poller, self._fd, lambda: self._to(Event.RELEASED))
         else:
             self._poller.unregister(self._fd, self._on_events)
             try:
@@ -544,27 +373,8 @@ class ZeroCopyTransport(asyncio.Transport):
                     self._exc = exc
         self._loop.call_soon(self._protocol.connection_lost, self._exc)
 
-    def _drain_lingering(self) -> None:
-        """A wake-up of a socket lost with pages pinned: release what completed; once the
-        kernel holds nothing more, close it and stop watching."""
-        zs = self._zs
-        # The loss was reported already: a late socket error (TCP giving up, a reset,
-        # a descriptor closed behind our back) is nobody's to handle; the completions
-        # that came with it were drained before it was raised.
-        with contextlib.suppress(PageFragError, OSError):
-            zs.poll_completions(0)
-        if zs.outstanding:
-            return
-        self._lingering = False
-        self._poller.unregister(self._fd, self._on_events)
-        with contextlib.suppress(PageFragError, OSError):
-            zs.close(timeout=0)
-        with contextlib.suppress(ValueError):
-            _LINGERING.remove(zs)
-
     def __repr__(self) -> str:
-        state = "closed" if self._lost else "closing" if self._closing else "open"
         return (
-            f"<ZeroCopyTransport {state} unsent={self._unsent} "
+            f"<ZeroCopyTransport {self._state.value} unsent={self._writes.unsent} "
             f"pinned={self._zs.pinned_bytes} outstanding={self._zs.outstanding}>"
         )

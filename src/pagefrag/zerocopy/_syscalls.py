@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import select
 import socket
@@ -49,14 +50,22 @@ def _c() -> ctypes.CDLL:
     return _libc
 
 
+_NOT_CONNECTED = (errno.ENOTCONN, errno.EINVAL)
+
+
 def disconnect(sock: socket.socket) -> None:
     """``connect(fd, {AF_UNSPEC})``: for TCP the kernel's ``tcp_disconnect`` (an RST,
     every queue purged) while the descriptor stays open, so the zero-copy completions
-    of the purged data can still be read. For UDP it dissolves the association."""
+    of the purged data can still be read. For UDP it dissolves the association.
+
+    A socket with nothing to disconnect (``ENOTCONN``, ``EINVAL``: never connected, or
+    disconnected already) is no error; any other ``OSError`` (``EBADF``: closed behind
+    the caller's back) is raised."""
     addr = struct.pack("=H14x", socket.AF_UNSPEC)
     if _c().connect(sock.fileno(), ctypes.c_char_p(addr), len(addr)) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        if err not in _NOT_CONNECTED:
+            raise OSError(err, os.strerror(err))
 
 
 def check_connected_inet(sock: socket.socket) -> None:

@@ -1,0 +1,110 @@
+"""The write queue of the zero-copy transport: the writes it has accepted and not yet
+handed whole to the kernel, each with what it holds and the handle its caller awaits.
+
+Rule: this module holds every reference the transport takes, and only as :class:`Pin`
+objects (:mod:`.._iov`); it knows nothing of sockets or of the event loop.
+
+Theory of operation. A write is queued with a :class:`Pin` of its bytes (one reference
+on every destructor they carry), so nothing the queue still holds can be released by its
+owner, and a *write handle*: a :class:`FragDestructor` created for the write and
+returned to the caller. Its bytes are handed to the kernel as the socket accepts them;
+the kernel bridge then holds its own references (on the pages and on the handle) until
+their completions, and once the whole write is sent the queue releases its pin and the
+handle's first reference. So the handle fires when the kernel has released the last
+page. A write's own ``destructor`` is held by a second pin, released when the handle
+fires.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from .._destructor import FragDestructor
+from .._iov import Data, IoVec, Pin
+
+__all__ = ["WriteQueue"]
+
+
+class _Write:
+    __slots__ = ("handle", "hold", "iov")
+
+    def __init__(self, iov: IoVec, hold: Pin, handle: FragDestructor) -> None:
+        self.iov = iov  # what is still to send: advanced as the kernel takes it
+        self.hold = hold  # the queue's references: released once every byte is sent
+        self.handle = handle
+
+
+class WriteQueue:
+    """The writes of one transport, first to send first. ``holder`` is who the pins'
+    references are recorded for (the transport, in leak reports). ``unsent``: bytes
+    queued and not yet taken by the kernel; ``handles``: the handles not fired yet."""
+
+    __slots__ = ("_holder", "handles", "queue", "unsent")
+
+    def __init__(self, holder: object) -> None:
+        self._holder = holder
+        self.queue: collections.deque[_Write] = collections.deque()
+        self.handles: set[FragDestructor] = set()
+        self.unsent = 0
+
+    def push(self, data: Data, destructor: FragDestructor | None) -> tuple[FragDestructor, int]:
+        """Queue ``data`` and return its write handle and its size (0: nothing queued,
+        the handle has fired already). Raises, with no reference taken and no handle
+        made, for data that is not :data:`Data`, a ``destructor`` that is not a
+        :class:`FragDestructor`, or a destructor (the write's or its pieces') that has
+        fired.
+
+        Refs: +1 on every piece's destructor (the queue's pin); +1 on ``destructor``
+        until the handle fires."""
+        holder = self._holder
+        iov = IoVec.of(data)
+        if destructor is not None and not isinstance(destructor, FragDestructor):
+            raise TypeError(
+                f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
+            )
+        hold = iov.pin(holder)  # all or nothing (DestructorError if one has fired)
+        if destructor is not None:
+            try:
+                keep = Pin.holding(holder, (destructor,))
+            except BaseException:
+                hold.release(holder)
+                raise
+        handle = FragDestructor(None, name="write")
+        self.handles.add(handle)
+        handle.add_done_callback(self.handles.discard)
+        if destructor is not None:
+            handle.add_done_callback(lambda _: keep.release(holder))
+        w = _Write(iov, hold, handle)
+        nbytes = iov.nbytes
+        if nbytes:
+            self.queue.append(w)
+            self.unsent += nbytes
+        else:
+            self._release(w)
+        return handle, nbytes
+
+    def sent(self, n: int) -> None:
+        """The kernel took the first ``n`` bytes of the first write; once all of it is
+        taken, the write leaves the queue.
+
+        Refs: a write sent whole releases its pin and its handle's first reference."""
+        w = self.queue[0]
+        self.unsent -= n
+        w.iov.advance(n)
+        if not w.iov.views:
+            self.queue.popleft()
+            self._release(w)
+
+    def drop(self) -> None:
+        """Abandon every queued write: the kernel never saw their unsent bytes.
+
+        Refs: releases each write's pin and its handle's first reference (the handle
+        fires once the kernel has released the part it took)."""
+        queue, self.queue = self.queue, collections.deque()
+        self.unsent = 0
+        for w in queue:
+            self._release(w)
+
+    def _release(self, w: _Write) -> None:
+        w.hold.release(self._holder)
+        w.handle.unref()  # the reference the handle was created with
