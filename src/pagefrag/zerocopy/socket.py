@@ -335,11 +335,7 @@ class ZeroCopySocket:
         lost them: TCP purges what it never delivered; a datagram's errors are dropped)."""
         deadline = deadline_after(timeout)
         if reset:
-            try:
-                disconnect(self._sock)  # also wakes a sender blocked in the kernel
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTCONN, errno.EINVAL):
-                    raise
+            disconnect(self._sock)  # also wakes a sender blocked in the kernel
         held: list[bool] = []
         try:
             if not acquire_within(self._send_lock, deadline, held):
