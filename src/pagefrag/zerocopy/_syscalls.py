@@ -28,7 +28,6 @@ RECVERR_CMSGS = frozenset({(SOL_IP, IP_RECVERR), (SOL_IPV6, IPV6_RECVERR)})
 ERRQUEUE_ANCBUF = socket.CMSG_SPACE(16 + 28)
 
 
-
 def _iov_max() -> int:
     try:
         value = os.sysconf("SC_IOV_MAX")

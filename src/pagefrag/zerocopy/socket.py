@@ -441,4 +441,3 @@ class ZeroCopySocket:
         state = "closed" if self._closed else "inherited by a child" if self._forked else ""
         state = state or f"outstanding={self._tracker.outstanding}"
         return f"<ZeroCopySocket fd={self._sock.fileno()} {self._policy.mode.value} {state}>"
-
