@@ -27,7 +27,13 @@ from typing import Any
 from .._iov import Pin, Unrefs, unref_all
 from ..errors import CompletionTimeoutError, QueuedSocketError, SendBufferError
 from ._deadline import deadline_after, remaining_until
-from ._syscalls import ERRQUEUE_ANCBUF, MSG_DONTWAIT, MSG_ERRQUEUE, RECVERR_CMSGS
+from ._syscalls import (
+    ERRQUEUE_ANCBUF,
+    MSG_DONTWAIT,
+    MSG_ERRQUEUE,
+    RECVERR_CMSGS,
+    wait_writable,
+)
 from .policy import ZeroCopyPolicy
 from .tracker import CompletionTracker, ErrQueueMessage, ZeroCopyCompletion, parse_extended_err
 
@@ -216,6 +222,18 @@ class ErrorQueue:
             time.sleep(min(0.01, timeout if timeout is not None else 0.01))
         elif events and not self.errors:
             self.take_socket_error()  # a pending socket error also raises POLLERR
+
+    def wait_writable(self, deadline: float | None) -> None:
+        """``sendall`` with a deadline: wait until the socket is writable; a socket error
+        meanwhile is raised, completions are released. ``TimeoutError`` at the deadline."""
+        remaining = remaining_until(deadline)
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(
+                f"sendall did not finish in time ({self.tracker.outstanding} pinned)"
+            )
+        if wait_writable(self.sock, remaining):  # POLLERR: a socket error, or completions
+            self.drain()
+            self.raise_queued()
 
     def take_socket_error(self) -> bool:
         """Queue a pending socket error (``sk_err``: a reset, TCP giving up); True if

@@ -68,7 +68,7 @@ from ..errors import (
     ForkedSocketError,
     ZeroCopyUnsupportedError,
 )
-from ._deadline import acquire_within, deadline_after, remaining_until
+from ._deadline import acquire_within, deadline_after
 from ._errqueue import ErrorQueue, queued_error
 from ._sender import Sender, ZeroCopyStats
 from ._syscalls import (
@@ -78,7 +78,6 @@ from ._syscalls import (
     disconnect,
     enable_recverr,
     enable_zerocopy,
-    wait_writable,
 )
 from .policy import DEFAULT_MIN_ZEROCOPY_SIZE, Mode, ZeroCopyPolicy
 from .tracker import CompletionTracker, ErrQueueMessage
@@ -236,7 +235,7 @@ class ZeroCopySocket:
                 try:
                     n = self._send(iov, destructor, flags, deadline)
                 except BlockingIOError:
-                    self._wait_writable(deadline)
+                    self._eq.wait_writable(deadline)
                     continue
                 if not self._stream:
                     return
@@ -249,14 +248,11 @@ class ZeroCopySocket:
         flags: int = 0,
         deadline: float | None = None,
     ) -> int:
-        """The one send call under :meth:`send` and :meth:`sendall`: ``iov`` (views with
-        their destructors) as one iovec, ``destructor`` held for the whole call.
-        ``deadline`` bounds ENOBUFS retries (``always``); with ``enobufs_timeout=0`` an
-        ENOBUFS never waits: ``auto`` copies the call, ``always`` raises
-        :class:`SendBufferError` with nothing sent and no reference kept. A stream sends
-        at most :data:`IOV_MAX` pieces (the count returned says how far it got); a
-        datagram of more pieces raises ``ValueError``. Returns bytes taken. Kernel:
-        ``sendmsg(MSG_ZEROCOPY)``.
+        """One send call of ``iov`` (at most :data:`IOV_MAX` pieces of a stream; a datagram
+        of more raises ``ValueError``), ``destructor`` held for the whole call; returns the
+        bytes taken. ``deadline`` bounds ENOBUFS retries (``always``); with
+        ``enobufs_timeout=0`` ``auto`` copies at once, ``always`` raises
+        :class:`SendBufferError` with nothing sent or kept. Kernel: ``sendmsg``.
 
         Refs: as :meth:`send`. ``iov`` is not kept: the caller advances it after."""
         check_destructor(destructor)
@@ -269,14 +265,6 @@ class ZeroCopySocket:
         if self._blocked or self._eq.errors:
             self._refuse()
         return self._tx.call(iov, destructor, flags, deadline)
-
-    def _wait_writable(self, deadline: float | None) -> None:
-        remaining = remaining_until(deadline)
-        if remaining is not None and remaining <= 0:
-            raise TimeoutError(f"sendall did not finish in time ({self.outstanding} pinned)")
-        if wait_writable(self._sock, remaining):  # POLLERR: a socket error, or completions
-            self._eq.drain()
-            self._eq.raise_queued()
 
     # -- completions ---------------------------------------------------------------------
     def poll_completions(self, timeout: float | None = 0) -> int:
@@ -395,16 +383,8 @@ class ZeroCopySocket:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_blocked", True) or not self._tracker.outstanding:
-            return
-        pins = self._tracker.pending_tokens()
-        _IMMORTAL_PINS.extend(pins)
-        warnings.warn(
-            f"ZeroCopySocket collected with {len(pins)} sends still held by the kernel; "
-            "their buffers are kept alive forever (close() or abort() first)",
-            ResourceWarning,
-            stacklevel=2,
-        )
+        if not getattr(self, "_blocked", True) and self._tracker.outstanding:
+            _keep_forever(self._tracker)
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -441,3 +421,15 @@ class ZeroCopySocket:
         state = "closed" if self._closed else "inherited by a child" if self._forked else ""
         state = state or f"outstanding={self._tracker.outstanding}"
         return f"<ZeroCopySocket fd={self._sock.fileno()} {self._policy.mode.value} {state}>"
+
+
+def _keep_forever(tracker: CompletionTracker[Pin]) -> None:
+    """A socket collected while the kernel holds pages of its sends: keep their pins."""
+    pins = tracker.pending_tokens()
+    _IMMORTAL_PINS.extend(pins)
+    warnings.warn(
+        f"ZeroCopySocket collected with {len(pins)} sends still held by the kernel; "
+        "their buffers are kept alive forever (close() or abort() first)",
+        ResourceWarning,
+        stacklevel=3,
+    )
