@@ -181,7 +181,9 @@ class Track:
         self.closed = True
 
     def holders(self) -> tuple[HolderRecord, ...]:
-        """The references recorded now, oldest first (empty below ``paranoid``)."""
+        """The references recorded now, oldest first (empty below ``paranoid``).
+
+        Refs: none."""
         # list() of a list is one atomic step under the GIL: a snapshot without the
         # object's lock, which a report from inside a finalizer might find held.
         return tuple(r for _, r in list(self.records or ()))
@@ -190,7 +192,9 @@ class Track:
         self, name: str, kind: str = KIND_LIVE, created_at: str | None = None
     ) -> LeakRecord | None:
         """A :class:`LeakRecord` of the tracked object as it is now, named ``name``;
-        ``None`` once closed."""
+        ``None`` once closed. Kernel: one entry of ``ref_tracker_dir_print``.
+
+        Refs: none."""
         if self.closed:
             return None
         refcount = self.refcount
@@ -330,7 +334,9 @@ def snapshot(
 ) -> LeakRecord | None:
     """The record of a tracked ``obj`` as it is now (named by its ``repr``); ``None`` if
     it is not tracked or its track is closed. ``created_at`` replaces the creation site
-    (a pool buffer is reported where it was acquired)."""
+    (a pool buffer is reported where it was acquired).
+
+    Refs: none."""
     t = _live.get(obj)
     return None if t is None else t.snapshot(repr(obj), kind, created_at)
 
