@@ -6,6 +6,7 @@ import gc
 import os
 import subprocess
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -176,3 +177,95 @@ def test_disabled_level_watches_nothing(level: None, fresh_collected: None) -> N
         warnings.simplefilter("always")
         del d
     assert not leak_warnings(caught, "unwatched") and not leaks.collected()
+
+
+# -- issue 10 item 5: the tracker API (leaks.track -> Track) -------------------------------
+class Handle:
+    """Any object that counts references of its own can be tracked, not only destructors."""
+
+    def __repr__(self) -> str:
+        return "<Handle under test>"
+
+
+def test_track_is_none_when_disabled(level: None) -> None:
+    leaks.set_level("disabled")
+    h = Handle()
+    assert leaks.track(h, "<Handle>") is None
+    assert weakref.getweakrefcount(h) == 0
+
+
+def test_a_tracker_records_holds_forgets_and_closes(level: None, fresh_collected: None) -> None:
+    leaks.set_level("paranoid")
+    h = Handle()
+    t = leaks.track(h, "<Handle label>")
+    assert t is not None and t.refcount == 1
+    entry = t.record("holder A")  # built before the object's lock; filed by hold()
+    assert entry is not None and t.refcount == 1  # recording alone changes nothing
+    t.hold(entry)
+    t.hold(t.record("holder B"))
+    (rec,) = [r for r in leaks.report() if r.destructor == "<Handle under test>"]
+    assert rec.refcount == 3 and __file__ in rec.created_at
+    assert [x.holder for x in rec.holders] == ["creator", "'holder A'", "'holder B'"]
+    assert all(__file__ in x.site and x.stack for x in rec.holders)
+    t.forget("holder A")
+    t.forget(None)  # an unnamed drop forgets the oldest record
+    assert [x.holder for x in t.holders()] == ["'holder B'"] and t.refcount == 1
+    pooled = leaks.snapshot(h, leaks.KIND_POOL_BUFFER, "acquired here")
+    assert pooled is not None and pooled.kind == leaks.KIND_POOL_BUFFER
+    assert pooled.created_at == "acquired here" and pooled.refcount == 1
+    t.forget("holder B")
+    t.close()
+    assert leaks.snapshot(h) is None
+    assert not [r for r in leaks.report() if r.destructor == "<Handle under test>"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del h
+        gc.collect()
+    assert not leak_warnings(caught, "<Handle label>") and not leaks.collected()
+
+
+def test_a_tracked_object_collected_before_close_is_reported_under_its_label(
+    level: None, fresh_collected: None
+) -> None:
+    leaks.set_level("simple")
+    h = Handle()
+    t = leaks.track(h, "<Handle never closed>")
+    assert t is not None and t.record("w") is None  # simple: no holders recorded
+    t.hold(None)
+    assert leaks.snapshot(Handle()) is None  # not tracked
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del h
+        gc.collect()
+    (msg,) = leak_warnings(caught, "<Handle never closed>")
+    assert "2 reference" in msg
+    (rec,) = leaks.collected()
+    assert rec.kind == leaks.KIND_COLLECTED and rec.refcount == 2 and rec.holders == ()
+
+
+def test_the_track_follows_refs_from_many_threads(level: None) -> None:
+    # hold/forget run under the destructor's lock, in the order of its own count: after
+    # any interleaving the mirror and the holders match the count.
+    leaks.set_level("paranoid")
+    d = FragDestructor(None, name="threaded")
+    rounds = 50
+
+    def worker(k: int) -> None:
+        me = f"thread {k}"
+        for _ in range(rounds):
+            d.ref(holder=me)
+            d.ref(holder=me)
+            d.unref(holder=me)
+            d.unref(holder=me)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in threads)
+    (rec,) = [r for r in leaks.report() if "threaded" in r.destructor]
+    assert rec.refcount == d.refcount == 1
+    assert [h.holder for h in rec.holders] == ["creator"]
+    d.unref()
+    assert d.done and not [r for r in leaks.report() if "threaded" in r.destructor]

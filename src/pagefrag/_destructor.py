@@ -7,8 +7,10 @@ operation adds one; ``destroy(data)`` runs when the count reaches zero, exactly 
 the thread that dropped the last reference.
 
 Leak detection (``pagefrag.leaks``) costs the disabled level one ``is None`` test per
-ref/unref; when enabled, a :class:`leaks.Track` mirrors the count (and, at paranoid,
-the holders) so a destructor collected before it fired can still be reported.
+ref/unref; when enabled, the destructor's one slot ``_track`` holds the
+:class:`leaks.Track` that mirrors the count (and, at paranoid, the holders), and every
+reference taken or dropped is told to it, so a destructor collected before it fired can
+still be reported. All leak bookkeeping lives in ``leaks``.
 """
 
 from __future__ import annotations
@@ -53,16 +55,6 @@ _UnraisableHookArgs = _unraisable_args_type()
 def report_unraisable(exc: BaseException, msg: str, obj: object) -> None:
     """Hand an exception nobody can catch to ``sys.unraisablehook``."""
     sys.unraisablehook(_UnraisableHookArgs((type(exc), exc, exc.__traceback__, msg, obj)))
-
-
-def _forget_record(records: list[tuple[int, leaks.HolderRecord]], holder_id: int) -> None:
-    # Called under the destructor's lock: allocates no object the collector tracks.
-    for i in range(len(records)):
-        if records[i][0] == holder_id:
-            del records[i]
-            return
-    if records:  # an unnamed unref releases the oldest record
-        del records[0]
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -115,11 +107,7 @@ class FragDestructor:
         self._track: leaks.Track | None = None
         if leaks.enabled:
             label = f"<FragDestructor{f' {name!r}' if name else ''} at {id(self):#x}>"
-            track = leaks.Track(label, leaks.call_site(), leaks.paranoid)
-            if track.records is not None:
-                track.records.append((0, self._holder_record(None)))
-            self._track = track
-            leaks.watch(self, track)
+            self._track = leaks.track(self, label)
 
     # -- references ---------------------------------------------------------------
     def ref(self, *, holder: object | None = None) -> None:
@@ -135,16 +123,14 @@ class FragDestructor:
                     raise DestructorError(f"ref() on {self!r}, which has already been destroyed")
                 self._refcount += 1
             return
-        # Built before taking the lock: nothing that can run the garbage collector (and
-        # with it a finalizer that wants this lock) runs while it is held.
-        entry = None if track.records is None else (id(holder), self._holder_record(holder))
+        # Recorded before taking the lock: nothing that can run the garbage collector (and
+        # with it a finalizer that wants this lock) runs while it is held; hold() only files.
+        entry = track.record(holder)
         with self._lock:
             if self._dead:
                 raise DestructorError(f"ref() on {self!r}, which has already been destroyed")
             self._refcount += 1
-            track.refcount = self._refcount
-            if entry is not None:
-                track.records.append(entry)  # type: ignore[union-attr]
+            track.hold(entry)
 
     def unref(self, *, holder: object | None = None) -> None:
         """Drop one reference; the last one runs ``destroy(data)`` in this thread.
@@ -157,10 +143,10 @@ class FragDestructor:
                 raise DestructorError(f"unref() on {self!r} with no reference left")
             self._refcount -= 1
             track = self._track
-            if track is not None:
-                track.refcount = self._refcount
-                if track.records is not None:
-                    _forget_record(track.records, id(holder))
+            if track is not None:  # one test when leak detection is off
+                track.forget(holder)  # allocates nothing the collector tracks
+                if not self._refcount:
+                    track.close()  # fires now: no leak
             if self._refcount:
                 return
             self._dead = True
@@ -250,28 +236,6 @@ class FragDestructor:
         finally:
             # A cancelled waiter leaves nothing behind; the destructor is untouched.
             self.remove_done_callback(wake)
-
-    # -- leak detection -------------------------------------------------------------
-    @staticmethod
-    def _holder_record(holder: object | None) -> leaks.HolderRecord:
-        return leaks.HolderRecord(
-            holder="creator" if holder is None else repr(holder),
-            site=leaks.call_site(),
-            stack=leaks.call_stack(),
-        )
-
-    def _leak_record(self) -> leaks.LeakRecord | None:
-        track = self._track
-        if track is None:
-            return None
-        # A snapshot without the lock (list() of a list is atomic under the GIL): a
-        # report may be called from a finalizer that runs while the lock is held.
-        if self._dead:
-            return None
-        refcount = self._refcount
-        records = list(track.records or ())
-        holders = tuple(r for _, r in records)
-        return leaks.LeakRecord(repr(self), refcount, track.created_at, holders)
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""

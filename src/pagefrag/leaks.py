@@ -21,8 +21,14 @@ created (and, at ``paranoid``, the holders still recorded), and a record kept fo
 Python hides ``ResourceWarning`` unless asked (``-W default``, ``python -X dev``):
 :func:`collected` is the place to look.
 
-This module only stores records; the objects it watches call into it. It imports
-nothing from the rest of pagefrag.
+How it is used (Netty's ``ResourceLeakDetector.track`` / ``ResourceLeakTracker``; the
+kernel's ``lib/ref_tracker.c`` does the same for ``netdev`` references): an object that
+counts references asks :func:`track` for a :class:`Track` when it is created (``None``
+when detection is disabled: its hot paths then test one ``is None``) and tells it every
+reference taken (:meth:`Track.record` before taking its own lock, :meth:`Track.hold` under
+it), every reference dropped (:meth:`Track.forget`, under it) and when it fired
+(:meth:`Track.close`). The detector lists tracked objects for :func:`report` and reports
+one collected before its track was closed. It imports nothing from the rest of pagefrag.
 """
 
 from __future__ import annotations
@@ -37,12 +43,15 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from types import CodeType
-from typing import Protocol
+from typing import Any
 
 __all__ = [
     "Level",
     "HolderRecord",
     "LeakRecord",
+    "Track",
+    "track",
+    "snapshot",
     "set_level",
     "get_level",
     "report",
@@ -92,28 +101,105 @@ class LeakRecord:
     kind: str = KIND_LIVE
 
 
-class Track:
-    """What the detector keeps about one watched destructor, apart from the destructor
-    itself, so that one collected before it fired can still be reported. The destructor
-    updates ``refcount`` and ``records`` under its own lock."""
+Entry = tuple[int, HolderRecord]
+"""One reference recorded at ``paranoid``: the ``id`` of its holder and its record."""
 
-    __slots__ = ("created_at", "label", "records", "refcount")
+
+class Track:
+    """What the detector keeps about one tracked object, apart from the object itself, so
+    that one collected before it fired can still be reported. Netty:
+    ``ResourceLeakTracker``; kernel: a ``ref_tracker_dir`` with one ``ref_tracker`` per
+    reference (``lib/ref_tracker.c``).
+
+    It mirrors the object's count: it starts at one (the creator's reference) and the
+    object calls :meth:`hold` and :meth:`forget` under its own lock, in the order of its
+    own count changes, so the mirror and the holders match the count at every moment.
+    Those two allocate nothing the garbage collector tracks: a collection (and with it a
+    finalizer that wants the object's lock) cannot start while that lock is held."""
+
+    __slots__ = ("closed", "created_at", "label", "records", "refcount")
 
     def __init__(self, label: str, created_at: str, with_holders: bool) -> None:
         self.label = label
         self.created_at = created_at
         self.refcount = 1
-        # (id(holder), record) per reference held, at paranoid only.
-        self.records: list[tuple[int, HolderRecord]] | None = [] if with_holders else None
+        self.closed = False
+        # One entry per reference held, oldest first, at paranoid only.
+        self.records: list[Entry] | None = [] if with_holders else None
+
+    def record(self, holder: object | None) -> Entry | None:
+        """Who takes a reference and the stack taking it (``None`` below ``paranoid``):
+        built here, before the object takes its lock, and filed by :meth:`hold`. Netty:
+        ``ResourceLeakTracker.record(hint)``; kernel: the stack ``ref_tracker_alloc``
+        saves. ``holder`` ``None`` is the creator.
+
+        Refs: none (only describes one)."""
+        if self.records is None:
+            return None
+        return (
+            id(holder),
+            HolderRecord(
+                holder="creator" if holder is None else repr(holder),
+                site=call_site(),
+                stack=call_stack(),
+            ),
+        )
+
+    def hold(self, entry: Entry | None) -> None:
+        """A reference was taken: count it and file ``entry`` (from :meth:`record`).
+        Called under the object's lock. Kernel: ``ref_tracker_alloc``.
+
+        Refs: none (mirrors the object's +1)."""
+        self.refcount += 1
+        if entry is not None:
+            self.records.append(entry)  # type: ignore[union-attr]
+
+    def forget(self, holder: object | None) -> None:
+        """A reference was dropped: uncount it and forget ``holder``'s oldest record, or
+        the oldest record of all when ``holder`` has none. Called under the object's
+        lock; allocates nothing the collector tracks. Kernel: ``ref_tracker_free``.
+
+        Refs: none (mirrors the object's -1)."""
+        self.refcount -= 1
+        records = self.records
+        if records is None:
+            return
+        holder_id = id(holder)
+        for i in range(len(records)):
+            if records[i][0] == holder_id:
+                del records[i]
+                return
+        if records:
+            del records[0]
+
+    def close(self) -> None:
+        """The object fired (its count reached zero): nothing leaked, whenever it is
+        collected. Netty: ``ResourceLeakTracker.close()``; kernel:
+        ``ref_tracker_dir_exit`` finding no tracker left.
+
+        Refs: none."""
+        self.closed = True
 
     def holders(self) -> tuple[HolderRecord, ...]:
-        return tuple(r for _, r in self.records or ())
+        """The references recorded now, oldest first (empty below ``paranoid``).
 
+        Refs: none."""
+        # list() of a list is one atomic step under the GIL: a snapshot without the
+        # object's lock, which a report from inside a finalizer might find held.
+        return tuple(r for _, r in list(self.records or ()))
 
-class Watched(Protocol):
-    """What a watched destructor tells the detector about itself."""
+    def snapshot(
+        self, name: str, kind: str = KIND_LIVE, created_at: str | None = None
+    ) -> LeakRecord | None:
+        """A :class:`LeakRecord` of the tracked object as it is now, named ``name``;
+        ``None`` once closed. Kernel: one entry of ``ref_tracker_dir_print``.
 
-    def _leak_record(self) -> LeakRecord | None: ...
+        Refs: none."""
+        if self.closed:
+            return None
+        refcount = self.refcount
+        created = self.created_at if created_at is None else created_at
+        return LeakRecord(name, refcount, created, self.holders(), kind)
 
 
 def _level_from_env() -> Level:
@@ -128,7 +214,8 @@ _level = _level_from_env()
 # Read on hot paths (every ref/unref): plain module globals, no lock.
 enabled = _level is not Level.DISABLED
 paranoid = _level is Level.PARANOID
-_live: weakref.WeakSet[Watched] = weakref.WeakSet()
+# Tracked object -> its track (the object weakly: the dictionary keeps nothing alive).
+_live: weakref.WeakKeyDictionary[Any, Track] = weakref.WeakKeyDictionary()
 _live_lock = threading.Lock()
 # Appended to from finalizers (any thread, inside the garbage collector): a deque's
 # append is atomic and takes no lock that the interrupted code could hold.
@@ -204,17 +291,32 @@ def call_stack(limit: int = 12) -> tuple[str, ...]:
     )[-limit:]
 
 
-def watch(obj: Watched, track: Track) -> None:
-    """List ``obj`` in :func:`report` while it lives, and report it if it is collected
-    while ``track`` still counts references."""
+def track(obj: object, label: str) -> Track | None:
+    """Start tracking ``obj`` (weak-referenceable, hashed by identity) for its creator,
+    who holds its first reference; ``None`` when detection is disabled. ``label`` names
+    it in reports once it is gone. While it lives it is listed by :func:`report` until
+    its track is closed; collected before that, it is reported (a ``ResourceWarning``
+    and a record in :func:`collected`). Netty: ``ResourceLeakDetector.track(obj)``;
+    kernel: ``ref_tracker_dir_init``.
+
+    Refs: none (the creator's reference is recorded, not taken)."""
+    if not enabled:
+        return None
+    t = Track(label, call_site(), paranoid)
+    entry = t.record(None)
+    if entry is not None:
+        # Filed under id 0, which no holder has: the creator's record is forgotten only
+        # as the oldest, by an unnamed drop that matches no other record.
+        t.records.append((0, entry[1]))  # type: ignore[union-attr]
     with _live_lock:
-        _live.add(obj)
+        _live[obj] = t
     # The finalizer holds the track, never the object: it cannot keep it alive.
-    weakref.finalize(obj, _collected_unfired, track).atexit = False
+    weakref.finalize(obj, _collected_unfired, t).atexit = False
+    return t
 
 
 def _collected_unfired(track: Track) -> None:
-    if track.refcount <= 0:
+    if track.closed:
         return  # fired: nothing leaked
     rec = LeakRecord(track.label, track.refcount, track.created_at, track.holders(), KIND_COLLECTED)
     note_collected(rec)
@@ -225,6 +327,18 @@ def _collected_unfired(track: Track) -> None:
     lines.extend(f"    still held by {h.holder}, taken at {h.site}" for h in rec.holders)
     # stacklevel 1: a finalizer has no caller worth naming; the site is in the text.
     warnings.warn("\n".join(lines), ResourceWarning, stacklevel=1)
+
+
+def snapshot(
+    obj: object, kind: str = KIND_LIVE, created_at: str | None = None
+) -> LeakRecord | None:
+    """The record of a tracked ``obj`` as it is now (named by its ``repr``); ``None`` if
+    it is not tracked or its track is closed. ``created_at`` replaces the creation site
+    (a pool buffer is reported where it was acquired).
+
+    Refs: none."""
+    t = _live.get(obj)
+    return None if t is None else t.snapshot(repr(obj), kind, created_at)
 
 
 def note_collected(record: LeakRecord) -> None:
@@ -245,10 +359,10 @@ def clear_collected() -> None:
 
 
 def report() -> list[LeakRecord]:
-    """Every watched destructor that has not fired, with its holders (``paranoid``)."""
+    """Every tracked destructor that has not fired, with its holders (``paranoid``)."""
     with _live_lock:
-        watched = list(_live)
-    records = [r for r in (w._leak_record() for w in watched) if r is not None]
+        tracked = list(_live.items())
+    records = [r for r in (t.snapshot(repr(obj)) for obj, t in tracked) if r is not None]
     return sorted(records, key=lambda r: r.created_at)
 
 

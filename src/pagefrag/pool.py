@@ -171,13 +171,9 @@ def _collected(watch: weakref.ref[PoolBuffer]) -> None:
 
 def _drop_holder_ref(destructor: FragDestructor, acquired_at: str) -> None:
     if leaks.enabled:
-        rec = destructor._leak_record()
+        rec = leaks.snapshot(destructor, leaks.KIND_POOL_BUFFER, acquired_at)
         if rec is not None:
-            leaks.note_collected(
-                leaks.LeakRecord(
-                    rec.destructor, rec.refcount, acquired_at, rec.holders, leaks.KIND_POOL_BUFFER
-                )
-            )
+            leaks.note_collected(rec)
     destructor.unref()
 
 
