@@ -83,7 +83,7 @@ class Sender:
                 )
             iov = iov.first(IOV_MAX)
         nbytes = iov.nbytes
-        if not nbytes or not self.policy.use_zerocopy(nbytes):
+        if not nbytes or not self.policy.use_zerocopy(nbytes, time.monotonic()):
             n = self.copied(iov.views, flags)  # no reference taken
             self.after_send()
             return n

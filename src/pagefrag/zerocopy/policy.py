@@ -10,10 +10,10 @@ again now and then, so ``auto`` is never much slower than a plain ``send``.
 Rule 1: everything that decides a transition lives in this file, and every transition is
 in :data:`TRANSITIONS`, the one table below; the code reads it and keeps no other state
 than the counters named here. Rule 2: the policy knows no socket, and it is told the
-time: every event carries ``now`` (monotonic seconds). The one exception is a fallback:
-``use_zerocopy`` still accepts ``now=None`` from callers that do not pass it and then
-reads ``time.monotonic()`` itself, only in ``COPYING``, the one state where a send may make
-a probe due.
+time: every event carries ``now`` (monotonic seconds; the socket passes it on every
+call). For other callers ``use_zerocopy`` still accepts ``now=None`` and then reads
+``time.monotonic()`` itself, only in ``COPYING``, the one state where a send may make a
+probe due.
 
 States (:class:`State`). ``ALWAYS`` and ``NEVER`` are the fixed modes; ``auto`` runs the
 three others and starts in ``ZEROCOPY``.
