@@ -1,7 +1,9 @@
 """Frag and SkBuff: the socket-buffer model. Every frag reference moves here.
 
-Rule 1: this is the only module that takes or drops a reference on a paged fragment
-(``_frag_ref`` / ``_frag_unref``). Everything else calls the operations below.
+Rule 1: this is the only module that takes or drops the references an skb holds on its
+paged fragments (``_frag_ref`` / ``_frag_unref``); what an I/O layer holds while the kernel
+reads the pages is taken and dropped only in :mod:`._iov`. Everything else calls the
+operations below.
 
 Rule 2: this module knows nothing of sockets or I/O; it mirrors the reference rules of
 ``net/core/skbuff.c``.
