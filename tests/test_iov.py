@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import Receiver
+from helpers import Fired, Receiver
 
 from pagefrag import BufferPool, Frag, FragDestructor, IoVec, SkBuff, aio
 from pagefrag._iov import Pin
 from pagefrag.errors import DestructorError, NotABufferError
+from pagefrag.testing.netlab import NetLab
 from pagefrag.zerocopy import ZeroCopySocket
 
 
@@ -191,3 +193,32 @@ def test_aio_write_of_a_list_of_skbuffs_arrives_intact(loop: str) -> None:
     coro = main()
     got, expect, released = (uvloop.run(coro) if loop == "uvloop" else asyncio.run(coro))
     assert got == expect and released
+
+
+def test_a_partial_send_keeps_its_own_destructor_until_the_kernel_releases_what_it_took(
+    lab: NetLab, fired: Fired
+) -> None:
+    """Pin.trim after a partial stream send drops the references of the pieces not taken,
+    never the call's own ``destructor=``: the kernel still holds the bytes it took."""
+    client, server = lab.tcp_pair()
+    lab.add_loss(100)  # nothing is acknowledged: the kernel keeps every page it took
+    client.setblocking(False)
+    zs = ZeroCopySocket(client, zerocopy="always")
+    data = bytearray(b"p") * (16 << 20)  # far beyond the send buffer: a partial send
+    d = fired.make(0)
+    n = zs.send(data, destructor=d)
+    d.unref()
+    assert 0 < n < len(data)
+    deadline = time.monotonic() + 30
+    while lab.dropped() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lab.dropped() > 0
+    zs.poll_completions(0.5)
+    assert fired.counts == {}, "fired while the kernel still held the bytes it took"
+    lab.add_loss(0)
+    rx = Receiver(server)
+    zs.flush(timeout=60)
+    assert fired.once_each([0])
+    client.shutdown(socket.SHUT_WR)
+    assert rx.join() == bytes(data[:n])
+    zs.close()
