@@ -1,0 +1,110 @@
+"""Mutation checks: each mutant plants a reference bug in a copy of ``src/`` and must
+make the tests named beside it fail (KILLED). Usage: ``python tests/mutate.py [N ...]``
+(all mutants, or those numbered). Not collected by pytest; a run takes a few minutes."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+POISON = [
+    "tests/test_zerocopy_netns.py::test_poison_after_release_under_loss",
+    "tests/test_aio.py::test_poison_after_release_through_aio_and_a_pool_under_loss",
+    "tests/test_zerocopy_hardening.py::test_threads_sending_on_one_socket_under_loss",
+]
+STATEFUL = ["tests/test_skbuff_stateful.py"]
+MUTANTS = [
+    (
+        "skbuff: unclone takes no frag refs",
+        "src/pagefrag/_skbuff.py",
+        "        for f in new.frags:\n            _frag_ref(f, new)\n",
+        "        for f in new.frags:\n            pass\n",
+        STATEFUL,
+    ),
+    (
+        "skbuff: clone does not count dataref",
+        "src/pagefrag/_skbuff.py",
+        "            sh.dataref += 1\n        for f in sh.frags:\n            f._shared = True",
+        "            sh.dataref += 0\n        for f in sh.frags:\n            f._shared = True",
+        STATEFUL,
+    ),
+    (
+        "iov: pin takes no references",
+        "src/pagefrag/_iov.py",
+        "        if extra is not None or any(self.owners):",
+        "        if False:",
+        POISON,
+    ),
+    (
+        "iov: trim hands back the call's own reference",
+        "src/pagefrag/_iov.py",
+        "        kept_refs.extend(taken)  # the extra one",
+        "        dropped.extend(taken)",
+        [*POISON, "tests/test_iov.py"],
+    ),
+    (
+        "tracker: a completion releases one id too many",
+        "src/pagefrag/zerocopy/tracker.py",
+        "            ids: Iterable[int] = range(ulo, uhi + 1)",
+        "            ids: Iterable[int] = range(ulo, uhi + 2)",
+        POISON,
+    ),
+    (
+        "aio: the write queue drops its references at once",
+        "src/pagefrag/aio/_writes.py",
+        "        hold = iov.pin(holder)  # all or nothing (DestructorError if one has fired)",
+        "        hold = iov.pin(holder)\n        hold.release(holder)",
+        POISON[1:2],
+    ),
+    (
+        "errqueue: pins released at filing time (absorb)",
+        "src/pagefrag/zerocopy/tracker.py",
+        "                elif sid not in pending:  # (an interrupted absorb may repeat a filing)",
+        "                elif sid not in pending and (released.append(token) or False):",
+        POISON,
+    ),
+]
+
+
+def main(only: list[str]) -> int:
+    survived = 0
+    for i, (name, path, old, new, tests) in enumerate(MUTANTS):
+        if only and str(i) not in only:
+            continue
+        survived += not run(i, name, path, old, new, tests)
+    return 1 if survived else 0
+
+
+def run(i: int, name: str, path: str, old: str, new: str, tests: list[str]) -> bool:
+    """True if the mutant was killed."""
+    with tempfile.TemporaryDirectory(prefix=f"pagefrag-mutant{i}-") as tmp:
+        d = pathlib.Path(tmp)
+        shutil.copytree(ROOT / "src", d / "src")
+        f = d / path
+        text = f.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"M{i} {name}: the code to mutate is not found once in {path}")
+        f.write_text(text.replace(old, new))
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(d / "src")},
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+    last = [line for line in r.stdout.splitlines() if line.strip()][-1:]
+    verdict = "KILLED" if r.returncode else "SURVIVED"
+    print(f"M{i} {name}: {verdict} ({time.monotonic() - t0:.0f}s) {last}", flush=True)
+    return r.returncode != 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
