@@ -121,3 +121,19 @@ def test_auto_policy_probes_after_the_interval_and_always_never_ignore_completio
     assert not ZeroCopyPolicy("never").use_zerocopy(10**9, 0.0)
     with pytest.raises(ValueError):
         ZeroCopyPolicy("sometimes")
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5)), max_size=40))
+def test_has_pending_is_outstanding_as_a_bool(steps: list[tuple[bool, int]]) -> None:
+    """``has_pending`` (the cheap test) agrees with ``outstanding`` after any mix of
+    filings, completions (in order or not, duplicates included) and absorbs."""
+    t: CompletionTracker[int] = CompletionTracker()
+    assert not t.has_pending
+    for send, k in steps:
+        if send:
+            t.sent(k, 1)
+        else:
+            t.complete(k, k + 1)
+        assert t.has_pending == (t.outstanding > 0)
+        t.absorb()
+        assert t.has_pending == (t.outstanding > 0)

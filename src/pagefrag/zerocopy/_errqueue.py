@@ -91,9 +91,9 @@ class ErrorQueue:
         """:meth:`drain`; with a timeout, wait up to it for the first completion when
         none is ready, then raise a socket error read meanwhile."""
         n = self.drain()
-        if not n and timeout != 0 and self.tracker.outstanding:
+        if not n and timeout != 0 and self.tracker.has_pending:
             deadline = deadline_after(timeout)
-            while not n and self.tracker.outstanding:
+            while not n and self.tracker.has_pending:
                 remaining = remaining_until(deadline)
                 if remaining is not None and remaining <= 0:
                     break
@@ -108,7 +108,7 @@ class ErrorQueue:
         tracker = self.tracker
         while True:
             self.drain()
-            if not tracker.outstanding:
+            if not tracker.has_pending:
                 return
             remaining = remaining_until(deadline)
             if remaining is not None and remaining <= 0:

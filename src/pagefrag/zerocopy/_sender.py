@@ -172,7 +172,7 @@ class Sender:
         self.since_poll += 1
         if self.since_poll >= self.batch:
             self.since_poll = 0
-            if self.tracker.outstanding:
+            if self.tracker.has_pending:
                 self.eq.drain(blocking=False)  # another thread is reading them: fine
         if self.tracker.early:
             self.eq.absorb()

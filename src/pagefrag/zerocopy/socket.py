@@ -383,7 +383,7 @@ class ZeroCopySocket:
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_blocked", True) and self._tracker.outstanding:
+        if not getattr(self, "_blocked", True) and self._tracker.has_pending:
             _keep_forever(self._tracker)
 
     # -- state ---------------------------------------------------------------------------

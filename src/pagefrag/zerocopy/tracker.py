@@ -143,6 +143,12 @@ class CompletionTracker(Generic[T]):
         return len(self._pending) + self._next() - self._absorbed
 
     @property
+    def has_pending(self) -> bool:
+        """Whether any zero-copy send call has not completed (the cheap test of
+        :attr:`outstanding`)."""
+        return bool(self._pending) or self._next() > self._absorbed
+
+    @property
     def pinned_bytes(self) -> int:
         """Bytes of the calls still outstanding."""
         filings = self.filings
