@@ -111,8 +111,28 @@ async def create_connection(
     sock = await _socket_for(host, port, sock, kwargs)
     try:
         protocol = protocol_factory()
-        transport = ZeroCopyTransport(
-            asyncio.get_running_loop(),
+    except BaseException:
+        sock.close()
+        raise
+    loop = asyncio.get_running_loop()
+    settings = (zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout)
+    return _transport(loop, sock, protocol, *settings), protocol
+
+
+def _transport(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    protocol: asyncio.BaseProtocol,
+    zerocopy: str,
+    min_zerocopy_size: int | None,
+    high_water: int | None,
+    linger: float | None,
+    enobufs_timeout: float,
+) -> ZeroCopyTransport:
+    """A new transport of ``sock``; the socket is closed if that fails."""
+    try:
+        return ZeroCopyTransport(
+            loop,
             sock,
             protocol,
             zerocopy=zerocopy,
@@ -124,7 +144,6 @@ async def create_connection(
     except BaseException:
         sock.close()
         raise
-    return transport, protocol
 
 
 class ZeroCopyStreamWriter(asyncio.StreamWriter):
@@ -160,18 +179,12 @@ class ZeroCopyStreamWriter(asyncio.StreamWriter):
 
 
 def _stream_pair(
-    loop: asyncio.AbstractEventLoop,
-    sock: socket.socket,
-    limit: int,
-    **transport_kwargs: Any,
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, limit: int, *settings: Any
 ) -> tuple[asyncio.StreamReader, ZeroCopyStreamWriter]:
+    """A reader and a writer over a new transport of ``sock`` (see :func:`_transport`)."""
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    try:
-        transport = ZeroCopyTransport(loop, sock, protocol, **transport_kwargs)
-    except BaseException:
-        sock.close()
-        raise
+    transport = _transport(loop, sock, protocol, *settings)
     writer = ZeroCopyStreamWriter(transport, protocol, reader, loop)
     return reader, writer
 
@@ -196,14 +209,7 @@ async def open_connection(
     loop = asyncio.get_running_loop()
     sock = await _socket_for(host, port, sock, kwargs)
     reader, writer = _stream_pair(
-        loop,
-        sock,
-        limit,
-        zerocopy=zerocopy,
-        min_zerocopy_size=min_zerocopy_size,
-        high_water=high_water,
-        linger=linger,
-        enobufs_timeout=enobufs_timeout,
+        loop, sock, limit, zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout
     )
     await asyncio.sleep(0)  # let connection_made run, as asyncio's does before returning
     return reader, writer
@@ -327,14 +333,7 @@ async def start_server(
 
     def on_accept(conn: socket.socket) -> None:
         reader, writer = _stream_pair(
-            loop,
-            conn,
-            limit,
-            zerocopy=zerocopy,
-            min_zerocopy_size=min_zerocopy_size,
-            high_water=high_water,
-            linger=linger,
-            enobufs_timeout=enobufs_timeout,
+            loop, conn, limit, zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout
         )
         try:
             result = client_connected_cb(reader, writer)
