@@ -63,7 +63,7 @@ MUTANTS = [
         POISON[1:2],
     ),
     (
-        "errqueue: pins released at filing time (absorb)",
+        "tracker: pins released when their filing is taken in",
         "src/pagefrag/zerocopy/tracker.py",
         "                elif sid not in pending:  # (an interrupted absorb may repeat a filing)",
         "                elif sid not in pending and (released.append(token) or False):",
