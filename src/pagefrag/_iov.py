@@ -42,6 +42,7 @@ array)."""
 
 _FLAT = (bytes, bytearray)
 _NO_REFS: list[FragDestructor] = []  # shared, never appended to: a pin that holds none
+_NO_HOLDER: object = object()  # a Pin made without a holder takes no reference
 
 
 def check_destructor(d: object) -> None:
@@ -122,10 +123,7 @@ class IoVec:
         dropped and the error raised. Kernel: ``skb_frag_destructor_ref`` per frag.
 
         Refs: +1 on every owner and on ``extra``."""
-        pin = Pin(self.views[:], self.owners[:])
-        if extra is not None or any(self.owners):
-            pin.take(self.owners, holder, extra)
-        return pin
+        return Pin(self.views[:], self.owners[:], holder, extra)
 
 
 class Pin:
@@ -136,17 +134,43 @@ class Pin:
 
     Not thread-safe by itself: its holder serializes :meth:`trim` and :meth:`detach`."""
 
-    __slots__ = ("extra", "owners", "refs", "views")
+    __slots__ = ("owners", "refs", "views")
 
     def __init__(
         self,
         views: list[memoryview] | None,
         owners: list[FragDestructor | None] | None = None,
+        holder: object = _NO_HOLDER,
+        extra: FragDestructor | None = None,
     ) -> None:
+        """Pin ``views``; with ``holder``, take one reference on every owner (aligned with
+        the views; None: no destructor) and on ``extra``, all or nothing. Each is in
+        :attr:`refs` as soon as it is taken, so a failure (or an interrupt) drops exactly
+        those. (Prefer :meth:`IoVec.pin` and :meth:`holding`.)
+
+        Refs: +1 on every owner and on ``extra`` when ``holder`` is given."""
         self.views = views
-        self.owners = owners  # aligned with views; None: no piece has a destructor
+        self.owners = owners
         self.refs: list[FragDestructor] | None = _NO_REFS
-        self.extra = False  # the last reference is the call's own destructor's
+        if holder is _NO_HOLDER or (extra is None and not (owners and any(owners))):
+            return
+        refs: list[FragDestructor] = []
+        self.refs = refs
+        try:
+            for d in owners or ():
+                if d is not None:
+                    if type(d) is not FragDestructor:
+                        check_destructor(d)
+                    d.ref(holder=holder)
+                    refs.append(d)
+            if extra is not None:  # last: trim() keeps it whatever the kernel took
+                if type(extra) is not FragDestructor:
+                    check_destructor(extra)
+                extra.ref(holder=holder)
+                refs.append(extra)
+        except BaseException:
+            self.release(holder)
+            raise
 
     @classmethod
     def holding(cls, holder: object, destructors: Iterable[FragDestructor | None]) -> Pin:
@@ -154,38 +178,7 @@ class Pin:
         all or nothing.
 
         Refs: +1 on each."""
-        pin = cls(None)
-        pin.take(destructors, holder, None)
-        return pin
-
-    def take(
-        self,
-        owners: Iterable[FragDestructor | None],
-        holder: object,
-        extra: FragDestructor | None,
-    ) -> None:
-        """Take the references (the pin must hold none yet). Each is in :attr:`refs` as
-        soon as it is taken, so a failure (or an interrupt) drops exactly those.
-
-        Refs: +1 on every owner and on ``extra``."""
-        refs: list[FragDestructor] = []
-        self.refs = refs
-        try:
-            for d in owners:
-                if d is not None:
-                    if type(d) is not FragDestructor:
-                        check_destructor(d)
-                    d.ref(holder=holder)
-                    refs.append(d)
-            if extra is not None:
-                if type(extra) is not FragDestructor:
-                    check_destructor(extra)
-                extra.ref(holder=holder)
-                refs.append(extra)
-                self.extra = True
-        except BaseException:
-            self.release(holder)
-            raise
+        return cls(None, list(destructors), holder)
 
     def trim(self, n: int) -> list[FragDestructor]:
         """Keep only the first ``n`` bytes (after a partial send took them): the views
@@ -230,7 +223,10 @@ class Pin:
         reference this was fire, in this thread. Releasing twice drops nothing.
 
         Refs: -1 on each held."""
-        unref_all(self.detach(), holder)
+        refs, self.refs = self.refs, None
+        self.views = self.owners = None
+        for d in refs or ():
+            d.unref(holder=holder)
 
     @property
     def released(self) -> bool:
@@ -260,12 +256,6 @@ class Unrefs:
 
     def __init__(self) -> None:
         self._queue: collections.deque[FragDestructor] = collections.deque()
-
-    def add(self, pin: Pin) -> None:
-        """Detach ``pin`` into the queue. Refs: moves them from the pin to the queue."""
-        refs = pin.detach()
-        if refs:
-            self._queue.extend(refs)
 
     def extend(self, refs: list[FragDestructor]) -> None:
         """Queue references already detached. Refs: moves them to the queue."""

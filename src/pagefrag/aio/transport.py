@@ -201,7 +201,8 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
             except OSError as exc:
                 self._force_close(exc)
                 return
-            self._stall.progress()
+            if self._stall.since is not None:
+                self._stall.progress()
             writes.sent(n)  # a part: try again until the kernel refuses
         # What is left goes out on the next EPOLLOUT edge.
         self._after_progress()

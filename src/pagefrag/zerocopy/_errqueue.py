@@ -99,7 +99,8 @@ class ErrorQueue:
                     break
                 self.wait(remaining)
                 n = self.drain()
-        self.raise_queued()
+        if self.errors:
+            self.raise_queued()
         return n
 
     def flush(self, deadline: float | None) -> None:
@@ -205,9 +206,9 @@ class ErrorQueue:
         return self._release(pins)
 
     def _release(self, pins: list[Pin]) -> int:
-        add = self.unrefs.add
+        extend = self.unrefs.extend
         for pin in pins:
-            add(pin)
+            extend(pin.detach())
         return len(pins)
 
     def wait(self, timeout: float | None) -> None:

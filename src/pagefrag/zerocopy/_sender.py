@@ -76,22 +76,30 @@ class Sender:
 
         Refs: +1 per destructor for a zero-copy call (held by the error queue until the
         completion); none for a copied one."""
-        if len(iov) > IOV_MAX:
+        # (Plain len() and no helper calls here: this runs once per send call.)
+        views = iov.views
+        if len(views) > IOV_MAX:
             if not self.stream:
                 raise ValueError(
-                    f"a datagram of {len(iov)} pieces: one sendmsg takes at most {IOV_MAX}"
+                    f"a datagram of {len(views)} pieces: one sendmsg takes at most {IOV_MAX}"
                 )
             iov = iov.first(IOV_MAX)
-        nbytes = iov.nbytes
+            views = iov.views
+        nbytes = len(views[0]) if len(views) == 1 else sum(map(len, views))
         if not nbytes or not self.policy.use_zerocopy(nbytes, time.monotonic()):
-            n = self.copied(iov.views, flags)  # no reference taken
+            n = self.copied(views, flags)  # no reference taken
             self.after_send()
             return n
         # Taken before the kernel sees the pages, so none can fire while it reads them.
         pin = iov.pin(self.eq, destructor)
         filings = self.tracker.filings
         try:
-            n = self.zerocopy(pin, flags, deadline)
+            try:
+                n = self.file(pin, flags | MSG_ZEROCOPY)
+            except OSError as exc:
+                if not self.enobufs_after_failure(exc):
+                    raise  # (a bare raise: no frame keeps the pin's views alive through exc)
+                n = self.after_enobufs(pin, flags, deadline)
         except BaseException:
             # Nothing may be dropped that the kernel holds: only if the pin was not filed.
             if not (filings and filings[-1][2] is pin):
@@ -101,7 +109,9 @@ class Sender:
             pin.release(self.eq)  # sent copied after ENOBUFS (auto): nothing is pinned
         elif n < nbytes and pin.refs:
             self.eq.trim(pin, n)
-        self.after_send()
+        self.since_poll += 1  # after_send(), inlined
+        if self.since_poll >= self.batch or self.tracker.early:
+            self.poll()
         return n
 
     def syscall(self, views: list[memoryview], flags: int) -> map[int]:
@@ -126,16 +136,6 @@ class Sender:
         self.copied_sends += 1
         self.copied_bytes += n
         return n
-
-    def zerocopy(self, pin: Pin, flags: int, deadline: float | None) -> int:
-        """One ``sendmsg(MSG_ZEROCOPY)`` of the pin's views, filed; a failure is settled
-        (did it use an id?), and ENOBUFS copied (``auto``) or retried (``always``)."""
-        try:
-            return self.file(pin, flags | MSG_ZEROCOPY)
-        except OSError as exc:
-            if not self.enobufs_after_failure(exc):
-                raise  # (a bare raise: no frame keeps the pin's views alive through exc)
-        return self.after_enobufs(pin, flags, deadline)
 
     def enobufs_after_failure(self, exc: OSError) -> bool:
         """A zero-copy call raised ``exc``: settle its id; True if it was ENOBUFS."""
@@ -167,9 +167,15 @@ class Sender:
                     raise
 
     def after_send(self) -> None:
-        """Every ``completion_batch`` sends, read what completed (unless another thread
-        is reading); apply completions another thread read before their filing."""
+        """Count a send call; every ``completion_batch`` of them, or when another thread
+        read a completion before its filing, :meth:`poll`. (Inlined on the hot paths.)"""
         self.since_poll += 1
+        if self.since_poll >= self.batch or self.tracker.early:
+            self.poll()
+
+    def poll(self) -> None:
+        """Read what completed (unless another thread is reading) once a batch is due;
+        apply completions another thread read before their filing."""
         if self.since_poll >= self.batch:
             self.since_poll = 0
             if self.tracker.has_pending:

@@ -194,7 +194,9 @@ class ZeroCopySocket:
                     n: int = self._sock.send(data)  # type: ignore[arg-type]
                     tx.copied_sends += 1
                     tx.copied_bytes += n
-                    tx.after_send()
+                    tx.since_poll += 1  # tx.after_send(), inlined
+                    if tx.since_poll >= tx.batch or self._tracker.early:
+                        tx.poll()
                 return n
             if destructor is None and nbytes >= policy.zerocopy_from and nbytes:
                 pin = Pin([memoryview(data)])  # type: ignore[arg-type]
@@ -211,10 +213,17 @@ class ZeroCopySocket:
                         if not tx.enobufs_after_failure(exc):
                             raise
                         n = tx.after_enobufs(pin, 0, None)
-                    tx.after_send()
+                    tx.since_poll += 1  # tx.after_send(), inlined
+                    if tx.since_poll >= tx.batch or tracker.early:
+                        tx.poll()
                 return n
+            iov = IoVec([memoryview(data)], [None])  # type: ignore[arg-type]
+        else:
+            iov = IoVec.of(data)
         with self._send_lock:
-            return self._send(IoVec.of(data), destructor, 0, None)
+            if self._blocked or self._eq.errors:
+                self._refuse()
+            return self._tx.call(iov, destructor, 0, None)
 
     def sendall(
         self, data: Data, *, destructor: FragDestructor | None = None, timeout: float | None = None
@@ -232,8 +241,10 @@ class ZeroCopySocket:
         flags = MSG_DONTWAIT if deadline is not None else 0
         with self._send_lock:
             while iov.views:
+                if self._blocked or self._eq.errors:
+                    self._refuse()
                 try:
-                    n = self._send(iov, destructor, flags, deadline)
+                    n = self._tx.call(iov, destructor, flags, deadline)
                 except BlockingIOError:
                     self._eq.wait_writable(deadline)
                     continue
@@ -255,16 +266,12 @@ class ZeroCopySocket:
         :class:`SendBufferError` with nothing sent or kept. Kernel: ``sendmsg``.
 
         Refs: as :meth:`send`. ``iov`` is not kept: the caller advances it after."""
-        check_destructor(destructor)
+        if destructor is not None and type(destructor) is not FragDestructor:
+            check_destructor(destructor)
         with self._send_lock:
-            return self._send(iov, destructor, flags, deadline)
-
-    def _send(
-        self, iov: IoVec, destructor: FragDestructor | None, flags: int, deadline: float | None
-    ) -> int:
-        if self._blocked or self._eq.errors:
-            self._refuse()
-        return self._tx.call(iov, destructor, flags, deadline)
+            if self._blocked or self._eq.errors:
+                self._refuse()
+            return self._tx.call(iov, destructor, flags, deadline)
 
     # -- completions ---------------------------------------------------------------------
     def poll_completions(self, timeout: float | None = 0) -> int:
