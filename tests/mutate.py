@@ -37,8 +37,8 @@ MUTANTS = [
     (
         "iov: pin takes no references",
         "src/pagefrag/_iov.py",
-        "        if extra is not None or any(self.owners):",
-        "        if False:",
+        "        if holder is _NO_HOLDER or (extra is None and not (owners and any(owners))):",
+        "        if True:",
         POISON,
     ),
     (
