@@ -75,7 +75,7 @@ class WriteQueue:
         if destructor is not None:
             handle.add_done_callback(lambda _: keep.release(holder))
         w = _Write(iov, hold, handle)
-        nbytes = iov.nbytes
+        nbytes = sum(map(len, iov.views))  # (not iov.nbytes: one call less per write)
         if nbytes:
             self.queue.append(w)
             self.unsent += nbytes
