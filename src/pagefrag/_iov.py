@@ -42,7 +42,6 @@ array)."""
 
 _FLAT = (bytes, bytearray)
 _NO_REFS: list[FragDestructor] = []  # shared, never appended to: a pin that holds none
-_NO_HOLDER: object = object()  # a Pin made without a holder takes no reference
 
 
 def check_destructor(d: object) -> None:
@@ -123,7 +122,9 @@ class IoVec:
         dropped and the error raised. Kernel: ``skb_frag_destructor_ref`` per frag.
 
         Refs: +1 on every owner and on ``extra``."""
-        return Pin(self.views[:], self.owners[:], holder, extra)
+        pin = Pin(self.views[:], self.owners[:])
+        pin.take(holder, extra)
+        return pin
 
 
 class Pin:
@@ -140,24 +141,27 @@ class Pin:
         self,
         views: list[memoryview] | None,
         owners: list[FragDestructor | None] | None = None,
-        holder: object = _NO_HOLDER,
-        extra: FragDestructor | None = None,
     ) -> None:
-        """Pin ``views``; with ``holder``, take one reference on every owner (aligned with
-        the views; None: no destructor) and on ``extra``, all or nothing. Each is in
-        :attr:`refs` as soon as it is taken, so a failure (or an interrupt) drops exactly
-        those. (Prefer :meth:`IoVec.pin` and :meth:`holding`.)
+        """Pin ``views`` (``owners[i]``, the destructor of ``views[i]``, or None: no
+        piece has one). Takes no reference yet: :meth:`take` does.
 
-        Refs: +1 on every owner and on ``extra`` when ``holder`` is given."""
+        Refs: none."""
         self.views = views
         self.owners = owners
         self.refs: list[FragDestructor] | None = _NO_REFS
-        if holder is _NO_HOLDER or (extra is None and not (owners and any(owners))):
-            return
+
+    def take(self, holder: object, extra: FragDestructor | None = None) -> None:
+        """Take one reference on every owner and on ``extra`` (the call's own destructor),
+        all or nothing: each is in :attr:`refs` as soon as it is taken, so a failure
+        drops exactly those. Call it inside the ``try`` whose ``except`` releases the
+        pin, with the pin already bound: then an interrupt can only land inside a
+        ``ref()`` (a reference that leaks, never one dropped early).
+
+        Refs: +1 on every owner and on ``extra``."""
         refs: list[FragDestructor] = []
         self.refs = refs
         try:
-            for d in owners or ():
+            for d in self.owners or ():
                 if d is not None:
                     if type(d) is not FragDestructor:
                         check_destructor(d)
@@ -171,14 +175,6 @@ class Pin:
         except BaseException:
             self.release(holder)
             raise
-
-    @classmethod
-    def holding(cls, holder: object, destructors: Iterable[FragDestructor | None]) -> Pin:
-        """A pin of no views: one reference on each destructor given (None skipped),
-        all or nothing.
-
-        Refs: +1 on each."""
-        return cls(None, list(destructors), holder)
 
     def trim(self, n: int) -> list[FragDestructor]:
         """Keep only the first ``n`` bytes (after a partial send took them): the views

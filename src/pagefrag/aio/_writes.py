@@ -62,13 +62,18 @@ class WriteQueue:
             raise TypeError(
                 f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
             )
-        hold = iov.pin(holder)  # all or nothing (DestructorError if one has fired)
-        if destructor is not None:
-            try:
-                keep = Pin.holding(holder, (destructor,))
-            except BaseException:
-                hold.release(holder)
-                raise
+        # Bound before they hold anything, taken in the try that releases them: all or
+        # nothing (DestructorError if one has fired), and no interrupt loses one.
+        hold = Pin(iov.views, iov.owners)
+        keep = Pin(None, [destructor])
+        try:
+            hold.take(holder)
+            if destructor is not None:
+                keep.take(holder)
+        except BaseException:
+            hold.release(holder)
+            keep.release(holder)
+            raise
         handle = FragDestructor(None, name="write")
         self.handles.add(handle)
         handle.add_done_callback(self.handles.discard)

@@ -90,10 +90,12 @@ class Sender:
             n = self.copied(views, flags)  # no reference taken
             self.after_send()
             return n
-        # Taken before the kernel sees the pages, so none can fire while it reads them.
-        pin = iov.pin(self.eq, destructor)
+        pin = Pin(views[:], iov.owners[:])  # bound before it holds anything
         filings = self.tracker.filings
         try:
+            # Taken before the kernel sees the pages, so none can fire while it reads them.
+            if destructor is not None or any(iov.owners):
+                pin.take(self.eq, destructor)
             try:
                 n = self.file(pin, flags | MSG_ZEROCOPY)
             except OSError as exc:
