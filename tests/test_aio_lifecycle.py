@@ -274,3 +274,40 @@ def test_disconnect_ignores_nothing_to_disconnect_and_raises_the_rest() -> None:
         with pytest.raises(ConnectionResetError):
             peer.recv(1)
         disconnect(client)  # twice: still no error
+
+
+def test_a_lingering_hand_over_never_takes_a_reused_descriptor_from_its_new_owner() -> None:
+    """A transport's socket closed behind its back, its number reused by another
+    connection: the lost transport's hand-over to the linger registry must not take the
+    number's events from the new owner (review of issue 10: it did, by re-registering)."""
+    from pagefrag.aio._poller import poller_for
+
+    async def main() -> tuple[bool, list[int]]:
+        poller = poller_for(asyncio.get_running_loop())
+        keep = socket.socket()  # keeps the poller alive while the pairs come and go
+        keep_handler: list[int] = []
+        poller.register(keep.fileno(), keep_handler.append)
+        a, b = socket.socketpair()
+        fd = a.fileno()
+        old: list[int] = []
+        poller.register(fd, old.append)
+        a.close()  # behind its transport's back
+        c, d = socket.socketpair()
+        mine, peer = (c, d) if c.fileno() == fd else (d, c)
+        assert mine.fileno() == fd, "the kernel did not reuse the number"
+        new: list[int] = []
+        poller.register(fd, new.append)
+        handed = poller.replace(fd, old.append, lambda _: None)
+        peer.send(b"x")
+        for _ in range(100):
+            if new:
+                break
+            await asyncio.sleep(0.01)
+        poller.unregister(fd, new.append)
+        poller.unregister(keep.fileno(), keep_handler.append)
+        for s in (b, c, d, keep):
+            s.close()
+        return handed, new
+
+    handed, events = asyncio.run(main())
+    assert not handed and events, "the new owner lost its descriptor's events"

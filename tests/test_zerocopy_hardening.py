@@ -733,8 +733,10 @@ def test_wrong_types_raise_type_error_and_change_nothing(
         lambda: zs.send(b"x" * 100_000, destructor="x"),  # type: ignore[arg-type]
         lambda: zs.send([frag], destructor="x"),  # type: ignore[arg-type]
         lambda: zs.sendall(b"x", destructor="x"),  # type: ignore[arg-type]
-        lambda: zs.send_iov([memoryview(b"x")], [None], "x"),  # type: ignore[arg-type]
-        lambda: zs.send_iov([memoryview(b"x")], ["x"]),  # type: ignore[list-item]
+        lambda: zs.send_iov(IoVec([memoryview(b"x")], [None]), "x"),  # type: ignore[arg-type]
+        lambda: zs.send_iov(IoVec([memoryview(b"x")], ["x"])),  # type: ignore[list-item]
+        lambda: zs.send_iov(IoVec([memoryview(b"x")], [owner, "x"])),  # type: ignore[list-item]
+        lambda: zs.send_iov([memoryview(b"x")]),  # type: ignore[arg-type]
     ):
         with pytest.raises(TypeError):
             call()

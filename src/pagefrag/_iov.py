@@ -248,19 +248,21 @@ class Unrefs:
     (a destructor may run anything: never under the holder's lock). Any thread may
     :meth:`run` them; each is dropped exactly once."""
 
-    __slots__ = ("_queue",)
+    __slots__ = ("queue",)
 
     def __init__(self) -> None:
-        self._queue: collections.deque[FragDestructor] = collections.deque()
+        # Public for the completion path: queue.extend(pin.detach()) is C all the way,
+        # no bytecode (no interrupt) between a pin's detach and its references' queueing.
+        self.queue: collections.deque[FragDestructor] = collections.deque()
 
     def extend(self, refs: list[FragDestructor]) -> None:
         """Queue references already detached. Refs: moves them to the queue."""
         if refs:
-            self._queue.extend(refs)
+            self.queue.extend(refs)
 
     def run(self, holder: object) -> None:
         """Drop every queued reference. Refs: -1 on each."""
-        queue = self._queue
+        queue = self.queue
         while queue:
             try:
                 d = queue.popleft()

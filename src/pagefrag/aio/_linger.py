@@ -30,10 +30,14 @@ _LINGERING: list[ZeroCopySocket] = []
 
 
 def linger(
-    zs: ZeroCopySocket, poller: LoopPoller, fd: int, on_released: Callable[[], object]
+    zs: ZeroCopySocket,
+    poller: LoopPoller,
+    fd: int,
+    handler: Callable[[int], None],
+    on_released: Callable[[], object],
 ) -> None:
-    """Take over ``zs`` (registered in ``poller`` as ``fd``): release its pages as their
-    completions come, then close it and call ``on_released()``.
+    """Take over ``zs`` (registered in ``poller`` as ``fd`` with ``handler``): release its
+    pages as their completions come, then close it and call ``on_released()``.
 
     Refs: drops the kernel bridge's references as the completions arrive; never before."""
 
@@ -53,10 +57,10 @@ def linger(
         on_released()
 
     _LINGERING.append(zs)
-    # Replaces the transport's handler. OSError: the descriptor was closed behind the
-    # transport's back, so no completion can come; the pins stay in the registry.
-    with contextlib.suppress(OSError):
-        poller.register(fd, on_events)
+    # Replaces the transport's handler, only if the number is still the transport's: a
+    # descriptor closed behind its back may have been reused by another connection, whose
+    # handler must stay. Then no completion can come; the pins stay in the registry.
+    poller.replace(fd, handler, on_events)
 
 
 def still_pinned(zs: ZeroCopySocket, linger: float | None, unsent: int) -> CompletionTimeoutError:

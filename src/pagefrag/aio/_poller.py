@@ -63,6 +63,15 @@ class LoopPoller:
             raise
         self._handlers[fd] = handler
 
+    def replace(self, fd: int, old: Handler, new: Handler) -> bool:
+        """Hand ``fd`` from ``old`` to ``new`` if ``old`` still owns it (the number may
+        have been reused by another transport: then nothing changes and False is
+        returned). The epoll registration is kept as it is."""
+        if self._handlers.get(fd) != old:
+            return False
+        self._handlers[fd] = new
+        return True
+
     def unregister(self, fd: int, handler: Handler) -> None:
         """Stop watching ``fd`` if ``handler`` still owns it; the last one removes the
         poller from its loop."""

@@ -364,7 +364,13 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
             self._linger_timer = None
         self._stall.cancel()
         if self._state is State.LINGERING:
-            _hand_over(self._zs, self._poller, self._fd, lambda: self._to(Event.RELEASED))
+            _hand_over(
+                self._zs,
+                self._poller,
+                self._fd,
+                self._on_events,
+                lambda: self._to(Event.RELEASED),
+            )
         else:
             self._poller.unregister(self._fd, self._on_events)
             try:

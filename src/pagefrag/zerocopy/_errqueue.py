@@ -168,8 +168,9 @@ class ErrorQueue:
         return self.tracker
 
     def trim(self, pin: Pin, n: int) -> None:
-        """A partial send of ``n`` bytes: the pin keeps only what the kernel took; the
-        references of the rest wait in the unrefs (its completion may be racing)."""
+        """A partial send of ``n`` bytes: the pin keeps only what the kernel took (under
+        the lock: its completion may be racing); the references of the rest are dropped
+        after it."""
         with self.lock:
             dropped = pin.trim(n)
         unref_all(dropped, self)
@@ -206,7 +207,7 @@ class ErrorQueue:
         return self._release(pins)
 
     def _release(self, pins: list[Pin]) -> int:
-        extend = self.unrefs.extend
+        extend = self.unrefs.queue.extend
         for pin in pins:
             extend(pin.detach())
         return len(pins)

@@ -46,7 +46,8 @@ class ZeroCopyStats:
 
 
 class Sender:
-    """The send calls of one socket. Every method runs under the socket's send lock."""
+    """The send calls of one socket. Every method but :meth:`stats` runs under the
+    socket's send lock."""
 
     def __init__(
         self,
@@ -185,8 +186,8 @@ class Sender:
         if self.tracker.early:
             self.eq.absorb()
 
-    def stats(self) -> ZeroCopyStats:
-        t = self.eq.absorb()
+    def stats(self, t: CompletionTracker[Pin]) -> ZeroCopyStats:
+        """The counters, with those of ``t`` (the tracker, its filings taken in)."""
         return ZeroCopyStats(
             sends=self.copied_sends + t.filed_calls,
             zerocopy_sends=t.filed_calls,

@@ -93,7 +93,6 @@ itself may take ~15 minutes to give up on a dead peer."""
 # kernel may still transmit.
 _IMMORTAL_PINS: list[object] = []
 _FLAT = (bytes, bytearray)
-_NO_ANCDATA = ((),)
 _ZC = (MSG_ZEROCOPY,)
 
 # Every ZeroCopySocket not yet closed: a forked child makes its copies inert.
@@ -174,7 +173,7 @@ class ZeroCopySocket:
         """Send once and return how many bytes the kernel took, like ``socket.send``:
         for a stream the caller trims and sends the rest; a datagram socket sends one
         datagram. ``data``: an :class:`SkBuff`, a buffer, or a sequence of buffers (one
-        ``sendmsg`` with an iovec; a stream sends at most :data:`IOV_MAX` pieces per call).
+        ``sendmsg`` with an iovec; a stream sends at most ``IOV_MAX`` pieces per call).
         ``destructor``, if given, is held until the kernel has released every page of
         this call. Kernel: ``sendmsg(MSG_ZEROCOPY)``.
 
@@ -259,13 +258,15 @@ class ZeroCopySocket:
         flags: int = 0,
         deadline: float | None = None,
     ) -> int:
-        """One send call of ``iov`` (at most :data:`IOV_MAX` pieces of a stream; a datagram
+        """One send call of ``iov`` (at most ``IOV_MAX`` pieces of a stream; a datagram
         of more raises ``ValueError``), ``destructor`` held for the whole call; returns the
         bytes taken. ``deadline`` bounds ENOBUFS retries (``always``); with
         ``enobufs_timeout=0`` ``auto`` copies at once, ``always`` raises
         :class:`SendBufferError` with nothing sent or kept. Kernel: ``sendmsg``.
 
         Refs: as :meth:`send`. ``iov`` is not kept: the caller advances it after."""
+        if type(iov) is not IoVec:
+            raise TypeError(f"send_iov takes an IoVec, not {type(iov).__name__}")
         if destructor is not None and type(destructor) is not FragDestructor:
             check_destructor(destructor)
         with self._send_lock:
@@ -394,14 +395,18 @@ class ZeroCopySocket:
             _keep_forever(self._tracker)
 
     # -- state ---------------------------------------------------------------------------
+    def _counted(self) -> CompletionTracker[Pin]:
+        # In a forked child nothing is taken in: that would run the parent's destructors.
+        return self._tracker if self._forked else self._eq.absorb()
+
     @property
     def outstanding(self) -> int:
         """Zero-copy send calls the kernel has not released yet."""
-        return self._eq.absorb().outstanding
+        return self._counted().outstanding
 
     @property
     def pinned_bytes(self) -> int:
-        return self._eq.absorb().pinned_bytes
+        return self._counted().pinned_bytes
 
     @property
     def close_timeout(self) -> float | None:
@@ -410,7 +415,7 @@ class ZeroCopySocket:
 
     @property
     def stats(self) -> ZeroCopyStats:
-        return self._tx.stats()
+        return self._tx.stats(self._counted())
 
     @property
     def socket(self) -> socket.socket:
