@@ -4,10 +4,13 @@ through the public API with explicit times (sans-I/O, as h11 tests its state mac
 from __future__ import annotations
 
 import re
+import socket
 import time
 
 import pytest
+from helpers import Receiver
 
+from pagefrag.zerocopy import ZeroCopySocket
 from pagefrag.zerocopy import policy as policy_module
 from pagefrag.zerocopy.policy import TRANSITIONS, Event, Mode, State, ZeroCopyPolicy
 
@@ -223,3 +226,65 @@ def test_without_now_the_clock_is_read_only_where_a_probe_may_fall_due() -> None
     p.probe_interval = 0.0
     assert p.use_zerocopy(MIN)  # the clock has not gone backwards: due at once
     assert p.state is State.PROBING
+
+
+# -- PROBE_FAILED (review of issue 10: a refused probe left auto copying for good) --------
+def test_probing_probe_failed_moves_to_copying_and_the_next_probe_comes_on_time() -> None:
+    p = auto(copied_streak=1, probe_interval=2.0, probe_every=10**9)
+    p.on_completion(True, 1, 0.0)  # ZEROCOPY -> COPYING, the probe clock at 0
+    assert p.use_zerocopy(MIN, 2.0) and p.state is State.PROBING
+    p.unsent(2.5)  # the probe was refused before the kernel took it
+    assert p.state is State.COPYING and p.current == "copy"
+    assert not p.use_zerocopy(MIN, 3.9)  # the clock of the failed probe: 2.0
+    assert p.use_zerocopy(MIN, 4.0) and p.state is State.PROBING
+    for state_setup in ("zerocopy", "copying"):  # elsewhere unsent changes nothing
+        q = auto(copied_streak=1)
+        if state_setup == "copying":
+            q.on_completion(True, 1, 0.0)
+        before = q.state
+        q.unsent(1.0)
+        assert q.state is before
+
+
+def test_a_probe_refused_with_eagain_does_not_stop_auto_probing(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Loopback copies, so ``auto`` stops asking for zero-copy and probes every 2 s. A
+    probe that meets a full send buffer (EAGAIN) never reaches the kernel: the policy must
+    probe again later, not wait for ever for its completion."""
+    client, server = tcp_pair
+    client.setblocking(False)
+    zs = ZeroCopySocket(client, zerocopy="auto")
+    chunk = bytes(64 * 1024)
+    for _ in range(32):  # zero-copy sends the kernel copies: the policy starts copying
+        zs.sendall(chunk, timeout=10)
+        got = 0
+        while got < len(chunk):
+            got += len(server.recv(len(chunk) - got))
+    zs.flush(timeout=10)
+    assert zs.stats.current_mode == "copy"
+    time.sleep(2.2)  # a probe is due
+    for small in (8192, 1):  # fill the send buffer; below min_size the policy is not asked
+        for _ in range(1_000_000):
+            try:
+                zs.send(bytes(small))
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail("the send buffer never filled")
+    with pytest.raises(BlockingIOError):
+        zs.send(chunk)  # the probe: refused before the kernel took it
+    rx = Receiver(server)
+    zerocopy_before = zs.stats.zerocopy_sends
+    deadline = time.monotonic() + 20
+    while zs.stats.zerocopy_sends == zerocopy_before and time.monotonic() < deadline:
+        try:
+            zs.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.01)
+        time.sleep(0.01)
+    assert zs.stats.zerocopy_sends > zerocopy_before, "auto never probed again"
+    zs.flush(timeout=10)
+    client.shutdown(socket.SHUT_WR)
+    rx.join()
+    zs.close()

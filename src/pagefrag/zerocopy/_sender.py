@@ -87,7 +87,8 @@ class Sender:
             iov = iov.first(IOV_MAX)
             views = iov.views
         nbytes = len(views[0]) if len(views) == 1 else sum(map(len, views))
-        if not nbytes or not self.policy.use_zerocopy(nbytes, time.monotonic()):
+        now = time.monotonic()
+        if not nbytes or not self.policy.use_zerocopy(nbytes, now):
             n = self.copied(views, flags)  # no reference taken
             self.after_send()
             return n
@@ -107,9 +108,11 @@ class Sender:
             # Nothing may be dropped that the kernel holds: only if the pin was not filed.
             if not (filings and filings[-1][2] is pin):
                 pin.release(self.eq)
+                self.policy.unsent(now)  # a probe no completion will answer
             raise
         if not (filings and filings[-1][2] is pin):
             pin.release(self.eq)  # sent copied after ENOBUFS (auto): nothing is pinned
+            self.policy.unsent(now)
         elif n < nbytes and pin.refs:
             self.eq.trim(pin, n)
         self.since_poll += 1  # after_send(), inlined

@@ -30,18 +30,22 @@ the streak counts completed calls that said COPIED, one after another.
 - ``SEND``: a send asks, no probe due.
 - ``PROBE_DUE``: a send asks in ``COPYING`` and ``probe_every`` sends or ``probe_interval``
   seconds have passed since the last probe (or since entering ``COPYING``).
+- ``PROBE_FAILED``: the probe never reached the kernel as a zero-copy call (refused:
+  ``EAGAIN``, a destructor that fired; or sent copied after ``ENOBUFS``), so no
+  completion will answer it (:meth:`ZeroCopyPolicy.unsent`). The next probe is due
+  ``probe_interval`` after this one began.
 - ``COPIED``: a completion said COPIED, the streak stays below ``copied_streak``.
 - ``COPIED_STREAK``: a completion said COPIED and the streak reached ``copied_streak``.
 - ``NOT_COPIED``: a completion said the pages went zero-copy for real.
 
 Transitions (state, event -> next state; ``-`` cannot happen)::
 
-    state      SEND       PROBE_DUE  COPIED     COPIED_STREAK  NOT_COPIED
-    ZEROCOPY   ZEROCOPY   -          ZEROCOPY   COPYING        ZEROCOPY
-    COPYING    COPYING    PROBING    COPYING    COPYING        ZEROCOPY
-    PROBING    PROBING    -          COPYING    COPYING        ZEROCOPY
-    ALWAYS     ALWAYS     -          ALWAYS     -              ALWAYS
-    NEVER      NEVER      -          NEVER      -              NEVER
+    state      SEND       PROBE_DUE  PROBE_FAILED  COPIED     COPIED_STREAK  NOT_COPIED
+    ZEROCOPY   ZEROCOPY   -          -             ZEROCOPY   COPYING        ZEROCOPY
+    COPYING    COPYING    PROBING    -             COPYING    COPYING        ZEROCOPY
+    PROBING    PROBING    -          COPYING       COPYING    COPYING        ZEROCOPY
+    ALWAYS     ALWAYS     -          -             ALWAYS     -              ALWAYS
+    NEVER      NEVER      -          -             NEVER      -              NEVER
 
 What a send is told (``use_zerocopy``): ``ALWAYS`` yes; ``NEVER`` and ``PROBING`` no;
 ``ZEROCOPY`` yes from ``min_size``; ``COPYING`` yes only on ``PROBE_DUE``.
@@ -108,6 +112,7 @@ class Event(enum.Enum):
 
     SEND = "send"
     PROBE_DUE = "probe due"
+    PROBE_FAILED = "probe failed"
     COPIED = "copied"
     COPIED_STREAK = "copied streak"
     NOT_COPIED = "not copied"
@@ -120,6 +125,7 @@ _ALWAYS: Final = State.ALWAYS
 _NEVER: Final = State.NEVER
 _SEND: Final = Event.SEND
 _PROBE_DUE: Final = Event.PROBE_DUE
+_PROBE_FAILED: Final = Event.PROBE_FAILED
 _COPIED: Final = Event.COPIED
 _COPIED_STREAK: Final = Event.COPIED_STREAK
 _NOT_COPIED: Final = Event.NOT_COPIED
@@ -140,6 +146,7 @@ TRANSITIONS: Final[dict[State, dict[Event, State]]] = {
     },
     _PROBING: {
         _SEND: _PROBING,
+        _PROBE_FAILED: _COPYING,
         _COPIED: _COPYING,
         _COPIED_STREAK: _COPYING,
         _NOT_COPIED: _ZEROCOPY,
@@ -257,6 +264,15 @@ class ZeroCopyPolicy:
             self._fire(_PROBE_DUE, now)
             return True
         return False  # SEND: COPYING -> COPYING
+
+    def unsent(self, now: float) -> None:
+        """The call :meth:`use_zerocopy` just answered yes to was not taken by the kernel
+        as a zero-copy call: a probe (``PROBING``) has failed (``PROBE_FAILED``); in any
+        other state this changes nothing.
+
+        Refs: none."""
+        if self._state is _PROBING:
+            self._fire(_PROBE_FAILED, now)
 
     def on_completion(self, copied: bool, count: int, now: float) -> None:
         """A completion of ``count`` zero-copy calls arrived, ``copied`` if the kernel
