@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Iterator
 
 import pytest
-from helpers import Fired
+from helpers import LOOPS, Fired, Run, run_on
 
-from pagefrag.testing.netlab import NetLab, lab_namespaces, missing_tools, remove_stale, run
+from pagefrag.testing.netlab import NetLab, lab_namespaces, missing_tools, remove_stale
+from pagefrag.testing.netlab import run as netlab_run
+
+
+@pytest.fixture(params=LOOPS)
+def run(request: pytest.FixtureRequest) -> Run:
+    """``run(coro, timeout=60)`` on each event loop of :data:`helpers.LOOPS`."""
+    return functools.partial(run_on, request.param)
 
 
 @pytest.fixture
@@ -37,7 +45,7 @@ def no_namespaces_left_behind() -> Iterator[None]:
     remove_stale()
     left = lab_namespaces(os.getpid())
     for ns in left:
-        run("ip", "netns", "del", ns, check=False)
+        netlab_run("ip", "netns", "del", ns, check=False)
     assert not left, f"the test run left namespaces behind: {left}"
 
 

@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is in the test extras on Linux
+    uvloop = None
 
 from pagefrag import FragDestructor
 
@@ -106,3 +113,15 @@ class VerifyingReceiver(threading.Thread):
             self.received += usable
             carry = data[usable:]
         self.bad_bytes += len(carry)
+
+
+LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
+"""The event loops every asyncio test runs on."""
+Run = Callable[..., Any]
+
+
+def run_on(loop: str, coro: Awaitable[Any], timeout: float = 60) -> Any:
+    """Run ``coro`` to completion on a fresh ``loop`` ("asyncio" or "uvloop"), bounded."""
+    if loop == "uvloop":
+        return uvloop.run(asyncio.wait_for(coro, timeout))
+    return asyncio.run(asyncio.wait_for(coro, timeout))

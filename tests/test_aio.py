@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -15,23 +15,6 @@ from pagefrag import BufferPool, FragDestructor, SkBuff, leaks
 from pagefrag.aio import ZeroCopyStreamWriter, create_connection, open_connection, start_server
 from pagefrag.testing.netlab import RECEIVER_IP, NetLab
 from pagefrag.zerocopy import tcp_info
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is in the test extras on Linux
-    uvloop = None
-
-LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
-
-
-@pytest.fixture(params=LOOPS)
-def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Awaitable[Any]], Any]]:
-    def runner(coro: Awaitable[Any]) -> Any:
-        if request.param == "uvloop":
-            return uvloop.run(asyncio.wait_for(coro, 60))
-        return asyncio.run(asyncio.wait_for(coro, 60))
-
-    yield runner
 
 
 async def sink_server() -> tuple[Any, int, dict[str, bytearray]]:

@@ -13,11 +13,11 @@ import resource
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import Fired, VerifyingReceiver, counters
+from helpers import Fired, Run, VerifyingReceiver, counters
 
 from pagefrag import FragDestructor
 from pagefrag._skbuff import Frag
@@ -35,24 +35,6 @@ from pagefrag.errors import (
     SendBufferError,
 )
 from pagefrag.testing.netlab import RECEIVER_IP, NetLab
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is in the test extras on Linux
-    uvloop = None
-
-LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
-Run = Callable[[Awaitable[Any]], Any]
-
-
-@pytest.fixture(params=LOOPS)
-def run(request: pytest.FixtureRequest) -> Iterator[Run]:
-    def runner(coro: Awaitable[Any], timeout: float = 60) -> Any:
-        if request.param == "uvloop":
-            return uvloop.run(asyncio.wait_for(coro, timeout))
-        return asyncio.run(asyncio.wait_for(coro, timeout))
-
-    yield runner
 
 
 async def sink_server() -> tuple[Any, int, dict[str, bytearray]]:

@@ -12,32 +12,14 @@ import asyncio
 import errno
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import Run
 
 from pagefrag import FragDestructor
 from pagefrag.aio import ZeroCopyTransport, _lifecycle
 from pagefrag.zerocopy._syscalls import disconnect
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is in the test extras on Linux
-    uvloop = None
-
-LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
-Run = Callable[[Awaitable[Any]], Any]
-
-
-@pytest.fixture(params=LOOPS)
-def run(request: pytest.FixtureRequest) -> Iterator[Run]:
-    def runner(coro: Awaitable[Any], timeout: float = 60) -> Any:
-        if request.param == "uvloop":
-            return uvloop.run(asyncio.wait_for(coro, timeout))
-        return asyncio.run(asyncio.wait_for(coro, timeout))
-
-    yield runner
 
 
 def tcp_pair(bufsize: int | None = None) -> tuple[socket.socket, socket.socket]:
@@ -71,6 +53,18 @@ class Recorder(asyncio.Protocol):
         self.lost.append(exc)
         if not self.done.done():
             self.done.set_result(exc)
+
+
+async def opened(
+    bufsize: int | None = None, **kwargs: Any
+) -> tuple[ZeroCopyTransport, Recorder, socket.socket]:
+    """A transport over a fresh loopback pair, its protocol told connection_made."""
+    loop = asyncio.get_running_loop()
+    client, peer = tcp_pair(bufsize)
+    proto = Recorder(loop)
+    transport = ZeroCopyTransport(loop, client, proto, **kwargs)
+    await asyncio.sleep(0)
+    return transport, proto, peer
 
 
 def read_all(peer: socket.socket) -> bytes:
@@ -109,13 +103,10 @@ def test_close_open_to_closing_to_lost_reports_the_loss_once(run: Run) -> None:
     result: dict[str, Any] = {}
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        client, peer = tcp_pair()
-        proto = Recorder(loop)
-        transport = ZeroCopyTransport(loop, client, proto)
-        await asyncio.sleep(0)
+        transport, proto, peer = await opened()
+        client = transport.get_extra_info("socket")
         result["open"] = (transport.is_closing(), proto.made)
-        reading = loop.run_in_executor(None, read_all, peer)
+        reading = asyncio.get_running_loop().run_in_executor(None, read_all, peer)
         handle = transport.write(data)
         transport.close()
         result["closing"] = transport.is_closing()
@@ -152,11 +143,7 @@ def test_abort_while_closing_drops_the_queue_resets_and_reports_once(run: Run) -
     result: dict[str, Any] = {}
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        client, peer = tcp_pair(bufsize=64 * 1024)
-        proto = Recorder(loop)
-        transport = ZeroCopyTransport(loop, client, proto, high_water=64 << 20)
-        await asyncio.sleep(0)
+        transport, proto, peer = await opened(64 * 1024, high_water=64 << 20)
         handles = [transport.write(bytearray([i]) * (256 * 1024)) for i in range(32)]
         transport.close()
         await asyncio.sleep(0.3)
@@ -236,11 +223,7 @@ def test_a_write_refused_on_a_closing_transport_takes_no_reference(run: Run) -> 
     result: dict[str, Any] = {}
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        client, peer = tcp_pair()
-        proto = Recorder(loop)
-        transport = ZeroCopyTransport(loop, client, proto)
-        await asyncio.sleep(0)
+        transport, proto, peer = await opened()
         transport.close()
         d = FragDestructor(None)
         with pytest.raises(ConnectionError):

@@ -8,30 +8,13 @@ import asyncio
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from helpers import Fired
 
 from pagefrag.aio import ZeroCopyTransport, create_connection, open_connection
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is in the test extras on Linux
-    uvloop = None
-
-LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
-
-
-@pytest.fixture(params=LOOPS)
-def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Awaitable[Any]], Any]]:
-    def runner(coro: Awaitable[Any]) -> Any:
-        if request.param == "uvloop":
-            return uvloop.run(asyncio.wait_for(coro, 60))
-        return asyncio.run(asyncio.wait_for(coro, 60))
-
-    yield runner
 
 
 class Echo(threading.Thread):

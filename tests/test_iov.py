@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import Fired, Receiver
+from helpers import Fired, Receiver, Run
 
 from pagefrag import BufferPool, Frag, FragDestructor, IoVec, SkBuff, aio
 from pagefrag._iov import Pin
@@ -172,11 +172,7 @@ def test_sendall_of_a_list_of_skbuffs_arrives_intact_and_fires_after_completion(
         assert rx.join() == expect
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_aio_write_of_a_list_of_skbuffs_arrives_intact(loop: str) -> None:
-    if loop == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-
+def test_aio_write_of_a_list_of_skbuffs_arrives_intact(run: Run) -> None:
     async def main() -> tuple[bytes, bytes, bool]:
         got = bytearray()
         done = asyncio.Event()
@@ -206,8 +202,7 @@ def test_aio_write_of_a_list_of_skbuffs_arrives_intact(loop: str) -> None:
         await server.wait_closed()
         return bytes(got), expect, handle_.done
 
-    coro = main()
-    got, expect, released = uvloop.run(coro) if loop == "uvloop" else asyncio.run(coro)
+    got, expect, released = run(main())
     assert got == expect and released
 
 

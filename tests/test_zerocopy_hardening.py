@@ -25,18 +25,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import POISON, Fired, Receiver
+from helpers import POISON, Fired, Receiver, Run
 
 import pagefrag
 from pagefrag import Frag, FragDestructor, IoVec
 from pagefrag.errors import CompletionTimeoutError, QueuedSocketError
 from pagefrag.testing.netlab import NetLab
 from pagefrag.zerocopy import CompletionTracker, ZeroCopySocket, tcp_info
-
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is in the test extras on Linux
-    uvloop = None
 
 SRC = str(Path(pagefrag.__file__).resolve().parent.parent)  # for child interpreters
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
@@ -661,11 +656,7 @@ def test_sendall_of_3000_pieces_splits_at_iov_max(
     assert zs.stats.zerocopy_sends >= 3 and zs.stats.completions == zs.stats.zerocopy_sends
 
 
-LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
-
-
-@pytest.mark.parametrize("loop", LOOPS)
-def test_aio_write_of_3000_pieces_arrives_intact(loop: str) -> None:
+def test_aio_write_of_3000_pieces_arrives_intact(run: Run) -> None:
     from pagefrag.aio import ZeroCopyStreamWriter, open_connection, start_server
 
     pieces = [bytes([k % 251]) * (k % 97 + 1) for k in range(3000)]
@@ -690,11 +681,7 @@ def test_aio_write_of_3000_pieces_arrives_intact(loop: str) -> None:
         await done.wait()
         server.close()
 
-    coro = asyncio.wait_for(main(), 60)
-    if loop == "uvloop":
-        uvloop.run(coro)
-    else:
-        asyncio.run(coro)
+    run(main())
     assert bytes(received) == b"".join(pieces)
 
 
