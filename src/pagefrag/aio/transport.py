@@ -43,7 +43,7 @@ from typing import Any
 from .._destructor import FragDestructor
 from .._iov import Data
 from ..errors import PageFragError, SendBufferError
-from ..zerocopy._syscalls import disconnect
+from ..zerocopy._syscalls import disconnect, set_nodelay
 from ..zerocopy.socket import ZeroCopySocket
 from ._flow import DEFAULT_HIGH_WATER, FlowControlMixin
 from ._lifecycle import REPORTED, Event, State, transition
@@ -102,6 +102,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         kwargs = {} if min_zerocopy_size is None else {"min_zerocopy_size": min_zerocopy_size}
         # enobufs_timeout=0: the socket never waits; ENOBUFS is waited for in the loop.
         self._zs = ZeroCopySocket(sock, zerocopy=zerocopy, enobufs_timeout=0, **kwargs)
+        set_nodelay(sock)
         self._sock = sock
         self._loop = loop
         self._protocol = protocol
