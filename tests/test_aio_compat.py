@@ -48,3 +48,33 @@ def test_tcp_nodelay_on_both_ends(streams: Any, run: Run) -> None:
 
     client_side, served = run(main())
     assert client_side and served
+
+
+def test_write_eof_with_data_queued_sends_it_all_then_the_fin(streams: Any, run: Run) -> None:
+    """asyncio: write_eof() with writes still queued sends the FIN once they are out;
+    write() after write_eof() raises RuntimeError."""
+    payload = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than the kernel takes at once
+
+    async def main() -> tuple[bool, str]:
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def handle(reader: asyncio.StreamReader, writer: Any) -> None:
+            got.set_result(await reader.read())  # to the FIN
+            writer.close()
+
+        server = await streams.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await streams.open_connection("127.0.0.1", port)
+        writer.write(payload)
+        writer.write_eof()
+        with pytest.raises(RuntimeError) as info:
+            writer.write(b"late")
+        data = await asyncio.wait_for(got, 30)
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return data == payload, str(info.value)
+
+    intact, message = run(main())
+    assert intact and "write_eof" in message

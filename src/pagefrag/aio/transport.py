@@ -109,6 +109,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         self._writes = WriteQueue(self)
         self._state = _OPEN  # changed only by _to(): the table of ._lifecycle
         self._exc: Exception | None = None  # what connection_lost will be given
+        self._eof = 0  # write_eof(): 1 once called (FIN after the queue), 2 once sent
         self._linger = linger
         self._linger_timer: asyncio.TimerHandle | None = None
         self._enobufs_timeout = enobufs_timeout
@@ -173,6 +174,8 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         Refs: one per piece's destructor while queued (a :class:`Pin`), one on
         ``destructor`` until the handle fires; the kernel bridge holds its own until the
         completions."""
+        if self._eof:
+            raise RuntimeError("Cannot call write() after write_eof()")
         if self._state is not _OPEN:
             raise ConnectionError("write() on a closing transport")
         handle, nbytes = self._writes.push(data, destructor)
@@ -238,6 +241,12 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
 
     def _after_progress(self) -> None:
         self._maybe_resume_protocol()
+        if self._eof == 1 and not self._writes.queue and self._state is _OPEN:
+            self._eof = 2  # every byte is handed over: the FIN follows, as asyncio's
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._force_close(exc)
         if self._state is _CLOSING and not self._writes.queue and not self._zs.outstanding:
             self._finish(Event.RELEASED)
 
@@ -258,9 +267,12 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         return True
 
     def write_eof(self) -> None:
-        if self._writes.queue:
-            raise RuntimeError("write_eof() with data still queued")
-        self._sock.shutdown(socket.SHUT_WR)
+        """Half-close once every queued byte is handed to the kernel (at once when none
+        is queued); a later write() raises RuntimeError, as asyncio's. Kernel:
+        ``shutdown(SHUT_WR)``. Refs: none."""
+        if self._state is _OPEN and not self._eof:
+            self._eof = 1
+            self._after_progress()
 
     @property
     def zerocopy_stats(self) -> Any:
