@@ -58,6 +58,16 @@ def receiver_listener(lab: NetLab) -> tuple[socket.socket, int]:
     return listener, listener.getsockname()[1]
 
 
+async def connect_to(listener: socket.socket, port: int) -> tuple[socket.socket, socket.socket]:
+    """From the sender's namespace (the caller is inside it): a non-blocking socket
+    connected to ``listener``, and the accepted end."""
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (RECEIVER_IP, port))
+    conn, _ = listener.accept()
+    return sock, conn
+
+
 async def writes_in_flight(
     sock: socket.socket, fired: Fired, linger: float
 ) -> tuple[ZeroCopyTransport, ZeroCopyStreamWriter, list[FragDestructor]]:
@@ -208,6 +218,19 @@ async def echo_server() -> tuple[Any, int]:
     return server, server.sockets[0].getsockname()[1]
 
 
+async def flaky_connection(
+    raise_in: str, contexts: list[dict[str, Any]]
+) -> tuple[Any, asyncio.Future[BaseException | None], Any, int]:
+    """A zero-copy connection (high water 64 KiB) to an echo server whose protocol raises
+    in ``raise_in``: (transport, its connection_lost future, the server, its port)."""
+    flaky, lost = flow_control_pair(asyncio.get_running_loop(), raise_in, contexts)
+    server, port = await echo_server()
+    transport, _ = await create_connection(
+        flaky, "127.0.0.1", port, zerocopy="always", high_water=65536
+    )
+    return transport, lost, server, port
+
+
 def test_a_protocol_raising_in_resume_writing_still_gets_connection_lost(run: Run) -> None:
     """As asyncio's flow control: a protocol's resume_writing() raising goes to the
     loop's exception handler and the transport goes on; close() still ends in
@@ -216,12 +239,7 @@ def test_a_protocol_raising_in_resume_writing_still_gets_connection_lost(run: Ru
     result: dict[str, Any] = {}
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        flaky, lost = flow_control_pair(loop, "resume_writing", contexts)
-        server, port = await echo_server()
-        transport, _ = await create_connection(
-            flaky, "127.0.0.1", port, zerocopy="always", high_water=65536
-        )
+        transport, lost, server, port = await flaky_connection("resume_writing", contexts)
         handle = transport.write(bytearray(1 << 20))  # pins far above high water
         transport.close()  # resume_writing() comes with the completions
         result["lost"] = await asyncio.wait_for(asyncio.shield(lost), 20)
@@ -244,12 +262,7 @@ def test_a_protocol_raising_in_pause_writing_does_not_fail_the_write(run: Run) -
     result: dict[str, Any] = {}
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        flaky, lost = flow_control_pair(loop, "pause_writing", contexts)
-        server, port = await echo_server()
-        transport, _ = await create_connection(
-            flaky, "127.0.0.1", port, zerocopy="always", high_water=65536
-        )
+        transport, lost, server, port = await flaky_connection("pause_writing", contexts)
         handle = transport.write(bytearray(1 << 20))
         await asyncio.wait_for(handle, 20)
         transport.close()
@@ -303,11 +316,7 @@ def test_close_under_total_loss_reports_the_loss_after_linger_and_keeps_the_pins
     lost: dict[str, Any] = {}
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setblocking(False)
-        await loop.sock_connect(sock, (RECEIVER_IP, port))
-        conn, _ = listener.accept()
+        sock, conn = await connect_to(listener, port)
         lab.add_loss(100)
         transport, writer, handles = await writes_in_flight(sock, fired, linger=2.0)
         assert transport.pinned_bytes > 0, "the kernel must hold some of the writes"
@@ -347,11 +356,7 @@ def test_pages_released_after_the_linger_bound_still_fire_and_close_the_socket(
     result: dict[str, Any] = {}
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setblocking(False)
-        await loop.sock_connect(sock, (RECEIVER_IP, port))
-        conn, _ = listener.accept()
+        sock, conn = await connect_to(listener, port)
 
         def drain() -> None:  # until the sender's FIN: reading keeps the window open
             with contextlib.suppress(OSError):
@@ -378,7 +383,7 @@ def test_pages_released_after_the_linger_bound_still_fire_and_close_the_socket(
                 break
             await asyncio.sleep(0.05)
         result["closed_after"] = sock.fileno() == -1
-        await loop.run_in_executor(None, reader_thread.join, 30)
+        await asyncio.get_running_loop().run_in_executor(None, reader_thread.join, 30)
         result["peer_saw_eof"] = not reader_thread.is_alive()
         conn.close()
         sock.close()  # no-op when the transport closed it (the old code did not)

@@ -12,7 +12,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from helpers import Receiver
@@ -260,9 +260,12 @@ def test_a_buffer_dropped_while_its_destructor_lock_is_held_returns_later() -> N
 
 
 # -- item 7: a waiter whose event loop closed -------------------------------------------------
-def wait_on_a_loop_that_then_closes(pool: BufferPool) -> None:
-    """In a thread: start an ``acquire_async`` waiter on a fresh loop, then close that loop
-    while the waiter still waits."""
+def start_a_waiter_on_a_loop_that_then_closes(
+    pool: BufferPool, before_close: Callable[[], None] = lambda: None
+) -> tuple[threading.Thread, list[BaseException]]:
+    """A thread that starts an ``acquire_async`` waiter on a fresh loop, calls
+    ``before_close()``, then closes that loop while the waiter still waits. Returns the
+    thread (started) and the errors it met."""
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -277,6 +280,7 @@ def wait_on_a_loop_that_then_closes(pool: BufferPool) -> None:
                 return waiter
 
             waiter = loop.run_until_complete(start_waiter())
+            before_close()
             loop.close()  # its waiter is abandoned mid-wait
             assert not waiter.done()
         except BaseException as exc:  # surfaced in the test thread
@@ -284,6 +288,11 @@ def wait_on_a_loop_that_then_closes(pool: BufferPool) -> None:
 
     t = threading.Thread(target=run)
     t.start()
+    return t, errors
+
+
+def wait_on_a_loop_that_then_closes(pool: BufferPool) -> None:
+    t, errors = start_a_waiter_on_a_loop_that_then_closes(pool)
     t.join(30)
     assert not t.is_alive() and not errors, errors
 
@@ -331,28 +340,12 @@ def test_a_hand_over_queued_on_a_loop_that_closes_before_running_it_is_not_lost(
     pool = BufferPool(1024, 1)
     held = pool.acquire()
     released = threading.Event()
-    errors: list[BaseException] = []
 
-    def run() -> None:
-        try:
-            loop = asyncio.new_event_loop()
+    def hand_over_queued() -> None:
+        assert released.wait(30)
+        assert pool.free == 0  # the hand-over waits in this loop's queue
 
-            async def start_waiter() -> asyncio.Future[PoolBuffer]:
-                waiter = asyncio.ensure_future(pool.acquire_async())
-                for _ in range(5):
-                    await asyncio.sleep(0)
-                return waiter
-
-            waiter = loop.run_until_complete(start_waiter())
-            assert released.wait(30)
-            assert pool.free == 0  # the hand-over waits in this loop's queue
-            loop.close()
-            assert not waiter.done()
-        except BaseException as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
+    t, errors = start_a_waiter_on_a_loop_that_then_closes(pool, hand_over_queued)
     time.sleep(0.2)
     held.release()
     released.set()
