@@ -4,9 +4,10 @@ import functools
 import os
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from helpers import LOOPS, Fired, Run, run_on
+from helpers import LOOPS, STREAMS, Fired, Run, run_on
 
 from pagefrag.testing.netlab import NetLab, lab_namespaces, missing_tools, remove_stale
 from pagefrag.testing.netlab import run as netlab_run
@@ -16,6 +17,13 @@ from pagefrag.testing.netlab import run as netlab_run
 def run(request: pytest.FixtureRequest) -> Run:
     """``run(coro, timeout=60)`` on each event loop of :data:`helpers.LOOPS`."""
     return functools.partial(run_on, request.param)
+
+
+@pytest.fixture(params=list(STREAMS))
+def streams(request: pytest.FixtureRequest) -> Any:
+    """The module whose ``open_connection`` / ``start_server`` a side-by-side test body
+    uses: asyncio's own, or pagefrag.aio (issue 11: a drop-in for asyncio streams)."""
+    return STREAMS[request.param]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ try:
 except ImportError:  # pragma: no cover - uvloop is in the test extras on Linux
     uvloop = None
 
-from pagefrag import FragDestructor
+from pagefrag import FragDestructor, aio
 
 
 class Receiver:
@@ -116,6 +116,9 @@ class VerifyingReceiver(threading.Thread):
 
 
 LOOPS = ["asyncio", *(["uvloop"] if uvloop is not None else [])]
+
+STREAMS: dict[str, Any] = {"asyncio": asyncio, "pagefrag": aio}
+"""The stream modules a side-by-side test runs the same body against."""
 """The event loops every asyncio test runs on."""
 Run = Callable[..., Any]
 

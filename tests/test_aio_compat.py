@@ -10,16 +10,6 @@ from typing import Any
 import pytest
 from helpers import Run
 
-from pagefrag import aio
-
-IMPLEMENTATIONS = {"asyncio": asyncio, "pagefrag": aio}
-
-
-@pytest.fixture(params=list(IMPLEMENTATIONS))
-def streams(request: pytest.FixtureRequest) -> Any:
-    """The module whose ``open_connection`` / ``start_server`` a test body uses."""
-    return IMPLEMENTATIONS[request.param]
-
 
 def test_tcp_nodelay_on_both_ends(streams: Any, run: Run) -> None:
     """asyncio sets TCP_NODELAY on every TCP transport: without it a write-write-read
