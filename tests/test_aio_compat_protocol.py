@@ -13,6 +13,7 @@ asyncio's behaviour there too."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import select
 import socket
 import struct
@@ -471,3 +472,32 @@ def test_set_protocol_switches_from_protocol_to_buffered_protocol_mid_stream(
 
     intact, eofs, exc, switched = run(main())
     assert intact and eofs == 1 and exc is None and switched
+
+
+def test_writes_after_close_log_a_warning_after_a_few(
+    streams: Any, run: Run, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
+) -> None:
+    """asyncio counts the writes it ignores and, past LOG_THRESHOLD_FOR_CONNLOST_WRITES
+    (5), logs a warning for each (logger "asyncio"; pagefrag's: "pagefrag.aio"): a
+    program writing to a dead connection in a loop hears of it."""
+    uvloop_native_differs(request, "writes ignored after close() log nothing")
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        srv, port = await listener()
+        _, writer = await streams.open_connection("127.0.0.1", port)
+        peer, _ = await loop.sock_accept(srv)
+        writer.close()
+        counts = []
+        for writes in (3, 7):
+            for _ in range(writes):
+                writer.write(b"ignored")
+            counts.append(sum(r.levelno == logging.WARNING for r in caplog.records))
+        await writer.wait_closed()
+        peer.close()
+        srv.close()
+        return counts[0], counts[1]
+
+    with caplog.at_level(logging.WARNING):
+        first, later = run(main())
+    assert first == 0 and later >= 1
