@@ -19,7 +19,9 @@ def byte_view(obj: object) -> memoryview:
     try:
         view = memoryview(obj)  # type: ignore[arg-type]
     except TypeError:
-        raise NotABufferError(f"a page must be a buffer, not {type(obj).__name__}") from None
+        raise NotABufferError(
+            f"a bytes-like object is required, not {type(obj).__name__!r}"
+        ) from None
     if not view.c_contiguous:
         raise NotContiguousError("a page must be a C-contiguous buffer")
     if view.ndim != 1 or view.format != "B":

@@ -35,14 +35,15 @@ way to end a connection but ``close()`` is one path,
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import select
 import socket
 from typing import Any
 
 from .._destructor import FragDestructor
-from .._iov import Data
-from ..errors import PageFragError, SendBufferError
+from .._iov import Data, IoVec
+from ..errors import PageFragError, QueuedSocketError, SendBufferError
 from ..zerocopy._syscalls import disconnect, set_nodelay
 from ..zerocopy.socket import ZeroCopySocket
 from ._flow import DEFAULT_HIGH_WATER, FlowControlMixin
@@ -63,10 +64,28 @@ the connection is reported lost with the pages still pinned."""
 DEFAULT_ENOBUFS_TIMEOUT = 30.0
 """Seconds of ``ENOBUFS`` without progress after which the connection fails."""
 
+LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
+"""Writes ignored after close() or the loss before each further one logs a warning (as
+asyncio's ``constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES``)."""
+
+logger = logging.getLogger("pagefrag.aio")
+
 _EPOLLERR = select.EPOLLERR
 _EPOLLOUT = select.EPOLLOUT
 _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _OPEN, _CLOSING = State.OPEN, State.CLOSING
+
+
+def _socket_error(exc: Exception) -> Exception:
+    """The error a connection fails with, as asyncio's transports give it: a socket error
+    the zero-copy layer queued (:class:`QueuedSocketError`, read from the error queue or
+    ``SO_ERROR``: a reset, TCP giving up) becomes the plain ``OSError`` subclass of its
+    errno (``ConnectionResetError`` for ``ECONNRESET``), caused by the original."""
+    if isinstance(exc, QueuedSocketError) and exc.errno:
+        err = OSError(exc.errno, os.strerror(exc.errno))  # OSError picks the subclass
+        err.__cause__ = exc
+        return err
+    return exc
 
 
 class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
@@ -77,6 +96,9 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
     no bound). ``enobufs_timeout``: seconds of ``ENOBUFS`` without progress after which
     the connection fails with :class:`SendBufferError`; until then the write waits in the
     loop, never inside a call."""
+
+    _ignored_writes = 0  # writes after close() or the loss (see _ignored_write)
+    _failed = False  # abort() or a failure: flow control no longer resumes the protocol
 
     def __init__(
         self,
@@ -105,7 +127,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         set_nodelay(sock)
         self._sock = sock
         self._loop = loop
-        self._protocol = protocol
+        self.set_protocol(protocol)  # and the read path its kind needs (._reading)
         self._writes = WriteQueue(self)
         self._state = _OPEN  # changed only by _to(): the table of ._lifecycle
         self._exc: Exception | None = None  # what connection_lost will be given
@@ -168,21 +190,41 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         ``PoolBuffer``) and return its write handle: awaitable, fired when the kernel has
         released every page of this write. ``destructor``, if given, fires after it.
 
-        A write that raises (closing transport, bad data, a destructor that has already
-        fired) changes nothing: no reference taken, no handle registered.
+        A write that raises (bad data, a destructor that has already fired, a write after
+        ``write_eof()``: ``RuntimeError``) changes nothing: no reference taken, no handle
+        registered. After ``close()``, a failure or the loss of the connection a write is
+        ignored, as asyncio's: its data is checked, then a handle that has already fired
+        is returned (the kernel never saw those bytes); ``drain()`` raises
+        ``ConnectionResetError`` once the loss is reported.
 
         Refs: one per piece's destructor while queued (a :class:`Pin`), one on
         ``destructor`` until the handle fires; the kernel bridge holds its own until the
-        completions."""
+        completions. An ignored write takes none."""
         if self._eof:
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._state is not _OPEN:
-            raise ConnectionError("write() on a closing transport")
+            return self._ignored_write(data, destructor)
         handle, nbytes = self._writes.push(data, destructor)
         if nbytes:
             if len(self._writes.queue) == 1:
                 self._flush_queue()
             self._maybe_pause_protocol()
+        return handle
+
+    def _ignored_write(self, data: Data, destructor: FragDestructor | None) -> FragDestructor:
+        """A write after close() or the loss: checked as any write (TypeError for what is
+        not data), then dropped, as asyncio's ``_SelectorSocketTransport.write`` drops it
+        once ``_conn_lost`` (with its warning after a few)."""
+        IoVec.of(data)
+        if destructor is not None and not isinstance(destructor, FragDestructor):
+            raise TypeError(
+                f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
+            )
+        self._ignored_writes += 1
+        if self._ignored_writes > LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+            logger.warning("write() ignored: the transport is closing or its connection lost")
+        handle = FragDestructor(None, name="write")
+        handle.unref()  # fired: nothing of it was, or will be, handed to the kernel
         return handle
 
     def writelines(self, list_of_data: Any) -> None:
@@ -203,7 +245,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
                     return
                 break
             except OSError as exc:
-                self._force_close(exc)
+                self._force_close(_socket_error(exc))
                 return
             if self._stall.since is not None:
                 self._stall.progress()
@@ -232,7 +274,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         try:
             released = self._zs.poll_completions(0)
         except PageFragError as exc:  # an error-queue message that is a real socket error
-            self._force_close(exc)
+            self._force_close(_socket_error(exc))
             released = 0
         if released and self._stall.since is not None and self._writes.queue:
             self._flush_queue()  # completions freed what ENOBUFS was waiting for
@@ -240,7 +282,10 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         self._after_progress()
 
     def _after_progress(self) -> None:
-        self._maybe_resume_protocol()
+        if self._writing_paused and not self._failed:
+            # Not after abort() or a failure: as asyncio's, a paused protocol learns of
+            # those from connection_lost, so drain() raises rather than returns.
+            self._maybe_resume_protocol()
         if self._eof == 1 and not self._writes.queue and self._state is _OPEN:
             self._eof = 2  # every byte is handed over: the FIN follows, as asyncio's
             try:
@@ -324,6 +369,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
             return
         if self._exc is None:
             self._exc = exc
+        self._failed = True
         self.pause_reading()
         # A failure with bytes dropped resets rather than let the peer read a truncated
         # stream that ends like a whole one.
@@ -390,7 +436,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
                 self._zs.close(timeout=0)
             except (OSError, PageFragError) as exc:  # EBADF: closed behind our back
                 if self._exc is None:
-                    self._exc = exc
+                    self._exc = _socket_error(exc)
         self._loop.call_soon(self._protocol.connection_lost, self._exc)
 
     def __repr__(self) -> str:
