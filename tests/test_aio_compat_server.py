@@ -6,6 +6,7 @@ on asyncio's loop and on uvloop (item 8)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from helpers import LOOPS, STREAMS, Run
 
-from pagefrag import aio
+from pagefrag import Frag, FragDestructor, aio
 
 HAS_IPV6 = socket.has_ipv6
 try:
@@ -602,3 +603,79 @@ def test_callback_raising_at_once_is_reported(streams: Any, run: Run) -> None:
         assert contexts[0]["message"] == "Unhandled exception in client_connected_cb"
         assert contexts[0]["transport"] is kept[0].transport
         assert eof, "the connection was not closed at once"
+
+
+def test_a_failed_tls_handshake_is_dropped_and_not_counted(
+    streams: Any, run: Run, certificate: tuple[Path, Path]
+) -> None:
+    """A client that speaks no TLS: its connection is closed, the server goes on serving,
+    and a wait_closed() awaited before close() is not held up by it."""
+    cert, key = certificate
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> None:
+        async def hello(reader: asyncio.StreamReader, writer: Any) -> None:
+            writer.write(b"hello")
+            await writer.drain()
+            writer.close()
+
+        server = await streams.start_server(hello, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        waiter = asyncio.create_task(server.wait_closed())
+        plain_reader, plain = await asyncio.open_connection("127.0.0.1", port)
+        plain.write(b"GET / HTTP/1.0\r\n\r\n" * 4)
+        with contextlib.suppress(ConnectionResetError):  # dropped: EOF or a reset, promptly
+            await asyncio.wait_for(plain_reader.read(), 10)
+        plain.close()
+        reader, writer = await streams.open_connection(
+            "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost"
+        )
+        assert await asyncio.wait_for(reader.read(), 10) == b"hello"
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        await asyncio.wait_for(waiter, 10)
+
+    run(main())
+
+
+def test_create_connection_over_tls_copies_and_fires_at_once(
+    run: Run, certificate: tuple[Path, Path]
+) -> None:
+    """pagefrag only (asyncio has no module-level create_connection): ``ssl=`` gives a
+    CopyingTransport whose handles have fired when write() returns, frag destructors
+    included; the protocol hears the bytes of a plain asyncio TLS server."""
+    cert, key = certificate
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> tuple[bytes, bool, bool, int]:
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def collect(reader: asyncio.StreamReader, writer: Any) -> None:
+            got.set_result(await reader.read())
+            writer.close()
+
+        server = await asyncio.start_server(collect, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await aio.create_connection(
+            asyncio.Protocol, "localhost", port, ssl=client_ctx, family=socket.AF_INET
+        )
+        released: list[object] = []
+        owner = FragDestructor(released.append, "page")
+        buf = bytearray(b"x" * 1000)
+        handle = transport.write(Frag(buf, destructor=owner))
+        owner.unref()  # the caller's own reference: the write took and dropped its own
+        handle_done, owner_fired = handle.done, bool(released)
+        buf[:] = b"y" * 1000
+        transport.close()
+        data = await asyncio.wait_for(got, 10)
+        await closed(server)
+        return data, handle_done, owner_fired, transport.pinned_bytes
+
+    data, handle_done, owner_fired, pinned = run(main())
+    assert data == b"x" * 1000
+    assert handle_done and owner_fired and pinned == 0
