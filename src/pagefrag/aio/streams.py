@@ -346,7 +346,7 @@ async def open_connection(
 class _ServerStreamProtocol(asyncio.StreamReaderProtocol):
     """asyncio's ``StreamReaderProtocol`` for a server's connection, whose writer is a
     :class:`ZeroCopyStreamWriter`. The client-connected callback is handled as asyncio
-    handles it (3.11's ``streams.py``, with 3.12's handling of a cancelled task): an
+    handles it (3.11's ``streams.py``, with 3.13's handling of a cancelled task): an
     exception, raised by the callback or by the task it returned, goes to the loop's
     exception handler ("Unhandled exception in client_connected_cb", with ``exception``
     and ``transport``) and the connection is closed at once. ``server``: told of the
