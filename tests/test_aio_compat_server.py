@@ -235,7 +235,11 @@ def test_a_failed_bind_closes_the_sockets_made_before_it(streams: Any, run: Run)
             await streams.start_server(echo, ["127.0.0.1", "::1"], port, reuse_address=False)
         assert info.value.errno == errno.EADDRINUSE
         assert open_fds() == before
-        probe = socket.socket()  # the IPv4 address is free again: nothing kept it bound
+        # The IPv4 address is free again: nothing kept it bound. (SO_REUSEADDR: a
+        # connection of an earlier test in TIME_WAIT on that port does not count; a
+        # socket left bound without it would.)
+        probe = socket.socket()
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         finally:

@@ -84,8 +84,9 @@ async def _attempt(
     """One socket for ``info``: bound to the local address of its family, if any, then
     connected. Closed if anything fails; an OSError is also recorded in ``errors``."""
     family, type_, proto, _, address = info
-    sock = socket.socket(family, type_, proto)
+    sock: socket.socket | None = None
     try:
+        sock = socket.socket(family, type_, proto)  # EMFILE here is this attempt's error
         sock.setblocking(False)
         if local is not None:
             bind_error: OSError | None = None
@@ -109,10 +110,12 @@ async def _attempt(
         return sock
     except OSError as exc:
         errors.append(exc)
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise
     except BaseException:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise
 
 
@@ -156,6 +159,8 @@ async def connected_socket(
             happy_eyeballs_delay,
         )
     if sock is None:
+        if not errors:  # (every attempt records its OSError; this is only a guard)
+            raise OSError(f"could not connect to {host!r}:{port!r}")
         if len(errors) == 1 or all(str(e) == str(errors[0]) for e in errors):
             raise errors[0]
         raise OSError(f"Multiple exceptions: {', '.join(str(e) for e in errors)}")
