@@ -206,6 +206,11 @@ def test_bad_combinations_raise_before_any_socket_is_made(streams: Any, run: Run
             await streams.open_connection("127.0.0.1", 9, server_hostname="x")
         with pytest.raises(ValueError, match="ssl_shutdown_timeout is only meaningful"):
             await streams.open_connection("127.0.0.1", 9, ssl_shutdown_timeout=1.0)
+        if streams is aio:  # pagefrag's keywords: checked before a socket is made
+            with pytest.raises(ValueError, match="linger must be"):
+                await streams.start_server(echo, "127.0.0.1", 0, linger=-1)
+            with pytest.raises(ValueError, match="enobufs_timeout must be"):
+                await streams.open_connection("127.0.0.1", 9, enobufs_timeout=-1)
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             with pytest.raises(ValueError, match="A Stream Socket was expected"):

@@ -184,14 +184,18 @@ async def create_connection(
     )
     loop = asyncio.get_running_loop()
     if ssl:
-        tls, protocol = await loop.create_connection(
-            protocol_factory,
-            sock=sock,
-            ssl=ssl,
-            server_hostname=server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout,
-            ssl_shutdown_timeout=ssl_shutdown_timeout,
-        )
+        try:
+            tls, protocol = await loop.create_connection(
+                protocol_factory,
+                sock=sock,
+                ssl=ssl,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+                ssl_shutdown_timeout=ssl_shutdown_timeout,
+            )
+        except BaseException:
+            sock.close()  # (the loop closes it too once its transport exists; twice is harmless)
+            raise
         return CopyingTransport(tls), protocol  # type: ignore[return-value]
     try:
         protocol = protocol_factory()
