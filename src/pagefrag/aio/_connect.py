@@ -1,0 +1,225 @@
+"""Making the sockets of :mod:`.streams`: a client socket connected as
+``loop.create_connection`` connects one, and the listening sockets ``loop.create_server``
+binds, with the same arguments and the same checks (the model is CPython 3.11's
+``asyncio/base_events.py``).
+
+Rule: this module only makes sockets; it knows nothing of transports, protocols or
+zero-copy. A socket it made and could not finish is closed before the error leaves.
+
+Theory of operation. A client: the host is resolved (``family``, ``proto``, ``flags``),
+so is ``local_addr`` with the same family; the addresses are tried in order, or, with
+``happy_eyeballs_delay``, raced with a new attempt started every that many seconds
+(RFC 8305, ``asyncio.staggered.staggered_race``; the families interleaved, as asyncio).
+Each attempt binds the local address of its family, if any, before it connects. A
+server: every host of ``host`` (a string, a sequence of them, or None for every
+interface) is resolved, the duplicates dropped, and one socket bound per address, with
+``SO_REUSEADDR`` (by default on POSIX), ``SO_REUSEPORT`` if asked and ``IPV6_V6ONLY`` on
+IPv6 sockets, so ``host=None`` gives an IPv4 socket and an IPv6 one side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import functools
+import itertools
+import socket
+from asyncio import staggered
+from typing import Any
+
+__all__ = ["check_ssl_socket", "connected_socket", "listening_sockets"]
+
+AddrInfo = tuple[Any, ...]
+
+try:
+    import ssl as _ssl
+except ImportError:  # pragma: no cover - Python built without OpenSSL
+    _ssl = None  # type: ignore[assignment]
+
+
+def check_ssl_socket(sock: object) -> None:
+    """As asyncio: an ``ssl.SSLSocket`` is refused (TLS is the loop's to do)."""
+    if _ssl is not None and isinstance(sock, _ssl.SSLSocket):
+        raise TypeError("Socket cannot be of type SSLSocket")
+
+
+async def _resolved(
+    loop: asyncio.AbstractEventLoop,
+    host: Any,
+    port: Any,
+    *,
+    family: int,
+    proto: int = 0,
+    flags: int = 0,
+) -> list[AddrInfo]:
+    infos = await loop.getaddrinfo(
+        host, port, family=family, type=socket.SOCK_STREAM, proto=proto, flags=flags
+    )
+    if not infos:
+        raise OSError(f"getaddrinfo({host!r}) returned empty list")
+    return list(infos)
+
+
+def _interleaved(infos: list[AddrInfo], first_family_count: int) -> list[AddrInfo]:
+    """The addresses by family in turn, the first family's first ``first_family_count``
+    first (asyncio's ``_interleave_addrinfos``)."""
+    by_family: dict[int, list[AddrInfo]] = {}
+    for info in infos:
+        by_family.setdefault(info[0], []).append(info)
+    lists = list(by_family.values())
+    out: list[AddrInfo] = []
+    if first_family_count > 1:
+        out.extend(lists[0][: first_family_count - 1])
+        del lists[0][: first_family_count - 1]
+    out.extend(a for a in itertools.chain(*itertools.zip_longest(*lists)) if a is not None)
+    return out
+
+
+async def _attempt(
+    loop: asyncio.AbstractEventLoop,
+    errors: list[OSError],
+    info: AddrInfo,
+    local: list[AddrInfo] | None,
+) -> socket.socket:
+    """One socket for ``info``: bound to the local address of its family, if any, then
+    connected. Closed if anything fails; an OSError is also recorded in ``errors``."""
+    family, type_, proto, _, address = info
+    sock: socket.socket | None = None
+    try:
+        sock = socket.socket(family, type_, proto)  # EMFILE here is this attempt's error
+        sock.setblocking(False)
+        if local is not None:
+            bind_error: OSError | None = None
+            for lfamily, _, _, _, laddr in local:
+                if lfamily != family:
+                    continue  # another family's address
+                try:
+                    sock.bind(laddr)
+                    break
+                except OSError as exc:
+                    bind_error = OSError(
+                        exc.errno,
+                        f"error while attempting to bind on address {laddr!r}: "
+                        f"{(exc.strerror or '').lower()}",
+                    )
+            else:
+                raise bind_error or OSError(
+                    f"no matching local address with family={family!r} found"
+                )
+        await loop.sock_connect(sock, address)
+        return sock
+    except OSError as exc:
+        errors.append(exc)
+        if sock is not None:
+            sock.close()
+        raise
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+
+
+async def connected_socket(
+    host: Any,
+    port: Any,
+    *,
+    family: int = 0,
+    proto: int = 0,
+    flags: int = 0,
+    local_addr: Any = None,
+    happy_eyeballs_delay: float | None = None,
+    interleave: int | None = None,
+) -> socket.socket:
+    """A new non-blocking socket connected to ``host:port``, as
+    ``loop.create_connection`` makes one (same arguments, same errors: one attempt's
+    error, or ``OSError("Multiple exceptions: ...")``)."""
+    loop = asyncio.get_running_loop()
+    if happy_eyeballs_delay is not None and interleave is None:
+        interleave = 1  # as asyncio: happy eyeballs alternates the families
+    infos = await _resolved(loop, host, port, family=family, proto=proto, flags=flags)
+    local = None
+    if local_addr is not None:
+        local = await _resolved(
+            loop, local_addr[0], local_addr[1], family=family, proto=proto, flags=flags
+        )
+    if interleave:
+        infos = _interleaved(infos, interleave)
+    errors: list[OSError] = []
+    sock: socket.socket | None = None
+    if happy_eyeballs_delay is None:
+        for info in infos:
+            try:
+                sock = await _attempt(loop, errors, info, local)
+                break
+            except OSError:
+                continue
+    else:
+        sock, _, _ = await staggered.staggered_race(
+            (functools.partial(_attempt, loop, errors, info, local) for info in infos),
+            happy_eyeballs_delay,
+        )
+    if sock is None:
+        if not errors:  # (every attempt records its OSError; this is only a guard)
+            raise OSError(f"could not connect to {host!r}:{port!r}")
+        if len(errors) == 1 or all(str(e) == str(errors[0]) for e in errors):
+            raise errors[0]
+        raise OSError(f"Multiple exceptions: {', '.join(str(e) for e in errors)}")
+    return sock
+
+
+def _hosts(host: Any) -> list[Any]:
+    if host == "":
+        return [None]
+    if isinstance(host, str) or not isinstance(host, collections.abc.Iterable):
+        return [host]
+    return list(host)
+
+
+async def listening_sockets(
+    host: Any,
+    port: Any,
+    *,
+    family: int,
+    flags: int,
+    reuse_address: bool | None,
+    reuse_port: bool | None,
+) -> list[socket.socket]:
+    """One bound, non-blocking (not yet listening) socket per address of ``host``, as
+    ``loop.create_server`` binds them; all closed if one fails."""
+    loop = asyncio.get_running_loop()
+    if reuse_address is None:
+        reuse_address = True  # as asyncio on POSIX
+    resolved = await asyncio.gather(
+        *(_resolved(loop, h, port, family=family, flags=flags) for h in _hosts(host))
+    )
+    infos = set(itertools.chain.from_iterable(resolved))  # each address bound once
+    sockets: list[socket.socket] = []
+    try:
+        for af, type_, proto, _, address in infos:
+            try:
+                sock = socket.socket(af, type_, proto)
+            except OSError:
+                continue  # a family this host lacks, as asyncio skips it
+            sockets.append(sock)
+            if reuse_address:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, True)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if af == socket.AF_INET6:
+                # Linux listens on both families through one IPv6 socket by default;
+                # the IPv4 socket beside it would then fail to bind (EADDRINUSE).
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, True)
+            try:
+                sock.bind(address)
+            except OSError as err:
+                raise OSError(
+                    err.errno,
+                    f"error while attempting to bind on address {address!r}: "
+                    f"{(err.strerror or '').lower()}",
+                ) from None
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets

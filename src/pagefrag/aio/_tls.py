@@ -1,0 +1,125 @@
+"""TLS (``ssl=``): the copying path. TLS encrypts into its own buffers, so sending the
+caller's pages by reference would bring nothing; the loop's own TLS transport (asyncio's
+or uvloop's ``create_connection`` / ``create_server`` with ``ssl=``) carries the
+connection, and :class:`CopyingTransport` gives it the write API of a zero-copy transport.
+
+Rule: every byte is copied inside :meth:`CopyingTransport.write`, before it returns, so
+no reference to the caller's memory outlives the call; the write handle therefore fires
+before ``write()`` returns (it promises "this buffer may be reused", and it may). Nothing
+here is zero-copy and nothing is pinned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .._destructor import FragDestructor
+from .._iov import Data, IoVec, Pin
+
+__all__ = ["CopyingTransport"]
+
+
+class CopyingTransport(asyncio.Transport):
+    """The loop's TLS transport ``inner`` with the write API of :class:`ZeroCopyTransport`:
+    ``write`` returns a write handle, ``wait_released()``, ``pinned_bytes`` (always 0).
+    Everything else is the inner transport's."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def write(  # type: ignore[override]
+        self, data: Data, destructor: FragDestructor | None = None
+    ) -> FragDestructor:
+        """Copy ``data`` (what :meth:`ZeroCopyTransport.write` takes) and hand the copy to
+        TLS; the handle (and then ``destructor``) fires before this returns: the caller's
+        memory is not referenced any more. Bad data or destructors raise as there, with
+        nothing written.
+
+        Refs: takes and drops one on each piece's destructor and on ``destructor`` within
+        the call (a frag whose destructor has fired is refused)."""
+        iov = IoVec.of(data)
+        if destructor is not None and not isinstance(destructor, FragDestructor):
+            raise TypeError(
+                f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
+            )
+        hold = Pin(iov.views, iov.owners)
+        keep = Pin(None, [destructor])
+        try:  # all or nothing, as ZeroCopyTransport.write (DestructorError if one fired)
+            hold.take(self)
+            if destructor is not None:
+                keep.take(self)
+        except BaseException:
+            hold.release(self)
+            keep.release(self)
+            raise
+        try:
+            copy = b"".join(iov.views)  # the copy: TLS encrypts from here
+        finally:
+            hold.release(self)
+        try:
+            if copy:
+                self._inner.write(copy)
+        finally:
+            keep.release(self)
+        handle = FragDestructor(None, name="write")
+        handle.unref()  # nothing of the caller's is held any more: it fires now
+        return handle
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    async def wait_released(self) -> None:
+        """Every write has been copied: nothing to wait for."""
+
+    @property
+    def pinned_bytes(self) -> int:
+        return 0
+
+    # -- the inner transport's ---------------------------------------------------------------
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._inner.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._inner.is_closing()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+    def can_write_eof(self) -> bool:
+        return self._inner.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._inner.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._inner.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._inner.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._inner.set_write_buffer_limits(high, low)
+
+    def pause_reading(self) -> None:
+        self._inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._inner.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._inner.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._inner.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._inner.get_protocol()
+
+    def __repr__(self) -> str:
+        return f"<CopyingTransport {self._inner!r}>"
