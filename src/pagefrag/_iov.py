@@ -169,9 +169,13 @@ class IoVec:
         if lent is None:
             return
         views = self.views
-        for i, mark in enumerate(lent):
-            if mark:
-                views[i] = memoryview(views[i].tobytes())
+        if len(lent) == 1:  # one buffer written: no loop
+            if lent[0]:
+                views[0] = memoryview(views[0].tobytes())
+        else:
+            for i, mark in enumerate(lent):
+                if mark:
+                    views[i] = memoryview(views[i].tobytes())
         self.lent = None
 
     def pin(self, holder: object, extra: FragDestructor | None = None) -> Pin:

@@ -206,7 +206,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         if nbytes:
             if len(writes.queue) == 1:
                 self._flush_queue()
-            if lent:
+            if lent and writes.queue:
                 writes.own_last()  # what the kernel did not take: no longer the caller's
             self._maybe_pause_protocol()
         return handle
