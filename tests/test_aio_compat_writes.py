@@ -10,6 +10,7 @@ import array
 import asyncio
 import functools
 import mmap
+import socket
 import struct
 import tracemalloc
 from collections.abc import Callable
@@ -20,9 +21,10 @@ import pytest
 from helpers import POISON, Run, VerifyingReceiver, counters
 
 from pagefrag import BufferPool, Frag, FragDestructor, SkBuff
+from pagefrag._iov import IoVec
 from pagefrag.aio import open_connection
 from pagefrag.testing.netlab import RECEIVER_IP, NetLab
-from pagefrag.zerocopy import tcp_info
+from pagefrag.zerocopy import ZeroCopySocket, tcp_info
 
 RECORD = 4096
 RECORDS = 4096  # 16 MiB: far more than the socket buffers take, so writes queue
@@ -371,3 +373,47 @@ def test_a_pool_buffer_write_stays_zero_copy(run: Run) -> None:
 
     zerocopy_sends, intact = run(main())
     assert intact and zerocopy_sends > 0
+
+
+def test_iovec_marks_and_owns_only_the_lent_mutable_pieces() -> None:
+    """IoVec.of(data, lent=True) marks the plain mutable pieces, piece by piece; own()
+    copies exactly those (a frag stays by reference) and lets go of the caller's memory:
+    the bytearray can be resized afterwards."""
+    d = FragDestructor(None)
+    ba, fb = bytearray(b"abcd"), bytearray(b"frag")
+    iov = IoVec.of([b"xy", ba, Frag(fb, 0, 4, d), memoryview(ba).toreadonly()], lent=True)
+    assert iov.lent == [False, True, False, True]
+    assert IoVec.of([b"xy", ba]).lent is None  # not lent: ZeroCopySocket's own sends
+    assert IoVec.of(bytes(3), lent=True).lent is None
+    assert iov.first(1).lent is None and iov.first(2).lent == [False, True]
+    iov.advance(3)  # "xy" and the first byte of ba
+    assert iov.lent == [True, False, True]
+    iov.own()
+    ba[:] = b"ZZZZ"
+    fb[:] = b"FFFF"
+    assert [bytes(v) for v in iov.views] == [b"bcd", b"FFFF", b"abcd"]
+    assert iov.lent is None
+    ba.clear()  # no view of it is left
+    d.unref()
+
+
+def test_a_lent_iovec_is_sent_copied_by_an_always_socket(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The kernel bridge: an iovec with a lent piece goes out in a copying send even
+    under zerocopy="always"; the same bytes not lent go zero-copy."""
+    client, server = tcp_pair
+    zs = ZeroCopySocket(client, zerocopy="always")
+    try:
+        buf = bytearray(b"L" * 65536)
+        n = zs.send_iov(IoVec.of(buf, lent=True))
+        assert zs.stats.zerocopy_sends == 0 and n > 0
+        n += zs.send_iov(IoVec.of(buf))
+        assert zs.stats.zerocopy_sends == 1
+        server.settimeout(30)
+        got = 0
+        while got < n:  # read it all, so the kernel is done with the pages
+            got += len(server.recv(1 << 20))
+        zs.flush(timeout=30)
+    finally:
+        zs.close(timeout=30)
