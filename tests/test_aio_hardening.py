@@ -240,7 +240,7 @@ def test_a_protocol_raising_in_resume_writing_still_gets_connection_lost(run: Ru
 
     async def main() -> None:
         transport, lost, server, port = await flaky_connection("resume_writing", contexts)
-        handle = transport.write(bytearray(1 << 20))  # pins far above high water
+        handle = transport.write_zerocopy(bytearray(1 << 20))  # pins far above high water
         transport.close()  # resume_writing() comes with the completions
         result["lost"] = await asyncio.wait_for(asyncio.shield(lost), 20)
         result["handle"] = handle.done
@@ -263,7 +263,7 @@ def test_a_protocol_raising_in_pause_writing_does_not_fail_the_write(run: Run) -
 
     async def main() -> None:
         transport, lost, server, port = await flaky_connection("pause_writing", contexts)
-        handle = transport.write(bytearray(1 << 20))
+        handle = transport.write_zerocopy(bytearray(1 << 20))  # pinned: above high water
         await asyncio.wait_for(handle, 20)
         transport.close()
         result["lost"] = await asyncio.wait_for(asyncio.shield(lost), 20)

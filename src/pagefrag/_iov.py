@@ -15,6 +15,15 @@ reference on each destructor. The model is Seastar's ``deleter``
 (``include/seastar/core/deleter.hh``): one object owning a buffer's lifetime, shared by
 the holders of its pieces. Kernel counterparts: the iovec of ``sendmsg``, and the
 ``skb_frag_destructor_ref`` a zero-copy send takes on every frag it pins.
+
+Lent memory. A plain mutable buffer (bytearray, numpy array, mmap, array, a memoryview
+of one) written through asyncio's ``write()`` is only *lent* for the call: the caller may
+reuse it once the call returns. ``IoVec.of(data, lent=True)`` marks those pieces
+(:attr:`IoVec.lent`); a send of an iovec with a lent piece is a copying send (the kernel
+reads the bytes before the call returns), and a holder that keeps the bytes past the call
+takes a copy first (:meth:`IoVec.own`). Immutable ``bytes`` (and views of them), frags,
+pool buffers and skbs are never lent: their lifetime is the holder's pin or their
+destructor's, so they may go zero-copy by reference.
 """
 
 from __future__ import annotations
@@ -40,7 +49,6 @@ Data: TypeAlias = "Piece | Sequence[Piece]"
 of it) or any C-contiguous buffer (bytes, bytearray, memoryview, mmap, array, numpy
 array)."""
 
-_FLAT = (bytes, bytearray)
 _NO_REFS: list[FragDestructor] = []  # shared, never appended to: a pin that holds none
 
 
@@ -50,24 +58,43 @@ def check_destructor(d: object) -> None:
         raise TypeError(f"destructor must be a FragDestructor or None, not {type(d).__name__}")
 
 
+def _immutable(view: memoryview) -> bool:
+    """Whether nobody can change the bytes of ``view``: a view of ``bytes``. Conservative:
+    a read-only view of a bytearray (or an mmap opened for reading) is not."""
+    return view.readonly and isinstance(view.obj, bytes)
+
+
 class IoVec:
     """Byte views with the destructor of each: ``views[i]`` belongs to ``owners[i]``
-    (None: memory nobody tracks). Kernel counterpart: the ``struct iovec`` array of one
-    ``sendmsg``. Takes no reference by itself (see :meth:`pin`)."""
+    (None: memory nobody tracks). ``lent``: None, or ``lent[i]`` true when ``views[i]``
+    is mutable memory lent only for the call (see the module docstring). Kernel
+    counterpart: the ``struct iovec`` array of one ``sendmsg``. Takes no reference by
+    itself (see :meth:`pin`)."""
 
-    __slots__ = ("owners", "views")
+    __slots__ = ("lent", "owners", "views")
 
-    def __init__(self, views: list[memoryview], owners: list[FragDestructor | None]) -> None:
+    def __init__(
+        self,
+        views: list[memoryview],
+        owners: list[FragDestructor | None],
+        lent: list[bool] | None = None,
+    ) -> None:
         self.views = views
         self.owners = owners
+        self.lent = lent
 
     @classmethod
-    def of(cls, data: Data) -> IoVec:
+    def of(cls, data: Data, lent: bool = False) -> IoVec:
         """The views of ``data`` (see :data:`Data`). ``TypeError`` for what is not one.
+        ``lent``: the plain buffers are lent only for the call (asyncio's ``write``):
+        mark the mutable ones in :attr:`lent`.
 
         Refs: none."""
-        if type(data) in _FLAT:
-            return cls([memoryview(data)], [None])  # type: ignore[arg-type]  # bytes-like
+        kind = type(data)
+        if kind is bytes:
+            return cls([memoryview(data)], [None])  # type: ignore[arg-type]  # bytes
+        if kind is bytearray:
+            return cls([memoryview(data)], [None], [True] if lent else None)  # type: ignore[arg-type]
         if isinstance(data, SkBuff):
             views = data.iovecs()
             owners: list[FragDestructor | None] = [None] * (len(views) - data.nr_frags)
@@ -75,6 +102,7 @@ class IoVec:
             return cls(views, owners)
         items = data if isinstance(data, (list, tuple)) else (data,)
         views, owners = [], []
+        marks: list[int] = []  # the lent pieces
         for item in items:
             if isinstance(item, SkBuff):
                 part = cls.of(item)
@@ -87,9 +115,17 @@ class IoVec:
                 views.append(item.view())
                 owners.append(item.destructor)
             else:
-                views.append(byte_view(item))
+                view = byte_view(item)
+                if lent and not _immutable(view):
+                    marks.append(len(views))
+                views.append(view)
                 owners.append(None)
-        return cls(views, owners)
+        if not marks:
+            return cls(views, owners)
+        flags = [False] * len(views)
+        for i in marks:
+            flags[i] = True
+        return cls(views, owners, flags)
 
     @property
     def nbytes(self) -> int:
@@ -102,18 +138,45 @@ class IoVec:
 
     def first(self, count: int) -> IoVec:
         """The first ``count`` pieces (for an iovec limit), sharing their views."""
-        return IoVec(self.views[:count], self.owners[:count])
+        lent = self.lent
+        if lent is not None:
+            lent = lent[:count]
+            if not any(lent):
+                lent = None
+        return IoVec(self.views[:count], self.owners[:count], lent)
 
     def advance(self, n: int) -> None:
         """Drop the first ``n`` bytes in place (after a partial stream send).
 
         Refs: none (a holder's references are in its :class:`Pin`)."""
-        views, owners = self.views, self.owners
+        views, owners, lent = self.views, self.owners, self.lent
         while views and n >= len(views[0]):
             n -= len(views.pop(0))
             owners.pop(0)
+            if lent is not None:
+                lent.pop(0)
         if n:
             views[0] = views[0][n:]
+
+    def own(self) -> None:
+        """Replace every lent view by a copy of its bytes (``bytes``, immutable), so the
+        caller may reuse its buffer while this iovec is still held (a write still
+        queued when ``write()`` returns). In place: the list of views is shared with the
+        holder's :class:`Pin`, which then keeps the copies, not the caller's memory.
+
+        Refs: none."""
+        lent = self.lent
+        if lent is None:
+            return
+        views = self.views
+        if len(lent) == 1:  # one buffer written: no loop
+            if lent[0]:
+                views[0] = memoryview(views[0].tobytes())
+        else:
+            for i, mark in enumerate(lent):
+                if mark:
+                    views[i] = memoryview(views[i].tobytes())
+        self.lent = None
 
     def pin(self, holder: object, extra: FragDestructor | None = None) -> Pin:
         """A :class:`Pin` of these bytes for ``holder``: a copy of the views and one

@@ -13,6 +13,12 @@ their completions, and once the whole write is sent the queue releases its pin a
 handle's first reference. So the handle fires when the kernel has released the last
 page. A write's own ``destructor`` is held by a second pin, released when the handle
 fires.
+
+Lent memory (asyncio's contract: the caller may reuse a buffer once ``write()`` returns).
+A plain write's mutable buffers are pushed *lent* (:attr:`IoVec.lent`): the kernel bridge
+sends them copied, and :meth:`WriteQueue.own_last`, called as ``write()`` returns, copies
+what is still queued into ``bytes`` the queue owns. So no queued write and no kernel pin
+ever refers to lent memory after its ``write()`` has returned.
 """
 
 from __future__ import annotations
@@ -47,9 +53,13 @@ class WriteQueue:
         self.handles: set[FragDestructor] = set()
         self.unsent = 0
 
-    def push(self, data: Data, destructor: FragDestructor | None) -> tuple[FragDestructor, int]:
+    def push(
+        self, data: Data, destructor: FragDestructor | None, lent: bool = False
+    ) -> tuple[FragDestructor, int]:
         """Queue ``data`` and return its write handle and its size (0: nothing queued,
-        the handle has fired already). Raises, with no reference taken and no handle
+        the handle has fired already). ``lent``: its plain mutable buffers are lent only
+        until the caller's ``write()`` returns (see :meth:`own_last`). Raises, with no
+        reference taken and no handle
         made, for data that is not :data:`Data`, a ``destructor`` that is not a
         :class:`FragDestructor`, or a destructor (the write's or its pieces') that has
         fired.
@@ -57,7 +67,7 @@ class WriteQueue:
         Refs: +1 on every piece's destructor (the queue's pin); +1 on ``destructor``
         until the handle fires."""
         holder = self._holder
-        iov = IoVec.of(data)
+        iov = IoVec.of(data, lent)
         if destructor is not None and not isinstance(destructor, FragDestructor):
             raise TypeError(
                 f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
@@ -87,6 +97,16 @@ class WriteQueue:
         else:
             self._release(w)
         return handle, nbytes
+
+    def own_last(self) -> None:
+        """The caller's ``write()`` returns: if its write is still queued with lent
+        pieces, copy them (:meth:`IoVec.own`), so the caller may reuse its buffer. Only
+        the last write can hold any: every earlier one was owned when its call returned.
+
+        Refs: none (the queue's pin keeps the copies instead of the caller's views)."""
+        queue = self.queue
+        if queue and queue[-1].iov.lent is not None:
+            queue[-1].iov.own()
 
     def sent(self, n: int) -> None:
         """The kernel took the first ``n`` bytes of the first write; once all of it is

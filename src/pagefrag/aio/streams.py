@@ -244,7 +244,24 @@ class ZeroCopyStreamWriter(asyncio.StreamWriter):
     def write(  # type: ignore[override]
         self, data: Data, *, destructor: FragDestructor | None = None
     ) -> FragDestructor:
+        """Write ``data``, as asyncio's: a plain mutable buffer may be reused once this
+        returns (it is copied unless it goes at once, in a copying send); ``bytes``,
+        frags, pool buffers, skbs, and everything written with ``destructor``, go
+        zero-copy by reference. Returns the write handle (fired when the kernel released
+        every page). Kernel: ``sendmsg``.
+
+        Refs: see :meth:`ZeroCopyTransport.write`."""
         return self._transport.write(data, destructor)
+
+    def write_zerocopy(
+        self, data: Data, *, destructor: FragDestructor | None = None
+    ) -> FragDestructor:
+        """Write ``data`` zero-copy by reference, mutable buffers too: ``data`` must not
+        change until the returned handle fires (the kernel released every page). Kernel:
+        ``sendmsg(MSG_ZEROCOPY)``.
+
+        Refs: see :meth:`ZeroCopyTransport.write`."""
+        return self._transport.write_zerocopy(data, destructor)
 
     def writelines(self, data: Any) -> None:
         for chunk in data:

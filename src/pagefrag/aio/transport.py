@@ -17,6 +17,10 @@ limit) leaves the write queued: it is retried when completions arrive, or after 
 timer, and the connection fails only after ``enobufs_timeout`` seconds without progress
 (:mod:`._stall`).
 
+A plain ``write`` keeps asyncio's contract: a mutable buffer may be reused once the call
+returns (it is sent copied, and copied into the queue if it cannot go at once); ``bytes``,
+frags and ``write_zerocopy`` go by reference (:mod:`._writes`, :mod:`pagefrag._iov`).
+
 Each ``write`` is queued (:mod:`._writes`) with a :class:`Pin` of its bytes and its
 *write handle* (a :class:`FragDestructor` returned to the caller), so nothing the queue
 still holds can be released by its owner. The queue is handed to the kernel as the
@@ -190,6 +194,12 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         ``PoolBuffer``) and return its write handle: awaitable, fired when the kernel has
         released every page of this write. ``destructor``, if given, fires after it.
 
+        As asyncio's, the caller may reuse a plain mutable buffer (bytearray, numpy
+        array, mmap, a memoryview of one) once ``write()`` returns: it is sent copied, and
+        what cannot go at once is copied into the queue. ``bytes``, frags, pool buffers
+        and skbs go zero-copy by reference; so does everything when ``destructor`` is
+        given (then reuse waits for it), or with :meth:`write_zerocopy`.
+
         A write that raises (bad data, a destructor that has already fired, a write after
         ``write_eof()``: ``RuntimeError``) changes nothing: no reference taken, no handle
         registered. After ``close()``, a failure or the loss of the connection a write is
@@ -200,14 +210,30 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         Refs: one per piece's destructor while queued (a :class:`Pin`), one on
         ``destructor`` until the handle fires; the kernel bridge holds its own until the
         completions. An ignored write takes none."""
+        return self._write(data, destructor, destructor is None)
+
+    def write_zerocopy(
+        self, data: Data, destructor: FragDestructor | None = None
+    ) -> FragDestructor:
+        """:meth:`write`, with mutable buffers too sent zero-copy by reference: the
+        caller must not change ``data`` until the returned handle fires (the kernel has
+        released every page). Kernel: ``sendmsg(MSG_ZEROCOPY)``.
+
+        Refs: as :meth:`write`."""
+        return self._write(data, destructor, False)
+
+    def _write(self, data: Data, destructor: FragDestructor | None, lent: bool) -> FragDestructor:
         if self._eof:
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._state is not _OPEN:
             return self._ignored_write(data, destructor)
-        handle, nbytes = self._writes.push(data, destructor)
+        writes = self._writes
+        handle, nbytes = writes.push(data, destructor, lent)
         if nbytes:
-            if len(self._writes.queue) == 1:
+            if len(writes.queue) == 1:
                 self._flush_queue()
+            if lent and writes.queue:
+                writes.own_last()  # what the kernel did not take: no longer the caller's
             self._maybe_pause_protocol()
         return handle
 

@@ -72,7 +72,8 @@ class Sender:
         self, iov: IoVec, destructor: FragDestructor | None, flags: int, deadline: float | None
     ) -> int:
         """One send call of ``iov`` (at most :data:`IOV_MAX` pieces of a stream), zero-copy
-        if the policy says so; returns the bytes taken. A zero-copy call pins ``iov`` and
+        if the policy says so and no piece is lent (:attr:`IoVec.lent`, always copied);
+        returns the bytes taken. A zero-copy call pins ``iov`` and
         ``destructor`` first; after a partial send the pin keeps only what was taken.
 
         Refs: +1 per destructor for a zero-copy call (held by the error queue until the
@@ -88,7 +89,9 @@ class Sender:
             views = iov.views
         nbytes = len(views[0]) if len(views) == 1 else sum(map(len, views))
         now = time.monotonic()
-        if not nbytes or not self.policy.use_zerocopy(nbytes, now):
+        # Lent memory (a plain write's bytearray) is read by the kernel only while the
+        # call runs: a copying send, whatever the policy (see pagefrag._iov).
+        if not nbytes or iov.lent is not None or not self.policy.use_zerocopy(nbytes, now):
             n = self.copied(views, flags)  # no reference taken
             self.after_send()
             return n

@@ -25,7 +25,8 @@ no bytecode runs between the kernel's return and the record, so no signal handle
 references of the pieces past the bytes taken are dropped. When the error queue reports
 the id, the pin is released: views dropped, references dropped — and a destructor whose
 last reference that was fires. A send that is copied (small, ``never``, ``auto`` after the
-kernel kept copying or refused with ``ENOBUFS``) takes no references at all.
+kernel kept copying or refused with ``ENOBUFS``, or an iovec with memory lent only for
+the call: :attr:`IoVec.lent <pagefrag._iov.IoVec.lent>`) takes no references at all.
 
 Threads. Any number of threads may send and read completions on one socket at once.
 Each send call (``send``, ``send_iov``) is atomic with its id's filing, and a ``sendall``
@@ -262,7 +263,9 @@ class ZeroCopySocket:
         of more raises ``ValueError``), ``destructor`` held for the whole call; returns the
         bytes taken. ``deadline`` bounds ENOBUFS retries (``always``); with
         ``enobufs_timeout=0`` ``auto`` copies at once, ``always`` raises
-        :class:`SendBufferError` with nothing sent or kept. Kernel: ``sendmsg``.
+        :class:`SendBufferError` with nothing sent or kept. An ``iov`` with a lent piece
+        (:attr:`IoVec.lent <pagefrag._iov.IoVec.lent>`) is sent copied whatever the mode.
+        Kernel: ``sendmsg``.
 
         Refs: as :meth:`send`. ``iov`` is not kept: the caller advances it after."""
         if type(iov) is not IoVec:
