@@ -534,6 +534,60 @@ def test_ssl_round_trip_copies_each_write(
     assert all(fired) and len(fired) == (4 if streams is aio else 0)
 
 
+def test_start_tls_upgrades_a_clear_connection(
+    streams: Any, run: Run, certificate: tuple[Path, Path]
+) -> None:
+    """writer.start_tls() on both ends of a clear connection, as CPython's test_start_tls,
+    then a bytearray reused right after write(). pagefrag: on either loop (uvloop's
+    loop.start_tls refuses transports not its own), over the zero-copy transport, and
+    each write's handle has fired by the time write() returns (TLS copied it)."""
+    cert, key = certificate
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> tuple[bytes, bytes, list[bool], list[bool]]:
+        fired: list[bool] = []
+        below: list[bool] = []
+
+        async def upgrade(reader: asyncio.StreamReader, writer: Any) -> None:
+            writer.write(await reader.readline())
+            await writer.drain()
+            await writer.start_tls(server_ctx)
+            assert writer.get_extra_info("sslcontext") is server_ctx
+            data = await reader.readexactly(2 * 4096)
+            writer.write(data.upper())
+            await writer.drain()
+            writer.close()
+
+        server = await streams.start_server(upgrade, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await streams.open_connection("127.0.0.1", port)
+        writer.write(b"clear\n")
+        clear = await asyncio.wait_for(reader.readline(), 30)
+        await writer.start_tls(client_ctx, server_hostname="localhost")
+        assert writer.get_extra_info("ssl_object") is not None
+        below.append(writer.get_extra_info("zerocopy_socket") is not None)
+        buf = bytearray(4096)
+        for letter in b"ab":
+            buf[:] = bytes([letter]) * 4096
+            handle = writer.write(buf)
+            fired.append(getattr(handle, "done", True))
+        buf[:] = b"z" * 4096
+        await writer.drain()
+        got = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        await writer.wait_closed()
+        await closed(server)
+        return clear, got, fired, below
+
+    clear, got, fired, below = run(main())
+    assert clear == b"clear\n"
+    assert got == b"A" * 4096 + b"B" * 4096
+    assert all(fired)
+    assert below == [streams is aio]
+
+
 # -- item 6: the client-connected callback raising --------------------------------------------
 def eof_within(reader: asyncio.StreamReader, seconds: float) -> Any:
     async def read() -> bool:

@@ -7,17 +7,25 @@ Rule: every byte is copied inside :meth:`CopyingTransport.write`, before it retu
 no reference to the caller's memory outlives the call; the write handle therefore fires
 before ``write()`` returns (it promises "this buffer may be reused", and it may). Nothing
 here is zero-copy and nothing is pinned.
+
+A connection that starts in the clear and upgrades (``writer.start_tls()``) keeps its
+:class:`ZeroCopyTransport` underneath: :func:`start_tls` stacks asyncio's own pure-Python
+``sslproto.SSLProtocol`` on it, the steps of ``loop.start_tls``, done here because
+uvloop's ``start_tls`` takes only uvloop's own transports. The ciphertext is ``bytes``
+and goes through the zero-copy transport like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+from asyncio import sslproto
 from typing import Any
 
 from .._destructor import FragDestructor
 from .._iov import Data, IoVec, Pin
 
-__all__ = ["CopyingTransport"]
+__all__ = ["CopyingTransport", "start_tls"]
 
 
 class CopyingTransport(asyncio.Transport):
@@ -123,3 +131,49 @@ class CopyingTransport(asyncio.Transport):
 
     def __repr__(self) -> str:
         return f"<CopyingTransport {self._inner!r}>"
+
+
+async def start_tls(
+    transport: asyncio.Transport,
+    protocol: asyncio.BaseProtocol,
+    sslcontext: ssl.SSLContext,
+    *,
+    server_side: bool = False,
+    server_hostname: str | None = None,
+    ssl_handshake_timeout: float | None = None,
+    ssl_shutdown_timeout: float | None = None,
+) -> asyncio.Transport:
+    """Upgrade ``transport`` to TLS and return the transport ``protocol`` uses from now
+    on, as ``loop.start_tls`` (the same steps, on any loop). Kernel: none (TLS is done
+    in user space; the transport sends the ciphertext). Refs: none."""
+    if not isinstance(sslcontext, ssl.SSLContext):
+        raise TypeError(
+            f"sslcontext is expected to be an instance of ssl.SSLContext, got {sslcontext!r}"
+        )
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    tls = sslproto.SSLProtocol(
+        loop,
+        protocol,
+        sslcontext,
+        waiter,
+        server_side,
+        server_hostname,
+        ssl_handshake_timeout=ssl_handshake_timeout,  # type: ignore[arg-type]  # (a float)
+        ssl_shutdown_timeout=ssl_shutdown_timeout,
+        call_connection_made=False,
+    )
+    # Paused first, so that no data reaches the TLS protocol before connection_made.
+    transport.pause_reading()
+    transport.set_protocol(tls)
+    made = loop.call_soon(tls.connection_made, transport)
+    resumed = loop.call_soon(transport.resume_reading)
+    try:
+        await waiter
+    except BaseException:
+        transport.close()
+        made.cancel()
+        resumed.cancel()
+        raise
+    app: asyncio.Transport = tls._app_transport  # what loop.start_tls returns, too
+    return app

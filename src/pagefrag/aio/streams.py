@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable, Iterable
+from ssl import SSLContext
 from typing import Any, TypeVar
 
 from .._destructor import FragDestructor
@@ -17,7 +18,7 @@ from .._iov import Data
 from ..zerocopy.policy import ZeroCopyPolicy
 from ._connect import check_ssl_socket, connected_socket, listening_sockets
 from ._server import ACCEPT_RETRY_DELAY, ZeroCopyServer
-from ._tls import CopyingTransport
+from ._tls import CopyingTransport, start_tls
 from .transport import DEFAULT_ENOBUFS_TIMEOUT, DEFAULT_LINGER, ZeroCopyTransport
 
 __all__ = [
@@ -279,6 +280,36 @@ class ZeroCopyStreamWriter(asyncio.StreamWriter):
     def abort(self) -> None:
         """Disconnect at once (RST); every write's handle still fires exactly once."""
         self._transport.abort()
+
+    async def start_tls(
+        self,
+        sslcontext: SSLContext,
+        *,
+        server_hostname: str | None = None,
+        ssl_handshake_timeout: float | None = None,
+    ) -> None:
+        """Upgrade the connection to TLS, as ``asyncio.StreamWriter.start_tls``, on any
+        loop. From then on writes take the copying path (:mod:`._tls`): each is copied
+        and encrypted before ``write()`` returns, and its handle has fired by then.
+
+        Refs: none; the ciphertext's are the zero-copy transport's (``bytes``)."""
+        protocol: asyncio.StreamReaderProtocol = self._protocol  # type: ignore[attr-defined]
+        await self.drain()
+        tls = await start_tls(
+            self._transport,
+            protocol,
+            sslcontext,
+            server_side=isinstance(protocol, _ServerStreamProtocol),
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+        )
+        self._transport = CopyingTransport(tls)  # type: ignore[assignment]
+        protocol._replace_writer(self)  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        # It is asyncio's StreamWriter, and says so where warnings and logs name it
+        # ("unclosed <StreamWriter ...>").
+        return "<StreamWriter" + super().__repr__().removeprefix("<" + type(self).__name__)
 
 
 def _stream_pair(
