@@ -501,3 +501,44 @@ def test_writes_after_close_log_a_warning_after_a_few(
     with caplog.at_level(logging.WARNING):
         first, later = run(main())
     assert first == 0 and later >= 1
+
+
+# -- create_connection returns once connection_made has run ------------------------------------
+def test_create_connection_returns_after_connection_made(connect: Connect, run: Run) -> None:
+    """asyncio's create_connection waits for connection_made: a protocol that keeps its
+    transport there can be used at once. Found in review: pagefrag returned a turn of the
+    loop too early. Cancelled in that turn (the factory cancels its own task), the
+    connection is closed at once, not when the garbage collector finds it."""
+
+    class Keeps(asyncio.Protocol):
+        transport: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+    async def main() -> tuple[bool, bytes]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(30)
+        port = listener.getsockname()[1]
+        with listener:
+            transport, protocol = await connect(Keeps, "127.0.0.1", port)
+            made = protocol.transport is transport
+            transport.close()
+            listener.accept()[0].close()
+
+            def cancels() -> Keeps:
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
+                return Keeps()
+
+            with pytest.raises(asyncio.CancelledError):
+                await connect(cancels, "127.0.0.1", port)
+            peer, _ = listener.accept()
+            with peer:
+                peer.settimeout(10)  # EOF now, not at the next collection
+                eof = await asyncio.get_running_loop().run_in_executor(None, peer.recv, 1)
+        return made, eof
+
+    made, eof = run(main())
+    assert made and eof == b""

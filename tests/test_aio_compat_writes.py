@@ -12,6 +12,7 @@ import functools
 import mmap
 import socket
 import struct
+import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -417,3 +418,94 @@ def test_a_lent_iovec_is_sent_copied_by_an_always_socket(
         zs.flush(timeout=30)
     finally:
         zs.close(timeout=30)
+
+
+# -- callbacks that run inside write(): completions polled during its send ---------------------
+def _next_send_polls(writer: Any) -> None:
+    """Make the writer's next send call read the error queue, where the completion of an
+    earlier zero-copy write waits: sleep without giving the loop a turn (so it does not
+    read the completion itself), then make small writes until the kernel bridge's poll
+    cadence (every 16 sends; internal, read from ``_tx.since_poll``) is one call away."""
+    time.sleep(0.1)  # a loopback completion takes microseconds; the loop does not run
+    sender = writer.transport._zs._tx
+    for _ in range(64):
+        if sender.since_poll % 16 == 15:
+            return
+        writer.write(b"f")
+    raise AssertionError("the poll cadence was not reached")
+
+
+def _peer() -> tuple[socket.socket, int]:
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    return listener, listener.getsockname()[1]
+
+
+def test_a_write_made_by_a_callback_during_a_send_does_not_leave_the_outer_one_lent(
+    run: Run,
+) -> None:
+    """A handle's done callback writes while a plain write of a 4 MiB bytearray is being
+    sent (the send polls completions): the outer write's queued rest must still be copied
+    before write() returns. Found in review: only the queue's last write was copied, the
+    callback's, and the rewritten bytearray went out (about 4 MB of 'Z')."""
+    listener, port = _peer()
+
+    async def main() -> tuple[int, int, int]:
+        loop = asyncio.get_running_loop()
+        _, writer = await open_connection("127.0.0.1", port, zerocopy="always")
+        conn, _ = listener.accept()
+        conn.settimeout(30)
+        writer.transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        inner = bytearray(b"B" * 1000)
+        first = writer.write(b"x" * 65536)
+        first.add_done_callback(lambda _: writer.write(inner))
+        _next_send_polls(writer)
+        outer = bytearray(b"A" * (4 << 20))
+        writer.write(outer)
+        assert first.done  # the callback ran inside write(outer)
+        outer[:] = b"Z" * len(outer)  # asyncio's contract: reusable once write() returned
+        got = bytearray()
+
+        def drain_peer() -> None:
+            while data := conn.recv(1 << 20):
+                got.extend(data)
+
+        reading = loop.run_in_executor(None, drain_peer)
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 30)
+        await asyncio.wait_for(reading, 30)
+        conn.close()
+        return got.count(b"Z"), got.count(b"A"), got.count(b"B")
+
+    try:
+        zs, as_, bs = run(main())
+    finally:
+        listener.close()
+    assert (zs, as_, bs) == (0, 4 << 20, 1000)
+
+
+def test_a_callback_that_aborts_during_a_send_leaves_write_returning(run: Run) -> None:
+    """A handle's done callback aborts the transport while a later write is being sent:
+    that write() returns (a handle) instead of raising IndexError after queueing, and the
+    connection ends. Found in review (also on b9977ae)."""
+    listener, port = _peer()
+
+    async def main() -> bool:
+        _, writer = await open_connection("127.0.0.1", port, zerocopy="always")
+        conn, _ = listener.accept()
+        first = writer.write(b"x" * 65536)
+        first.add_done_callback(lambda _: writer.transport.abort())
+        _next_send_polls(writer)
+        handle = writer.write(b"A" * (1 << 20))
+        assert first.done and writer.transport.is_closing()
+        await asyncio.wait_for(writer.wait_closed(), 30)
+        await asyncio.wait_for(handle, 30)
+        conn.close()
+        return bool(handle.done)
+
+    try:
+        assert run(main())
+    finally:
+        listener.close()

@@ -23,7 +23,7 @@ from asyncio import sslproto
 from typing import Any
 
 from .._destructor import FragDestructor
-from .._iov import Data, IoVec, Pin
+from .._iov import Data, IoVec, Pin, check_destructor
 
 __all__ = ["CopyingTransport", "start_tls"]
 
@@ -41,39 +41,28 @@ class CopyingTransport(asyncio.Transport):
         self, data: Data, destructor: FragDestructor | None = None
     ) -> FragDestructor:
         """Copy ``data`` (what :meth:`ZeroCopyTransport.write` takes) and hand the copy to
-        TLS; the handle (and then ``destructor``) fires before this returns: the caller's
-        memory is not referenced any more. Bad data or destructors raise as there, with
-        nothing written.
+        TLS; the returned handle has fired: the caller's memory is not referenced any
+        more. Bad data or destructors raise as there, with nothing written. Kernel: none
+        here (TLS sends the ciphertext).
 
-        Refs: takes and drops one on each piece's destructor and on ``destructor`` within
-        the call (a frag whose destructor has fired is refused)."""
+        Refs: takes one on each piece's destructor and on ``destructor`` and drops them
+        before it returns (so a frag whose destructor has fired is refused)."""
         iov = IoVec.of(data)
-        if destructor is not None and not isinstance(destructor, FragDestructor):
-            raise TypeError(
-                f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
-            )
+        check_destructor(destructor)
         hold = Pin(iov.views, iov.owners)
-        keep = Pin(None, [destructor])
         try:  # all or nothing, as ZeroCopyTransport.write (DestructorError if one fired)
-            hold.take(self)
-            if destructor is not None:
-                keep.take(self)
-        except BaseException:
-            hold.release(self)
-            keep.release(self)
-            raise
-        try:
+            hold.take(self, destructor)
             copy = b"".join(iov.views)  # the copy: TLS encrypts from here
         finally:
             hold.release(self)
-        try:
-            if copy:
-                self._inner.write(copy)
-        finally:
-            keep.release(self)
+        if copy:
+            self._inner.write(copy)
         handle = FragDestructor(None, name="write")
         handle.unref()  # nothing of the caller's is held any more: it fires now
         return handle
+
+    write_zerocopy = write
+    """TLS copies whatever it is given: :meth:`write` (the buffer may be reused at once)."""
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:

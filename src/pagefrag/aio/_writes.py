@@ -16,9 +16,11 @@ fires.
 
 Lent memory (asyncio's contract: the caller may reuse a buffer once ``write()`` returns).
 A plain write's mutable buffers are pushed *lent* (:attr:`IoVec.lent`): the kernel bridge
-sends them copied, and :meth:`WriteQueue.own_last`, called as ``write()`` returns, copies
-what is still queued into ``bytes`` the queue owns. So no queued write and no kernel pin
-ever refers to lent memory after its ``write()`` has returned.
+sends them copied, and as ``write()`` returns the transport copies what is still queued
+of *that* write (:meth:`IoVec.own` of the write :meth:`WriteQueue.push` returned; not
+"the last one": callbacks run during the send may have queued others since). So no
+queued write and no kernel pin ever refers to lent memory after its ``write()`` has
+returned.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import collections
 
 from .._destructor import FragDestructor
-from .._iov import Data, IoVec, Pin
+from .._iov import Data, IoVec, Pin, check_destructor
 
 __all__ = ["WriteQueue"]
 
@@ -55,11 +57,11 @@ class WriteQueue:
 
     def push(
         self, data: Data, destructor: FragDestructor | None, lent: bool = False
-    ) -> tuple[FragDestructor, int]:
-        """Queue ``data`` and return its write handle and its size (0: nothing queued,
-        the handle has fired already). ``lent``: its plain mutable buffers are lent only
-        until the caller's ``write()`` returns (see :meth:`own_last`). Raises, with no
-        reference taken and no handle
+    ) -> tuple[FragDestructor, _Write | None]:
+        """Queue ``data`` and return its write handle and the queued write (None: nothing
+        queued, the handle has fired already). ``lent``: its plain mutable buffers are
+        lent only until the caller's ``write()`` returns, which must then copy what is
+        still queued (``write.iov.own()``). Raises, with no reference taken and no handle
         made, for data that is not :data:`Data`, a ``destructor`` that is not a
         :class:`FragDestructor`, or a destructor (the write's or its pieces') that has
         fired.
@@ -68,10 +70,7 @@ class WriteQueue:
         until the handle fires."""
         holder = self._holder
         iov = IoVec.of(data, lent)
-        if destructor is not None and not isinstance(destructor, FragDestructor):
-            raise TypeError(
-                f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
-            )
+        check_destructor(destructor)
         # Bound before they hold anything, taken in the try that releases them: all or
         # nothing (DestructorError if one has fired), and no interrupt loses one.
         hold = Pin(iov.views, iov.owners)
@@ -91,22 +90,12 @@ class WriteQueue:
             handle.add_done_callback(lambda _: keep.release(holder))
         w = _Write(iov, hold, handle)
         nbytes = sum(map(len, iov.views))  # (not iov.nbytes: one call less per write)
-        if nbytes:
-            self.queue.append(w)
-            self.unsent += nbytes
-        else:
+        if not nbytes:
             self._release(w)
-        return handle, nbytes
-
-    def own_last(self) -> None:
-        """The caller's ``write()`` returns: if its write is still queued with lent
-        pieces, copy them (:meth:`IoVec.own`), so the caller may reuse its buffer. Only
-        the last write can hold any: every earlier one was owned when its call returned.
-
-        Refs: none (the queue's pin keeps the copies instead of the caller's views)."""
-        queue = self.queue
-        if queue and queue[-1].iov.lent is not None:
-            queue[-1].iov.own()
+            return handle, None
+        self.queue.append(w)
+        self.unsent += nbytes
+        return handle, w
 
     def sent(self, n: int) -> None:
         """The kernel took the first ``n`` bytes of the first write; once all of it is

@@ -203,7 +203,20 @@ async def create_connection(
     except BaseException:
         sock.close()
         raise
-    return _transport(loop, sock, protocol, *settings), protocol
+    transport = _transport(loop, sock, protocol, *settings)
+    await _connection_made(transport)
+    return transport, protocol
+
+
+async def _connection_made(transport: asyncio.BaseTransport) -> None:
+    """Return once the protocol's ``connection_made`` has run (the transport scheduled
+    it first), as asyncio's ``create_connection`` does; cancelled meanwhile, the
+    connection is closed, as asyncio's is, not left to the garbage collector."""
+    try:
+        await asyncio.sleep(0)
+    except BaseException:
+        transport.close()
+        raise
 
 
 def _transport(
@@ -391,7 +404,7 @@ async def open_connection(
         interleave=interleave,
     )
     reader, writer = _stream_pair(loop, sock, limit, *settings)
-    await asyncio.sleep(0)  # let connection_made run, as asyncio's does before returning
+    await _connection_made(writer.transport)
     return reader, writer
 
 

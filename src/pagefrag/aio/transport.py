@@ -46,7 +46,7 @@ import socket
 from typing import Any
 
 from .._destructor import FragDestructor
-from .._iov import Data, IoVec
+from .._iov import Data, IoVec, check_destructor
 from ..errors import PageFragError, QueuedSocketError, SendBufferError
 from ..zerocopy._syscalls import disconnect, set_nodelay
 from ..zerocopy.socket import ZeroCopySocket
@@ -228,12 +228,14 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         if self._state is not _OPEN:
             return self._ignored_write(data, destructor)
         writes = self._writes
-        handle, nbytes = writes.push(data, destructor, lent)
-        if nbytes:
+        handle, w = writes.push(data, destructor, lent)
+        if w is not None:
             if len(writes.queue) == 1:
                 self._flush_queue()
-            if lent and writes.queue:
-                writes.own_last()  # what the kernel did not take: no longer the caller's
+            if lent and w.iov.views:
+                # What the kernel did not take is no longer the caller's. This write's
+                # own, not the queue's last: callbacks the send ran may have queued more.
+                w.iov.own()
             self._maybe_pause_protocol()
         return handle
 
@@ -242,10 +244,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         not data), then dropped, as asyncio's ``_SelectorSocketTransport.write`` drops it
         once ``_conn_lost`` (with its warning after a few)."""
         IoVec.of(data)
-        if destructor is not None and not isinstance(destructor, FragDestructor):
-            raise TypeError(
-                f"destructor must be a FragDestructor or None, not {type(destructor)!r}"
-            )
+        check_destructor(destructor)
         self._ignored_writes += 1
         if self._ignored_writes > LOG_THRESHOLD_FOR_CONNLOST_WRITES:
             logger.warning("write() ignored: the transport is closing or its connection lost")
@@ -273,6 +272,8 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
             except OSError as exc:
                 self._force_close(_socket_error(exc))
                 return
+            if writes.queue is not queue:
+                return  # a callback the send ran aborted or failed the connection
             if self._stall.since is not None:
                 self._stall.progress()
             writes.sent(n)  # a part: try again until the kernel refuses
