@@ -3,8 +3,10 @@
 binds, with the same arguments and the same checks (the model is CPython 3.11's
 ``asyncio/base_events.py``).
 
-Rule: this module only makes sockets; it knows nothing of transports, protocols or
-zero-copy. A socket it made and could not finish is closed before the error leaves.
+Rule: this module only makes and checks sockets (and the TLS arguments that go with
+them); it knows nothing of transports, protocols or zero-copy. A socket it made and
+could not finish is closed before the error leaves; a caller's socket (``sock=``) it
+refuses is left as it was.
 
 Theory of operation. A client: the host is resolved (``family``, ``proto``, ``flags``),
 so is ``local_addr`` with the same family; the addresses are tried in order, or, with
@@ -27,7 +29,14 @@ import socket
 from asyncio import staggered
 from typing import Any
 
-__all__ = ["check_ssl_socket", "connected_socket", "listening_sockets"]
+__all__ = [
+    "check_ssl_socket",
+    "check_tls_options",
+    "connected_socket",
+    "listening_sockets",
+    "server_hostname_for",
+    "socket_for",
+]
 
 AddrInfo = tuple[Any, ...]
 
@@ -223,3 +232,75 @@ async def listening_sockets(
             sock.close()
         raise
     return sockets
+
+
+def check_tls_options(
+    ssl: Any, ssl_handshake_timeout: float | None, ssl_shutdown_timeout: float | None
+) -> None:
+    if ssl_handshake_timeout is not None and not ssl:
+        raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
+    if ssl_shutdown_timeout is not None and not ssl:
+        raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
+
+
+def _given_socket(sock: socket.socket, host: Any, port: Any, resolution: dict[str, Any]) -> None:
+    """Check a caller's socket (``sock=``) before anything changes: a refused socket is
+    left as it was, open and in its blocking mode (as asyncio's ``create_connection``)."""
+    if host is not None or port is not None:
+        raise ValueError("host/port and sock can not be specified at the same time")
+    given = sorted(k for k, v in resolution.items() if v)
+    if given:
+        raise ValueError(f"{', '.join(given)}: address resolution options, not for sock")
+    if not isinstance(sock, socket.socket):
+        raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
+    check_ssl_socket(sock)
+    # The transport needs TCP (MSG_ZEROCOPY, SO_ZEROCOPY): checked here, not after it
+    # has made the socket non-blocking.
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise ValueError(f"a connected TCP stream socket was expected, got {sock!r}")
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        raise ValueError(f"a connected socket was expected ({exc.strerror}): {sock!r}") from None
+
+
+async def socket_for(
+    host: Any,
+    port: Any,
+    sock: socket.socket | None,
+    *,
+    family: int,
+    proto: int,
+    flags: int,
+    local_addr: Any,
+    happy_eyeballs_delay: float | None,
+    interleave: int | None,
+) -> socket.socket:
+    """``sock`` checked and used as is, or a new socket connected to ``host:port``."""
+    if sock is not None:
+        resolution = {"family": family, "proto": proto, "flags": flags, "local_addr": local_addr}
+        _given_socket(sock, host, port, resolution)
+        return sock
+    if host is None or port is None:
+        raise ValueError("host and port must both be given when no sock is")
+    return await connected_socket(
+        host,
+        port,
+        family=family,
+        proto=proto,
+        flags=flags,
+        local_addr=local_addr,
+        happy_eyeballs_delay=happy_eyeballs_delay,
+        interleave=interleave,
+    )
+
+
+def server_hostname_for(ssl: Any, host: Any, server_hostname: str | None) -> str | None:
+    """As asyncio's create_connection: checked before anything is made."""
+    if server_hostname is not None and not ssl:
+        raise ValueError("server_hostname is only meaningful with ssl")
+    if server_hostname is None and ssl:
+        if not host:
+            raise ValueError("You must set server_hostname when using ssl without a host")
+        return str(host)
+    return server_hostname

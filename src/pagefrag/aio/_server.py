@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from asyncio import trsock
 from collections.abc import Callable
 
 __all__ = ["ACCEPT_RETRY_DELAY", "ZeroCopyServer"]
@@ -121,16 +122,23 @@ class ZeroCopyServer(asyncio.AbstractServer):
             self._loop.add_reader(listener.fileno(), self._accept, listener)
 
     # -- asyncio.AbstractServer ------------------------------------------------------------
+    @property
+    def sockets(self) -> tuple[trsock.TransportSocket, ...]:
+        """The listening sockets, wrapped as asyncio wraps them (``TransportSocket``: no
+        ``close()`` or ``accept()`` behind the server's back); empty once the server is
+        closed. Kernel: none. Refs: none."""
+        if self._sockets is None:
+            return ()
+        return tuple(trsock.TransportSocket(s) for s in self._sockets)
+
     def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the server runs on, as asyncio's. Kernel: none. Refs: none."""
         return self._loop
 
     def is_serving(self) -> bool:
+        """Whether the server accepts (listening and watched), as asyncio's. Kernel:
+        none. Refs: none."""
         return self._serving
-
-    @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        """The listening sockets; empty once the server is closed (as asyncio's)."""
-        return () if self._sockets is None else tuple(self._sockets)
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets; accepted connections go on.

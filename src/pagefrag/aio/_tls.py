@@ -18,14 +18,19 @@ and goes through the zero-copy transport like any other.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from asyncio import sslproto
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._destructor import FragDestructor
 from .._iov import Data, IoVec, Pin, check_destructor
 
-__all__ = ["CopyingTransport", "start_tls"]
+if TYPE_CHECKING:
+    from ._server import ZeroCopyServer
+    from ._stream import ServerStreamProtocol
+
+__all__ = ["CopyingTransport", "accept_tls", "start_tls"]
 
 
 class CopyingTransport(asyncio.Transport):
@@ -166,3 +171,39 @@ async def start_tls(
         raise
     app: asyncio.Transport = tls._app_transport  # what loop.start_tls returns, too
     return app
+
+
+def accept_tls(
+    loop: asyncio.AbstractEventLoop,
+    conn: socket.socket,
+    server: ZeroCopyServer,
+    ssl: Any,
+    ssl_handshake_timeout: float | None,
+    ssl_shutdown_timeout: float | None,
+    protocol: ServerStreamProtocol,
+) -> None:
+    """An accepted connection over TLS: the loop's own TLS transport takes it
+    (``loop.connect_accepted_socket``: the handshake, then ``connection_made``)."""
+
+    async def handshake() -> None:
+        try:
+            await loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=ssl,
+                ssl_handshake_timeout=ssl_handshake_timeout,
+                ssl_shutdown_timeout=ssl_shutdown_timeout,
+            )
+        except OSError:  # ssl.SSLError, TimeoutError too
+            # A failed handshake (the loop has closed the socket): as asyncio's servers,
+            # nothing for the application to hear of.
+            conn.close()
+            protocol.forget()
+        except BaseException:
+            conn.close()
+            protocol.forget()
+            raise
+
+    task = loop.create_task(handshake())
+    server._handshakes.add(task)
+    task.add_done_callback(server._handshakes.discard)

@@ -3,22 +3,28 @@
 CPython 3.11: the same arguments (``family``, ``flags``, ``local_addr``,
 ``happy_eyeballs_delay``, a list of hosts, ``start_serving``, ...; :mod:`._connect` makes
 the sockets) plus pagefrag's own (``zerocopy``, ``min_zerocopy_size``, ``high_water``,
-``linger``, ``enobufs_timeout``). ``ssl=`` takes the copying path of :mod:`._tls`."""
+``linger``, ``enobufs_timeout``). ``ssl=`` takes the copying path of :mod:`._tls`; the
+writer and the server's stream protocol are in :mod:`._stream`, the server in
+:mod:`._server`."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Iterable
-from ssl import SSLContext
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from .._destructor import FragDestructor
-from .._iov import Data
 from ..zerocopy.policy import ZeroCopyPolicy
-from ._connect import check_ssl_socket, connected_socket, listening_sockets
+from ._connect import (
+    check_ssl_socket,
+    check_tls_options,
+    listening_sockets,
+    server_hostname_for,
+    socket_for,
+)
 from ._server import ACCEPT_RETRY_DELAY, ZeroCopyServer
-from ._tls import CopyingTransport, start_tls
+from ._stream import ClientConnected, ServerStreamProtocol, ZeroCopyStreamWriter
+from ._tls import CopyingTransport, accept_tls
 from .transport import DEFAULT_ENOBUFS_TIMEOUT, DEFAULT_LINGER, ZeroCopyTransport
 
 __all__ = [
@@ -31,7 +37,6 @@ __all__ = [
 ]
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
-ClientConnected = Callable[[asyncio.StreamReader, "ZeroCopyStreamWriter"], Awaitable[None] | None]
 _STREAM_LIMIT = 2**16
 _Settings = tuple[str, "int | None", "int | None", "float | None", float]
 """zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout"""
@@ -55,78 +60,6 @@ def _settings(
     if not enobufs_timeout >= 0:
         raise ValueError(f"enobufs_timeout must be >= 0 seconds, not {enobufs_timeout!r}")
     return zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout
-
-
-def _check_tls_options(
-    ssl: Any, ssl_handshake_timeout: float | None, ssl_shutdown_timeout: float | None
-) -> None:
-    if ssl_handshake_timeout is not None and not ssl:
-        raise ValueError("ssl_handshake_timeout is only meaningful with ssl")
-    if ssl_shutdown_timeout is not None and not ssl:
-        raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
-
-
-def _given_socket(sock: socket.socket, host: Any, port: Any, resolution: dict[str, Any]) -> None:
-    """Check a caller's socket (``sock=``) before anything changes: a refused socket is
-    left as it was, open and in its blocking mode (as asyncio's ``create_connection``)."""
-    if host is not None or port is not None:
-        raise ValueError("host/port and sock can not be specified at the same time")
-    given = sorted(k for k, v in resolution.items() if v)
-    if given:
-        raise ValueError(f"{', '.join(given)}: address resolution options, not for sock")
-    if not isinstance(sock, socket.socket):
-        raise TypeError(f"sock must be a socket.socket, not {type(sock).__name__}")
-    check_ssl_socket(sock)
-    # The transport needs TCP (MSG_ZEROCOPY, SO_ZEROCOPY): checked here, not after it
-    # has made the socket non-blocking.
-    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        raise ValueError(f"a connected TCP stream socket was expected, got {sock!r}")
-    try:
-        sock.getpeername()
-    except OSError as exc:
-        raise ValueError(f"a connected socket was expected ({exc.strerror}): {sock!r}") from None
-
-
-async def _socket_for(
-    host: Any,
-    port: Any,
-    sock: socket.socket | None,
-    *,
-    family: int,
-    proto: int,
-    flags: int,
-    local_addr: Any,
-    happy_eyeballs_delay: float | None,
-    interleave: int | None,
-) -> socket.socket:
-    """``sock`` checked and used as is, or a new socket connected to ``host:port``."""
-    if sock is not None:
-        resolution = {"family": family, "proto": proto, "flags": flags, "local_addr": local_addr}
-        _given_socket(sock, host, port, resolution)
-        return sock
-    if host is None or port is None:
-        raise ValueError("host and port must both be given when no sock is")
-    return await connected_socket(
-        host,
-        port,
-        family=family,
-        proto=proto,
-        flags=flags,
-        local_addr=local_addr,
-        happy_eyeballs_delay=happy_eyeballs_delay,
-        interleave=interleave,
-    )
-
-
-def _server_hostname(ssl: Any, host: Any, server_hostname: str | None) -> str | None:
-    """As asyncio's create_connection: checked before anything is made."""
-    if server_hostname is not None and not ssl:
-        raise ValueError("server_hostname is only meaningful with ssl")
-    if server_hostname is None and ssl:
-        if not host:
-            raise ValueError("You must set server_hostname when using ssl without a host")
-        return str(host)
-    return server_hostname
 
 
 async def create_connection(
@@ -170,9 +103,9 @@ async def create_connection(
 
     Refs: none taken; each write's are described at :meth:`ZeroCopyTransport.write`."""
     settings = _settings(zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout)
-    server_hostname = _server_hostname(ssl, host, server_hostname)
-    _check_tls_options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
-    sock = await _socket_for(
+    server_hostname = server_hostname_for(ssl, host, server_hostname)
+    check_tls_options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+    sock = await socket_for(
         host,
         port,
         sock,
@@ -246,96 +179,6 @@ def _transport(
         raise
 
 
-class ZeroCopyStreamWriter(asyncio.StreamWriter):
-    """``asyncio.StreamWriter`` with per-write release notification.
-
-    ``write`` returns a handle that is awaitable and completes when the kernel has
-    released every page of that write; ``drain()`` waits while unsent *plus pinned* bytes
-    are above the high-water mark."""
-
-    _transport: ZeroCopyTransport
-
-    def write(  # type: ignore[override]
-        self, data: Data, *, destructor: FragDestructor | None = None
-    ) -> FragDestructor:
-        """Write ``data``, as asyncio's: a plain mutable buffer may be reused once this
-        returns (it is copied unless it goes at once, in a copying send); ``bytes``,
-        frags, pool buffers, skbs, and everything written with ``destructor``, go
-        zero-copy by reference. Returns the write handle (fired when the kernel released
-        every page). Kernel: ``sendmsg``.
-
-        Refs: see :meth:`ZeroCopyTransport.write`."""
-        return self._transport.write(data, destructor)
-
-    def write_zerocopy(
-        self, data: Data, *, destructor: FragDestructor | None = None
-    ) -> FragDestructor:
-        """Write ``data`` zero-copy by reference, mutable buffers too: ``data`` must not
-        change until the returned handle fires (the kernel released every page). Kernel:
-        ``sendmsg(MSG_ZEROCOPY)``.
-
-        Refs: see :meth:`ZeroCopyTransport.write`."""
-        return self._transport.write_zerocopy(data, destructor)
-
-    def writelines(self, data: Any) -> None:
-        for chunk in data:
-            self._transport.write(chunk)
-
-    async def wait_released(self) -> None:
-        """Wait until every write so far has been released by the kernel."""
-        await self._transport.wait_released()
-
-    @property
-    def pinned_bytes(self) -> int:
-        """Bytes the kernel has not released yet (zero-copy writes in flight)."""
-        return self._transport.pinned_bytes
-
-    def abort(self) -> None:
-        """Disconnect at once (RST); every write's handle still fires exactly once."""
-        self._transport.abort()
-
-    async def start_tls(
-        self,
-        sslcontext: SSLContext,
-        *,
-        server_hostname: str | None = None,
-        ssl_handshake_timeout: float | None = None,
-    ) -> None:
-        """Upgrade the connection to TLS, as ``asyncio.StreamWriter.start_tls``, on any
-        loop. From then on writes take the copying path (:mod:`._tls`): each is copied
-        and encrypted before ``write()`` returns, and its handle has fired by then.
-
-        Refs: none; the ciphertext's are the zero-copy transport's (``bytes``)."""
-        protocol: asyncio.StreamReaderProtocol = self._protocol  # type: ignore[attr-defined]
-        await self.drain()
-        tls = await start_tls(
-            self._transport,
-            protocol,
-            sslcontext,
-            server_side=isinstance(protocol, _ServerStreamProtocol),
-            server_hostname=server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout,
-        )
-        self._transport = CopyingTransport(tls)  # type: ignore[assignment]
-        protocol._replace_writer(self)  # type: ignore[attr-defined]
-
-    def __repr__(self) -> str:
-        # It is asyncio's StreamWriter, and says so where warnings and logs name it
-        # ("unclosed <StreamWriter ...>").
-        return "<StreamWriter" + super().__repr__().removeprefix("<" + type(self).__name__)
-
-
-def _stream_pair(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, limit: int, *settings: Any
-) -> tuple[asyncio.StreamReader, ZeroCopyStreamWriter]:
-    """A reader and a writer over a new transport of ``sock`` (see :func:`_transport`)."""
-    reader = asyncio.StreamReader(limit=limit, loop=loop)
-    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    transport = _transport(loop, sock, protocol, *settings)
-    writer = ZeroCopyStreamWriter(transport, protocol, reader, loop)
-    return reader, writer
-
-
 async def open_connection(
     host: str | None = None,
     port: int | str | None = None,
@@ -364,157 +207,30 @@ async def open_connection(
 
     Refs: none taken; each write's are described at :meth:`ZeroCopyTransport.write`."""
     loop = asyncio.get_running_loop()
-    if ssl:
-        reader = asyncio.StreamReader(limit=limit, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        transport, _ = await create_connection(
-            lambda: protocol,
-            host,
-            port,
-            ssl=ssl,
-            family=family,
-            proto=proto,
-            flags=flags,
-            sock=sock,
-            local_addr=local_addr,
-            server_hostname=server_hostname,
-            ssl_handshake_timeout=ssl_handshake_timeout,
-            ssl_shutdown_timeout=ssl_shutdown_timeout,
-            happy_eyeballs_delay=happy_eyeballs_delay,
-            interleave=interleave,
-            zerocopy=zerocopy,
-            min_zerocopy_size=min_zerocopy_size,
-            high_water=high_water,
-            linger=linger,
-            enobufs_timeout=enobufs_timeout,
-        )
-        return reader, ZeroCopyStreamWriter(transport, protocol, reader, loop)
-    settings = _settings(zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout)
-    _server_hostname(ssl, host, server_hostname)
-    _check_tls_options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
-    sock = await _socket_for(
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await create_connection(
+        lambda: protocol,
         host,
         port,
-        sock,
+        ssl=ssl,
         family=family,
         proto=proto,
         flags=flags,
+        sock=sock,
         local_addr=local_addr,
+        server_hostname=server_hostname,
+        ssl_handshake_timeout=ssl_handshake_timeout,
+        ssl_shutdown_timeout=ssl_shutdown_timeout,
         happy_eyeballs_delay=happy_eyeballs_delay,
         interleave=interleave,
+        zerocopy=zerocopy,
+        min_zerocopy_size=min_zerocopy_size,
+        high_water=high_water,
+        linger=linger,
+        enobufs_timeout=enobufs_timeout,
     )
-    reader, writer = _stream_pair(loop, sock, limit, *settings)
-    await _connection_made(writer.transport)
-    return reader, writer
-
-
-class _ServerStreamProtocol(asyncio.StreamReaderProtocol):
-    """asyncio's ``StreamReaderProtocol`` for a server's connection, whose writer is a
-    :class:`ZeroCopyStreamWriter`. The client-connected callback is handled as asyncio
-    handles it (3.11's ``streams.py``, with 3.13's handling of a cancelled task): an
-    exception, raised by the callback or by the task it returned, goes to the loop's
-    exception handler ("Unhandled exception in client_connected_cb", with ``exception``
-    and ``transport``) and the connection is closed at once. ``server``: told of the
-    connection's loss (asyncio's ``Server._detach``)."""
-
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        client_connected_cb: ClientConnected,
-        loop: asyncio.AbstractEventLoop,
-        server: ZeroCopyServer,
-        tls: bool = False,
-    ) -> None:
-        super().__init__(reader, loop=loop)  # no cb: asyncio's would make a StreamWriter
-        self._cb = client_connected_cb
-        self._strong_reader = reader  # as asyncio: kept alive until the connection is made
-        self._server: ZeroCopyServer | None = server
-        self._tls = tls  # the writer writes through a CopyingTransport
-        server._attach()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self._reject_connection:  # type: ignore[attr-defined]
-            return
-        reader = self._stream_reader  # type: ignore[attr-defined]
-        loop = self._loop  # type: ignore[attr-defined]
-        writes_to = CopyingTransport(transport) if self._tls else transport  # type: ignore[arg-type]
-        writer = ZeroCopyStreamWriter(writes_to, self, reader, loop)  # type: ignore[arg-type]
-        self._stream_writer = writer
-        self._strong_reader = None  # type: ignore[assignment]
-        try:
-            res = self._cb(reader, writer)
-        except Exception as exc:
-            self._unhandled(exc, writes_to)
-            return
-        if asyncio.iscoroutine(res):
-
-            def done(task: asyncio.Task[Any]) -> None:
-                if task.cancelled():
-                    writes_to.close()
-                    return
-                exc = task.exception()
-                if exc is not None:
-                    self._unhandled(exc, writes_to)
-
-            self._task = loop.create_task(res)
-            self._task.add_done_callback(done)
-
-    def _unhandled(self, exc: BaseException, transport: asyncio.BaseTransport) -> None:
-        self._loop.call_exception_handler(  # type: ignore[attr-defined]
-            {
-                "message": "Unhandled exception in client_connected_cb",
-                "exception": exc,
-                "transport": transport,
-            }
-        )
-        transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self.forget()
-
-    def forget(self) -> None:
-        """The connection is gone (or was never made): the server counts it no more."""
-        server, self._server = self._server, None
-        if server is not None:
-            server._detach()
-
-
-def _accept_tls(
-    loop: asyncio.AbstractEventLoop,
-    conn: socket.socket,
-    server: ZeroCopyServer,
-    ssl: Any,
-    ssl_handshake_timeout: float | None,
-    ssl_shutdown_timeout: float | None,
-    protocol: _ServerStreamProtocol,
-) -> None:
-    """An accepted connection over TLS: the loop's own TLS transport takes it
-    (``loop.connect_accepted_socket``: the handshake, then ``connection_made``)."""
-
-    async def handshake() -> None:
-        try:
-            await loop.connect_accepted_socket(
-                lambda: protocol,
-                conn,
-                ssl=ssl,
-                ssl_handshake_timeout=ssl_handshake_timeout,
-                ssl_shutdown_timeout=ssl_shutdown_timeout,
-            )
-        except OSError:  # ssl.SSLError, TimeoutError too
-            # A failed handshake (the loop has closed the socket): as asyncio's servers,
-            # nothing for the application to hear of.
-            conn.close()
-            protocol.forget()
-        except BaseException:
-            conn.close()
-            protocol.forget()
-            raise
-
-    task = loop.create_task(handshake())
-    server._handshakes.add(task)
-    task.add_done_callback(server._handshakes.discard)
+    return reader, ZeroCopyStreamWriter(transport, protocol, reader, loop)
 
 
 async def start_server(
@@ -560,7 +276,7 @@ async def start_server(
     settings = _settings(zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout)
     if isinstance(ssl, bool):
         raise TypeError("ssl argument must be an SSLContext or None")
-    _check_tls_options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+    check_tls_options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
     loop = asyncio.get_running_loop()
     if sock is not None:
         check_ssl_socket(sock)
@@ -588,17 +304,17 @@ async def start_server(
     def on_accept(conn: socket.socket, server: ZeroCopyServer) -> None:
         reader = asyncio.StreamReader(limit=limit, loop=loop)
         if ssl is not None:
-            _accept_tls(
+            accept_tls(
                 loop,
                 conn,
                 server,
                 ssl,
                 ssl_handshake_timeout,
                 ssl_shutdown_timeout,
-                _ServerStreamProtocol(reader, client_connected_cb, loop, server, True),
+                ServerStreamProtocol(reader, client_connected_cb, loop, server, True),
             )
             return
-        protocol = _ServerStreamProtocol(reader, client_connected_cb, loop, server)
+        protocol = ServerStreamProtocol(reader, client_connected_cb, loop, server)
         try:
             _transport(loop, conn, protocol, *settings)
         except BaseException:

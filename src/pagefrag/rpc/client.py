@@ -263,11 +263,12 @@ class RpcClient:
                         size,
                         conn.max_record,
                     )
-                try:
-                    handles.append(conn.writer.write(skb))
-                except ConnectionError:
+                if conn.writer.is_closing():
+                    # A write would be ignored (as asyncio's): try a new connection now,
+                    # not after a timeout.
                     self._abandon(conn)
                     continue
+                handles.append(conn.writer.write(skb))
                 self.transmissions += 1
                 try:
                     return await asyncio.wait_for(asyncio.shield(fut), self.timeout)
