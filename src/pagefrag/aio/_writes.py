@@ -64,13 +64,14 @@ class WriteQueue:
     references are recorded for (the transport, in leak reports). ``unsent``: bytes
     queued and not yet taken by the kernel; ``handles``: the handles not fired yet."""
 
-    __slots__ = ("_holder", "handles", "queue", "unsent")
+    __slots__ = ("_holder", "gathered", "handles", "queue", "unsent")
 
     def __init__(self, holder: object) -> None:
         self._holder = holder
         self.queue: collections.deque[_Write] = collections.deque()
         self.handles: set[FragDestructor] = set()
         self.unsent = 0
+        self.gathered = 0  # bytes of the last iovec gather() returned
 
     def push(
         self, data: Data, destructor: FragDestructor | None, lent: bool = False
@@ -87,25 +88,28 @@ class WriteQueue:
         until the handle fires."""
         holder = self._holder
         iov = IoVec.of(data, lent)
-        check_destructor(destructor)
-        # Bound before they hold anything, taken in the try that releases them: all or
-        # nothing (DestructorError if one has fired), and no interrupt loses one.
-        hold = Pin(iov.views, iov.owners) if any(iov.owners) else None
-        keep = Pin(None, [destructor])
-        try:
-            if hold is not None:
-                hold.take(holder)
-            if destructor is not None:
-                keep.take(holder)
-        except BaseException:
-            if hold is not None:
-                hold.release(holder)
-            keep.release(holder)
-            raise
-        handle = FragDestructor(None, name="write")
-        self.handles.add(handle)
-        handle.add_done_callback(self.handles.discard)
         if destructor is not None:
+            check_destructor(destructor)
+        # Bound before they hold anything, taken in the try that releases them: all or
+        # nothing (DestructorError if one has fired), and no interrupt loses one. (No
+        # pin at all for what holds nothing: most writes.)
+        hold = Pin(iov.views, iov.owners) if any(iov.owners) else None
+        keep = Pin(None, [destructor]) if destructor is not None else None
+        if hold is not None or keep is not None:
+            try:
+                if hold is not None:
+                    hold.take(holder)
+                if keep is not None:
+                    keep.take(holder)
+            except BaseException:
+                if hold is not None:
+                    hold.release(holder)
+                if keep is not None:
+                    keep.release(holder)
+                raise
+        handle = FragDestructor(None, name="write")
+        self.handles.add(handle)  # until it fires (see _release)
+        if keep is not None:
             handle.add_done_callback(lambda _: keep.release(holder))
         nbytes = sum(map(len, iov.views))  # (not iov.nbytes: one call less per write)
         w = _Write(iov, hold, handle, nbytes)
@@ -156,6 +160,7 @@ class WriteQueue:
             count += 1
         if count < 2:
             return None
+        self.gathered = total
         return IoVec(views, [None] * len(views), [True] * len(views))
 
     def credit(self, n: int) -> None:
@@ -192,4 +197,10 @@ class WriteQueue:
     def _release(self, w: _Write) -> None:
         if w.hold is not None:
             w.hold.release(self._holder)
-        w.handle.unref()  # the reference the handle was created with
+        handle = w.handle
+        handle.unref()  # the reference the handle was created with
+        # Out of `handles` once fired: now (a copied write), or at its completion.
+        if handle.done:
+            self.handles.discard(handle)
+        else:
+            handle.add_done_callback(self.handles.discard)

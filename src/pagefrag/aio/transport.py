@@ -336,6 +336,12 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
                 self._stall.progress()
             if batch is not None:
                 writes.credit(n)
+                if n < writes.gathered:
+                    # The socket is full (a partial send sets SOCK_NOSPACE): the next
+                    # EPOLLOUT edge says when, rather than a call refused now.
+                    if writes.queue is queue:
+                        break
+                    return
             else:
                 writes.sent(n)  # a part: try again until the kernel refuses
             if writes.queue is not queue:
