@@ -1,4 +1,5 @@
-"""pagefrag.aio against asyncio streams (and uvloop), 64 KiB and 1 MiB writes over loopback.
+"""pagefrag.aio against asyncio streams (and uvloop), 64 KiB and 1 MiB writes over loopback,
+and 512 B and 4 KiB small writes.
 
 Each variant runs in its own process (so peak RSS is its own) against one TCP sink
 process, writing the same buffer in a ``write(); await drain()`` loop:
@@ -8,6 +9,11 @@ process, writing the same buffer in a ``write(); await drain()`` loop:
   pf-auto           pagefrag.aio.open_connection(zerocopy="auto"), write_zerocopy(buf)
   pf-always         pagefrag.aio.open_connection(zerocopy="always"), write_zerocopy(buf)
   pf-always-uvloop  the same on uvloop
+
+Small writes (512 B, 4 KiB): ``write(data)`` of one ``bytes`` object (the same for every
+variant) in a loop, ``await drain()`` after every 64 writes; variants asyncio, uvloop,
+pf-auto and pf-auto-uvloop (pagefrag.aio in its default mode on each loop, plain
+``write``). No release latency there (``nan``).
 
 The buffer is a bytearray, reused: asyncio copies it; pagefrag sends it by reference
 through ``write_zerocopy`` (a plain ``write`` of a bytearray is copied, as asyncio's).
@@ -36,6 +42,9 @@ from typing import Any
 from pagefrag.bench.machine import machine
 
 SIZES = {"64KiB": 65536, "1MiB": 1 << 20}
+SMALL_SIZES = {"512B": 512, "4KiB": 4096}
+SMALL_DRAIN_EVERY = 64
+SMALL_VARIANTS = ["asyncio", "pf-auto", "uvloop", "pf-auto-uvloop"]
 
 
 def _variants() -> list[str]:
@@ -47,7 +56,49 @@ def _variants() -> list[str]:
     return [*out, "uvloop", "pf-always-uvloop"]
 
 
+def _small_variants() -> list[str]:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return [v for v in SMALL_VARIANTS if "uvloop" not in v]
+    return SMALL_VARIANTS
+
+
+async def _small_client(variant: str, port: int, size: int, seconds: float) -> dict[str, float]:
+    """``write(data)`` of one bytes object, ``await drain()`` every 64 writes."""
+    data = os.urandom(size)
+    now = time.perf_counter
+    if variant.startswith("pf"):
+        from pagefrag import aio
+
+        _, writer = await aio.open_connection("127.0.0.1", port)
+    else:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)  # type: ignore[assignment]
+    write, drain = writer.write, writer.drain
+    batches = 0
+    cpu0, t0 = time.process_time(), now()
+    end = t0 + seconds
+    while now() < end:
+        for _ in range(SMALL_DRAIN_EVERY):
+            write(data)
+        await drain()
+        batches += 1
+    wall, cpu = now() - t0, time.process_time() - cpu0
+    sent = batches * SMALL_DRAIN_EVERY * size
+    writer.close()
+    await writer.wait_closed()
+    return {
+        "gbps": sent / wall / 1e9,
+        "cpu_s_per_gb": cpu / (sent / 1e9),
+        "release_p50_us": float("nan"),
+        "release_p99_us": float("nan"),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 async def _client(variant: str, port: int, size: int, seconds: float) -> dict[str, float]:
+    if size in SMALL_SIZES.values():
+        return await _small_client(variant, port, size, seconds)
     buf = bytearray(os.urandom(size))
     lat: list[float] = []
     now = time.perf_counter
@@ -128,8 +179,9 @@ def main() -> None:
             os.sched_setaffinity(sink.pid, {1})
         samples: dict[tuple[str, str], list[dict[str, float]]] = {}
         for _ in range(args.rounds):
-            for size_name, size in SIZES.items():
-                for variant in _variants():
+            for size_name, size in {**SMALL_SIZES, **SIZES}.items():
+                small = size_name in SMALL_SIZES
+                for variant in _small_variants() if small else _variants():
                     out = subprocess.run(
                         [
                             sys.executable,
@@ -171,6 +223,9 @@ def main() -> None:
                 f"{c['release_p50_us']:>8.0f} {c['release_p99_us']:>8.0f} "
                 f"{c['peak_rss_mib']:>8.1f} {c['gbps'] / base:>10.2f}"
             )
+        if "pf-auto-uvloop" in cells and "uvloop" in cells:
+            ratio = cells["pf-auto-uvloop"]["gbps"] / cells["uvloop"]["gbps"]
+            print(f"{size_name:<6} pf-auto-uvloop / uvloop streams: {ratio:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -14,6 +14,14 @@ handle's first reference. So the handle fires when the kernel has released the l
 page. A write's own ``destructor`` is held by a second pin, released when the handle
 fires.
 
+Small writes queued behind a full socket go out coalesced (:meth:`WriteQueue.gather`):
+one copying ``sendmsg`` for as many as fit (:data:`COALESCE_PIECES` pieces,
+:data:`COALESCE_BYTES` bytes), each write credited in order as the kernel takes its
+bytes (:meth:`WriteQueue.credit`). Only writes the policy would copy anyway (shorter
+than its ``copy_below``) are coalesced: a copying call holds no reference, so each
+write's handle and pin stay exactly as for a write sent by itself, released once the
+kernel has taken its last byte. A write that would go zero-copy is sent by itself.
+
 Lent memory (asyncio's contract: the caller may reuse a buffer once ``write()`` returns).
 A plain write's mutable buffers are pushed *lent* (:attr:`IoVec.lent`): the kernel bridge
 sends them copied, and as ``write()`` returns the transport copies what is still queued
@@ -29,17 +37,26 @@ import collections
 
 from .._destructor import FragDestructor
 from .._iov import Data, IoVec, Pin, check_destructor
+from ..zerocopy._syscalls import IOV_MAX
 
-__all__ = ["WriteQueue"]
+__all__ = ["COALESCE_BYTES", "COALESCE_PIECES", "WriteQueue"]
+
+COALESCE_BYTES = 256 << 10
+"""At most this many bytes of queued small writes go in one coalesced send call."""
+COALESCE_PIECES = IOV_MAX
+"""At most this many pieces (iovec entries) in one coalesced send call."""
 
 
 class _Write:
-    __slots__ = ("handle", "hold", "iov")
+    __slots__ = ("handle", "hold", "iov", "left")
 
-    def __init__(self, iov: IoVec, hold: Pin, handle: FragDestructor) -> None:
+    def __init__(self, iov: IoVec, hold: Pin | None, handle: FragDestructor, left: int) -> None:
         self.iov = iov  # what is still to send: advanced as the kernel takes it
-        self.hold = hold  # the queue's references: released once every byte is sent
+        # The queue's references (None: no piece has a destructor; the views in iov
+        # keep the memory alive): released once every byte is sent.
+        self.hold = hold
         self.handle = handle
+        self.left = left  # bytes of iov not yet taken by the kernel
 
 
 class WriteQueue:
@@ -47,13 +64,14 @@ class WriteQueue:
     references are recorded for (the transport, in leak reports). ``unsent``: bytes
     queued and not yet taken by the kernel; ``handles``: the handles not fired yet."""
 
-    __slots__ = ("_holder", "handles", "queue", "unsent")
+    __slots__ = ("_holder", "gathered", "handles", "queue", "unsent")
 
     def __init__(self, holder: object) -> None:
         self._holder = holder
         self.queue: collections.deque[_Write] = collections.deque()
         self.handles: set[FragDestructor] = set()
         self.unsent = 0
+        self.gathered = 0  # bytes of the last iovec gather() returned
 
     def push(
         self, data: Data, destructor: FragDestructor | None, lent: bool = False
@@ -70,26 +88,31 @@ class WriteQueue:
         until the handle fires."""
         holder = self._holder
         iov = IoVec.of(data, lent)
-        check_destructor(destructor)
-        # Bound before they hold anything, taken in the try that releases them: all or
-        # nothing (DestructorError if one has fired), and no interrupt loses one.
-        hold = Pin(iov.views, iov.owners)
-        keep = Pin(None, [destructor])
-        try:
-            hold.take(holder)
-            if destructor is not None:
-                keep.take(holder)
-        except BaseException:
-            hold.release(holder)
-            keep.release(holder)
-            raise
-        handle = FragDestructor(None, name="write")
-        self.handles.add(handle)
-        handle.add_done_callback(self.handles.discard)
         if destructor is not None:
+            check_destructor(destructor)
+        # Bound before they hold anything, taken in the try that releases them: all or
+        # nothing (DestructorError if one has fired), and no interrupt loses one. (No
+        # pin at all for what holds nothing: most writes.)
+        hold = Pin(iov.views, iov.owners) if any(iov.owners) else None
+        keep = Pin(None, [destructor]) if destructor is not None else None
+        if hold is not None or keep is not None:
+            try:
+                if hold is not None:
+                    hold.take(holder)
+                if keep is not None:
+                    keep.take(holder)
+            except BaseException:
+                if hold is not None:
+                    hold.release(holder)
+                if keep is not None:
+                    keep.release(holder)
+                raise
+        handle = FragDestructor(None, name="write")
+        self.handles.add(handle)  # until it fires (see _release)
+        if keep is not None:
             handle.add_done_callback(lambda _: keep.release(holder))
-        w = _Write(iov, hold, handle)
         nbytes = sum(map(len, iov.views))  # (not iov.nbytes: one call less per write)
+        w = _Write(iov, hold, handle, nbytes)
         if not nbytes:
             self._release(w)
             return handle, None
@@ -104,10 +127,62 @@ class WriteQueue:
         Refs: a write sent whole releases its pin and its handle's first reference."""
         w = self.queue[0]
         self.unsent -= n
+        w.left -= n
         w.iov.advance(n)
-        if not w.iov.views:
+        if not w.left:
             self.queue.popleft()
             self._release(w)
+
+    def gather(self, copy_below: float) -> IoVec | None:
+        """The first writes, as one iovec for one *copying* send call, when there are at
+        least two of them to send and each is shorter than ``copy_below`` (would be
+        copied anyway): as many as fit in :data:`COALESCE_PIECES` pieces and
+        :data:`COALESCE_BYTES` bytes. None when fewer than two qualify. The iovec's
+        pieces are marked lent (:attr:`IoVec.lent`), so the kernel bridge copies them
+        whatever its policy (a zero-copy call would pin one extra destructor for the
+        whole call, not one per write). Credit what the kernel took with :meth:`credit`.
+
+        Refs: none (each write's pin holds its bytes until :meth:`credit` releases it)."""
+        views: list[memoryview] = []
+        total = 0
+        count = 0
+        for w in self.queue:
+            wv = w.iov.views
+            nbytes = w.left
+            if nbytes >= copy_below and w.iov.lent is None:
+                break  # would go zero-copy: sent by itself
+            if count and (
+                total + nbytes > COALESCE_BYTES or len(views) + len(wv) > COALESCE_PIECES
+            ):
+                break
+            views += wv
+            total += nbytes
+            count += 1
+        if count < 2:
+            return None
+        self.gathered = total
+        return IoVec(views, [None] * len(views), [True] * len(views))
+
+    def credit(self, n: int) -> None:
+        """The kernel took the first ``n`` bytes of the queue (a :meth:`gather` call):
+        each write it covered whole leaves the queue in order and is released; the
+        next is advanced past the rest.
+
+        Refs: as :meth:`sent`, for every write covered whole."""
+        queue = self.queue
+        self.unsent -= n
+        while n:
+            w = queue[0]
+            left = w.left
+            if n < left:
+                w.left = left - n
+                w.iov.advance(n)
+                return
+            n -= left
+            queue.popleft()
+            self._release(w)  # its handle may fire: a callback may abort (drop) the queue
+            if self.queue is not queue:
+                return
 
     def drop(self) -> None:
         """Abandon every queued write: the kernel never saw their unsent bytes.
@@ -120,5 +195,12 @@ class WriteQueue:
             self._release(w)
 
     def _release(self, w: _Write) -> None:
-        w.hold.release(self._holder)
-        w.handle.unref()  # the reference the handle was created with
+        if w.hold is not None:
+            w.hold.release(self._holder)
+        handle = w.handle
+        handle.unref()  # the reference the handle was created with
+        # Out of `handles` once fired: now (a copied write), or at its completion.
+        if handle.done:
+            self.handles.discard(handle)
+        else:
+            handle.add_done_callback(self.handles.discard)

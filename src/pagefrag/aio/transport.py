@@ -27,6 +27,13 @@ still holds can be released by its owner. The queue is handed to the kernel as t
 socket accepts it; the kernel bridge then holds its own references until the completions
 arrive, and the queue's pin is released. The handle fires when the last of them is gone.
 
+Small writes. A ``bytes`` or ``bytearray`` write the policy copies (below its
+``copy_below``), with nothing queued before it, is one copying ``send`` and nothing
+else: taken whole, it returns :data:`SENT`, one shared handle that has already fired
+(no handle, pin or queue entry is made); what the kernel does not take is queued as any
+write. Queued small writes go out coalesced, several in one ``sendmsg``
+(:meth:`WriteQueue.gather <._writes.WriteQueue.gather>`).
+
 The rest lives beside this module, one concern each: reading and the guarded protocol
 callbacks (:mod:`._reading`); flow control (:mod:`._flow`), which counts pinned bytes
 with unsent ones: the protocol is paused above the high-water mark until both together
@@ -59,7 +66,13 @@ from ._reading import ReadingMixin
 from ._stall import EnobufsStall, stalled
 from ._writes import WriteQueue
 
-__all__ = ["DEFAULT_ENOBUFS_TIMEOUT", "DEFAULT_HIGH_WATER", "DEFAULT_LINGER", "ZeroCopyTransport"]
+__all__ = [
+    "DEFAULT_ENOBUFS_TIMEOUT",
+    "DEFAULT_HIGH_WATER",
+    "DEFAULT_LINGER",
+    "SENT",
+    "ZeroCopyTransport",
+]
 
 DEFAULT_LINGER = 30.0
 """Seconds ``close()``, ``abort()`` or a failure wait for the kernel's completions before
@@ -78,6 +91,14 @@ _EPOLLERR = select.EPOLLERR
 _EPOLLOUT = select.EPOLLOUT
 _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _OPEN, _CLOSING = State.OPEN, State.CLOSING
+_FLAT = (bytes, bytearray)
+
+SENT = FragDestructor(None, name="write")
+"""The handle of every write that :meth:`ZeroCopyTransport.write` copied whole into the
+kernel at once (small, nothing queued before it): one shared handle, fired (its one
+reference dropped at import), so such a write creates no object. Awaiting it returns at
+once; ``ref()`` on it raises :class:`DestructorError`, as on any fired handle."""
+SENT.unref()
 
 
 def _socket_error(exc: Exception) -> Exception:
@@ -128,6 +149,8 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         kwargs = {} if min_zerocopy_size is None else {"min_zerocopy_size": min_zerocopy_size}
         # enobufs_timeout=0: the socket never waits; ENOBUFS is waited for in the loop.
         self._zs = ZeroCopySocket(sock, zerocopy=zerocopy, enobufs_timeout=0, **kwargs)
+        # Its copy_below (below it every send is copied) is read on each small write.
+        self._policy = self._zs._policy
         set_nodelay(sock)
         self._sock = sock
         self._loop = loop
@@ -207,9 +230,38 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         is returned (the kernel never saw those bytes); ``drain()`` raises
         ``ConnectionResetError`` once the loss is reported.
 
+        A ``bytes`` or ``bytearray`` write below the copy threshold that the kernel takes
+        whole at once, with nothing queued before it, is copied and done when ``write()``
+        returns: it returns :data:`SENT`, one shared handle that has already fired.
+
         Refs: one per piece's destructor while queued (a :class:`Pin`), one on
         ``destructor`` until the handle fires; the kernel bridge holds its own until the
-        completions. An ignored write takes none."""
+        completions. An ignored write, or one copied whole at once, takes none."""
+        if (
+            destructor is None
+            and type(data) in _FLAT
+            and not self._writes.queue
+            and self._state is _OPEN
+            and not self._eof
+            and 0 < len(data) < self._policy.copy_below  # type: ignore[arg-type]
+        ):
+            # The small-write path: one copying send, no handle, pin or queue entry.
+            try:
+                n = self._zs.send_copied(data)  # type: ignore[arg-type]  # bytes, bytearray
+            except (BlockingIOError, InterruptedError):
+                n = 0  # the socket is full: queued below
+            except OSError as exc:
+                # As the queued path fails: the write queued, then dropped by the failure
+                # (its handle fires; bytes dropped, so the connection is reset).
+                handle, _ = self._writes.push(data, None, True)
+                self._force_close(_socket_error(exc))
+                return handle
+            if n == len(data):  # type: ignore[arg-type]
+                # Nothing queued, nothing pinned by this write: flow control and the
+                # lifecycle have nothing new to see.
+                return SENT
+            if n:
+                data = memoryview(data)[n:]  # type: ignore[arg-type]  # the rest, queued
         return self._write(data, destructor, destructor is None)
 
     def write_zerocopy(
@@ -232,7 +284,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         if w is not None:
             if len(writes.queue) == 1:
                 self._flush_queue()
-            if lent and w.iov.views:
+            if lent and w.iov.lent is not None and w.iov.views:
                 # What the kernel did not take is no longer the caller's. This write's
                 # own, not the queue's last: callbacks the send ran may have queued more.
                 w.iov.own()
@@ -261,8 +313,14 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         queue = writes.queue
         while queue:
             w = queue[0]
+            # Several small writes queued (the socket was full): one copying call for as
+            # many as fit, each credited in order as the kernel takes its bytes.
+            batch = writes.gather(self._policy.copy_below) if len(queue) > 1 else None
             try:
-                n = self._zs.send_iov(w.iov, w.handle)
+                if batch is not None:
+                    n = self._zs.send_iov(batch)
+                else:
+                    n = self._zs.send_iov(w.iov, w.handle)
             except (BlockingIOError, InterruptedError):
                 break
             except SendBufferError:  # nothing sent, nothing kept: wait in the loop
@@ -276,7 +334,18 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
                 return  # a callback the send ran aborted or failed the connection
             if self._stall.since is not None:
                 self._stall.progress()
-            writes.sent(n)  # a part: try again until the kernel refuses
+            if batch is not None:
+                writes.credit(n)
+                if n < writes.gathered:
+                    # The socket is full (a partial send sets SOCK_NOSPACE): the next
+                    # EPOLLOUT edge says when, rather than a call refused now.
+                    if writes.queue is queue:
+                        break
+                    return
+            else:
+                writes.sent(n)  # a part: try again until the kernel refuses
+            if writes.queue is not queue:
+                return  # a handle that fired ran a callback that aborted the connection
         # What is left goes out on the next EPOLLOUT edge.
         self._after_progress()
 

@@ -225,6 +225,23 @@ class ZeroCopySocket:
                 self._refuse()
             return self._tx.call(iov, destructor, 0, None)
 
+    def send_copied(self, data: bytes | bytearray) -> int:
+        """One copying send of one flat buffer, whatever the mode: the kernel has copied
+        what it took when this returns. Unlike :meth:`send` it reads no completions (an
+        event loop reads them when the socket reports ``EPOLLERR``), so no destructor
+        runs inside it. Returns the bytes taken, as ``socket.send``. Kernel: ``send``.
+
+        Refs: none."""
+        with self._send_lock:
+            if self._blocked or self._eq.errors:
+                self._refuse()
+            n: int = self._sock.send(data)
+            tx = self._tx
+            tx.copied_sends += 1
+            tx.copied_bytes += n
+            tx.since_poll += 1  # the next call that polls reads what is due
+        return n
+
     def sendall(
         self, data: Data, *, destructor: FragDestructor | None = None, timeout: float | None = None
     ) -> None:
