@@ -10,7 +10,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from helpers import Receiver, Run
+from helpers import Receiver, Run, run_on
 
 from pagefrag import aio
 from pagefrag.testing.netlab import RECEIVER_IP, SENDER_IP, NetLab, missing_tools
@@ -290,3 +290,33 @@ def test_known_copying_is_a_transition_of_the_table_only_from_zerocopy() -> None
         q = ZeroCopyPolicy(mode, MIN)
         q.known_copying(0.0)  # a fixed mode ignores what the destination is known to do
         assert q.state is State[mode.upper()]
+
+
+# -- set-up cost of a short connection -----------------------------------------------------
+def test_aio_connects_to_a_numeric_address_without_the_resolver() -> None:
+    """As asyncio: a numeric host is not passed to getaddrinfo (which runs in an executor
+    thread; starting it cost the first short connection ~5 ms). A name still is. On
+    asyncio's loop only: uvloop's sock_connect calls getaddrinfo itself."""
+
+    async def main() -> list[object]:
+        loop = asyncio.get_running_loop()
+        asked: list[object] = []
+        real = loop.getaddrinfo
+
+        async def counting(host: object, *args: object, **kw: object) -> object:
+            asked.append(host)
+            return await real(host, *args, **kw)  # type: ignore[arg-type]
+
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop.getaddrinfo = counting  # type: ignore[method-assign]
+        for host, p in (("127.0.0.1", port), ("127.0.0.1", str(port)), ("localhost", port)):
+            _, writer = await aio.open_connection(host, p)
+            assert writer.get_extra_info("peername")[:2] == ("127.0.0.1", port)
+            writer.close()
+            await writer.wait_closed()
+        server.close()
+        await server.wait_closed()
+        return asked
+
+    assert run_on("asyncio", main()) == ["localhost"]
