@@ -6,7 +6,11 @@ it. Real sockets, real namespaces; time in the schedule tests is the policy's ``
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -320,3 +324,42 @@ def test_aio_connects_to_a_numeric_address_without_the_resolver() -> None:
         return asked
 
     assert run_on("asyncio", main()) == ["localhost"]
+
+
+UNPRIVILEGED = r"""
+import ctypes, json, os, socket, sys
+from pagefrag.zerocopy import ZeroCopySocket, destinations
+libc = ctypes.CDLL(None, use_errno=True)
+there = os.open(f"/run/netns/{sys.argv[1]}", os.O_RDONLY)
+assert libc.setns(there, 0x40000000) == 0  # this thread stays in the lab's namespace
+srv = socket.create_server((sys.argv[2], 0))
+client = socket.socket()
+client.bind(("127.0.0.1", 0))
+client.connect(srv.getsockname())
+server, _ = srv.accept()
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)  # no CAP_NET_ADMIN: SIOCGSKNS is refused
+zs = ZeroCopySocket(client, zerocopy="auto")
+print(json.dumps({"euid": os.geteuid(), "mode": zs.stats.current_mode,
+                  "sksns": destinations._sksns_allowed}))
+"""
+
+
+def test_without_cap_net_admin_the_threads_namespace_table_is_read(lab: NetLab) -> None:
+    """Unprivileged, the socket's namespace cannot be asked (SIOCGSKNS): the calling
+    thread's is taken, and its address table (netlink needs no privilege) still says
+    that the namespace's own address, reached from 127.0.0.1, is local."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping to an unprivileged user needs root first")
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    out = subprocess.run(
+        [sys.executable, "-c", UNPRIVILEGED, lab.sender, SENDER_IP],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.path.abspath(src)},
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"euid": 65534, "mode": "copy", "sksns": False}

@@ -37,6 +37,7 @@ the next probe.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -83,7 +84,7 @@ def _thread_netns() -> int:
     return os.stat("/proc/thread-self/ns/net").st_ino
 
 
-_sksns_allowed = True  # SIOCGSKNS needs CAP_NET_ADMIN: after one EPERM, not tried again
+_sksns_allowed = True  # SIOCGSKNS needs CAP_NET_ADMIN: after one refusal, not tried again
 
 
 def _socket_netns(sock: socket.socket) -> tuple[int, bool]:
@@ -93,8 +94,9 @@ def _socket_netns(sock: socket.socket) -> tuple[int, bool]:
     if _sksns_allowed:
         try:
             fd = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
-        except OSError:
-            _sksns_allowed = False
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                _sksns_allowed = False  # no capability, or a kernel without it
         else:
             try:
                 return os.fstat(fd).st_ino, True
@@ -133,6 +135,8 @@ def _dump_addresses() -> frozenset[tuple[int, bytes]]:
     """Every address configured in the calling thread's namespace: a netlink
     ``RTM_GETADDR`` dump. Bounded: a 2 s timeout per read, at most 10 000 reads."""
     found: set[tuple[int, bytes]] = set()
+    if not hasattr(socket, "AF_NETLINK"):
+        raise OSError(errno.EAFNOSUPPORT, "no netlink here")
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
         nl.settimeout(2.0)
         nl.bind((0, 0))
@@ -216,12 +220,12 @@ def is_local(sock: socket.socket) -> bool:
 def _is_local(family: int, peer: bytes, own: bytes, netns: int, from_socket: bool) -> bool:
     if _loopback(family, peer) or peer == own:
         return True
-    if from_socket and netns != _thread_netns():
-        return False  # another namespace's table cannot be read from this thread
     try:
+        if from_socket and netns != _thread_netns():
+            return False  # another namespace's table cannot be read from this thread
         return (family, peer) in local_addresses(netns)
     except OSError:
-        return False  # no netlink (a sandbox): completions will teach auto
+        return False  # no /proc or no netlink (a sandbox): completions will teach auto
 
 
 class DestinationCache:
@@ -306,7 +310,12 @@ def start_policy(
         # Always delivered locally, in every namespace: nothing to learn or share.
         policy.known_copying(now)
         return None
-    netns, from_socket = _socket_netns(sock)
+    try:
+        netns, from_socket = _socket_netns(sock)
+    except OSError:  # no /proc: no namespace to key by, nothing shared
+        if peer == own:
+            policy.known_copying(now)
+        return None
     key = (netns, family, peer)
     learned = cache.lookup(key, now, policy.probe_interval)
     if learned is not None:
