@@ -23,6 +23,14 @@ the pages); asyncio has no such event — its figure is ``write()`` to ``drain()
 the moment it lets a program go on (it copied the bytes, so reuse was safe at once).
 
     python benchmarks/asyncio_streams.py [--seconds 1.0] [--rounds 3] [--json FILE]
+
+Connection sweep (issue 12: short connections to a local peer): ``--connections
+1,100,1000`` opens that many connections at once, each writing 8 MiB in 1 MiB
+``write(); await drain()`` steps, then closing, against one sink process (epoll, one
+thread); pagefrag.aio ``auto`` and asyncio streams alternate round by round, medians of
+the aggregate GB/s (connection set-up to the last close) and the ratio are printed:
+
+    python benchmarks/asyncio_streams.py --connections 1,100,1000 [--rounds 5]
 """
 
 from __future__ import annotations
@@ -152,6 +160,139 @@ def child(variant: str, port: int, size: int, seconds: float) -> None:
     print(json.dumps(result))
 
 
+SWEEP_WRITE = 1 << 20
+SWEEP_WRITES = 8
+SWEEP_VARIANTS = ("asyncio", "pf-auto")
+
+
+def _raise_nofile() -> None:
+    """Descriptors: one per connection (twice in the sink); soft limit up to the hard."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def sweep_sink() -> None:
+    """Accept and discard on 127.0.0.1, one epoll thread, one buffer for every read."""
+    import selectors
+    import socket
+
+    _raise_nofile()
+    srv = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    srv.setblocking(False)
+    print(srv.getsockname()[1], flush=True)
+    sel = selectors.DefaultSelector()
+    sel.register(srv, selectors.EVENT_READ)
+    buf = bytearray(4 << 20)
+    while True:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            if sock is srv:
+                while True:
+                    try:
+                        conn, _ = srv.accept()
+                    except BlockingIOError:
+                        break
+                    conn.setblocking(False)
+                    sel.register(conn, selectors.EVENT_READ)
+                continue
+            try:
+                n = sock.recv_into(buf)  # type: ignore[union-attr]
+            except BlockingIOError:
+                continue
+            except OSError:
+                n = 0
+            if not n:
+                sel.unregister(sock)
+                sock.close()  # type: ignore[union-attr]
+
+
+async def _sweep_client(variant: str, port: int, count: int) -> dict[str, float]:
+    buf = os.urandom(SWEEP_WRITE)
+    from pagefrag import aio  # imported before the clock starts
+
+    async def one() -> None:
+        if variant == "pf-auto":
+            _, writer = await aio.open_connection("127.0.0.1", port, zerocopy="auto")
+        else:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)  # type: ignore[assignment]
+        for _ in range(SWEEP_WRITES):
+            writer.write(buf)
+            await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(count)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    sent = count * SWEEP_WRITES * SWEEP_WRITE
+    return {"gbps": sent / wall / 1e9, "cpu_s_per_gb": cpu / (sent / 1e9), "seconds": wall}
+
+
+def sweep_child(variant: str, port: int, count: int) -> None:
+    _raise_nofile()
+    if (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {0})
+    print(json.dumps(asyncio.run(_sweep_client(variant, port, count))))
+
+
+def run_sweep(counts: list[int], rounds: int, json_file: str | None) -> None:
+    """The connection sweep: variants interleaved within each round, medians."""
+    sink = subprocess.Popen(
+        [sys.executable, __file__, "--sweep-sink"], stdout=subprocess.PIPE, text=True
+    )
+    samples: dict[tuple[int, str], list[dict[str, float]]] = {}
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        if (os.cpu_count() or 1) > 1:
+            os.sched_setaffinity(sink.pid, {1})
+        for r in range(rounds):
+            for count in counts:
+                # Alternate which variant goes first, round by round.
+                order = SWEEP_VARIANTS if r % 2 == 0 else SWEEP_VARIANTS[::-1]
+                for variant in order:
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--sweep-child", variant, str(port), str(count)],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                        timeout=600,
+                    )
+                    samples.setdefault((count, variant), []).append(json.loads(out.stdout))
+    finally:
+        sink.kill()
+        sink.wait()
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for (count, variant), runs in samples.items():
+        results.setdefault(str(count), {})[variant] = {
+            k: statistics.median(r[k] for r in runs) for k in runs[0]
+        }
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "rounds": rounds,
+        "per_connection_bytes": SWEEP_WRITES * SWEEP_WRITE,
+        "write_bytes": SWEEP_WRITE,
+        "results": results,
+    }
+    print(f"machine: {report['machine']}")
+    print(f"connections, each {SWEEP_WRITES} x {SWEEP_WRITE >> 20} MiB; medians of {rounds}")
+    print(
+        "{:>11} {:<8} {:>6} {:>9} {:>10}".format(
+            "connections", "variant", "GB/s", "CPU s/GB", "vs asyncio"
+        )
+    )
+    for count, cells in results.items():
+        base = cells["asyncio"]["gbps"]
+        for variant, c in cells.items():
+            print(
+                f"{count:>11} {variant:<8} {c['gbps']:>6.2f} {c['cpu_s_per_gb']:>9.3f} "
+                f"{c['gbps'] / base:>10.2f}"
+            )
+    if json_file:
+        Path(json_file).write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -162,7 +303,25 @@ def main() -> None:
     parser.add_argument(
         "--child", nargs=4, metavar=("VARIANT", "PORT", "SIZE", "SECONDS"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--connections",
+        metavar="N,N,...",
+        help="run the connection sweep instead (e.g. 1,100,1000)",
+    )
+    parser.add_argument("--sweep-sink", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sweep_sink:
+        sweep_sink()
+        return
+    if args.sweep_child:
+        v, port, count = args.sweep_child
+        sweep_child(v, int(port), int(count))
+        return
+    if args.connections:
+        counts = [int(c) for c in args.connections.split(",")]
+        run_sweep(counts, args.rounds, args.json)
+        return
     if args.child:
         v, port, size, secs = args.child
         child(v, int(port), int(size), float(secs))

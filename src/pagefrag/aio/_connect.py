@@ -52,6 +52,31 @@ def check_ssl_socket(sock: object) -> None:
         raise TypeError("Socket cannot be of type SSLSocket")
 
 
+def _numeric(host: Any, port: Any, family: int, proto: int) -> list[AddrInfo] | None:
+    """A numeric address needs no resolver: its one addrinfo, as asyncio's
+    ``_ipaddr_info`` gives (no executor thread: the first connection would pay for
+    starting it, ~5 ms); None when ``getaddrinfo`` must decide."""
+    if not isinstance(host, str) or proto not in (0, socket.IPPROTO_TCP):
+        return None
+    if port is None:
+        port = 0
+    elif isinstance(port, (bytes, str)) and port.isdigit():
+        port = int(port)
+    elif type(port) is not int:
+        return None
+    families = (socket.AF_INET, socket.AF_INET6) if family == socket.AF_UNSPEC else (family,)
+    for af in families:
+        if af not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        try:
+            socket.inet_pton(af, host)  # strict: "127.1" or "fe80::1%eth0" go to getaddrinfo
+        except (OSError, UnicodeEncodeError):
+            continue
+        addr = (host, port) if af == socket.AF_INET else (host, port, 0, 0)
+        return [(af, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", addr)]
+    return None
+
+
 async def _resolved(
     loop: asyncio.AbstractEventLoop,
     host: Any,
@@ -61,6 +86,9 @@ async def _resolved(
     proto: int = 0,
     flags: int = 0,
 ) -> list[AddrInfo]:
+    numeric = _numeric(host, port, family, proto)
+    if numeric is not None:
+        return numeric
     infos = await loop.getaddrinfo(
         host, port, family=family, type=socket.SOCK_STREAM, proto=proto, flags=flags
     )

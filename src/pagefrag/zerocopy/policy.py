@@ -16,7 +16,9 @@ call). For other callers ``use_zerocopy`` still accepts ``now=None`` and then re
 probe due.
 
 States (:class:`State`). ``ALWAYS`` and ``NEVER`` are the fixed modes; ``auto`` runs the
-three others and starts in ``ZEROCOPY``.
+three others and starts in ``ZEROCOPY``, or in ``COPYING`` when the destination is known
+to copy (``KNOWN_COPYING``, told once at set-up by :mod:`.destinations`: delivered
+locally, or learned by an earlier socket to it).
 
 - ``ZEROCOPY``: sends of at least ``min_size`` ask for zero-copy.
 - ``COPYING``: completions kept saying COPIED: sends are copied, and every send of at least
@@ -27,6 +29,8 @@ three others and starts in ``ZEROCOPY``.
 Events (:class:`Event`). A send of less than ``min_size`` is no event (copied in ``auto``);
 the streak counts completed calls that said COPIED, one after another.
 
+- ``KNOWN_COPYING``: before any send, the destination is known to copy
+  (:meth:`ZeroCopyPolicy.known_copying`); the probe clock is the destination's.
 - ``SEND``: a send asks, no probe due.
 - ``PROBE_DUE``: a send asks in ``COPYING`` and ``probe_every`` sends or ``probe_interval``
   seconds have passed since the last probe (or since entering ``COPYING``).
@@ -40,22 +44,26 @@ the streak counts completed calls that said COPIED, one after another.
 
 Transitions (state, event -> next state; ``-`` cannot happen)::
 
-    state      SEND       PROBE_DUE  PROBE_FAILED  COPIED     COPIED_STREAK  NOT_COPIED
-    ZEROCOPY   ZEROCOPY   -          -             ZEROCOPY   COPYING        ZEROCOPY
-    COPYING    COPYING    PROBING    -             COPYING    COPYING        ZEROCOPY
-    PROBING    PROBING    -          COPYING       COPYING    COPYING        ZEROCOPY
-    ALWAYS     ALWAYS     -          -             ALWAYS     -              ALWAYS
-    NEVER      NEVER      -          -             NEVER      -              NEVER
+    state    KNOWN_COPYING SEND     PROBE_DUE PROBE_FAILED COPIED   COPIED_STREAK NOT_COPIED
+    ZEROCOPY COPYING       ZEROCOPY -         -            ZEROCOPY COPYING       ZEROCOPY
+    COPYING  -             COPYING  PROBING   -            COPYING  COPYING       ZEROCOPY
+    PROBING  -             PROBING  -         COPYING      COPYING  COPYING       ZEROCOPY
+    ALWAYS   -             ALWAYS   -         -            ALWAYS   -             ALWAYS
+    NEVER    -             NEVER    -         -            NEVER    -             NEVER
 
 What a send is told (``use_zerocopy``): ``ALWAYS`` yes; ``NEVER`` and ``PROBING`` no;
 ``ZEROCOPY`` yes from ``min_size``; ``COPYING`` yes only on ``PROBE_DUE``.
 
 Side effects, in the same places: entering ``PROBING`` restarts the probe count and clock;
-``ZEROCOPY`` → ``COPYING`` starts the probe clock; every completion event but a ``COPIED``
-that stays in its state resets the streak. The fixed modes keep no streak (completions
-change nothing, hence no ``COPIED_STREAK``). Every state change recomputes the socket's
-hot-path thresholds ``copy_below`` (shorter sends are copied without asking) and
-``zerocopy_from`` (longer ones go zero-copy without asking).
+``ZEROCOPY`` → ``COPYING`` starts the probe clock (at the event's time: for
+``KNOWN_COPYING`` the destination's clock, so a probe may be due at once); every
+completion event but a ``COPIED`` that stays in its state resets the streak. The fixed
+modes keep no streak (completions change nothing, hence no ``COPIED_STREAK``). Every
+state change recomputes the socket's hot-path thresholds ``copy_below`` (shorter sends
+are copied without asking) and ``zerocopy_from`` (longer ones go zero-copy without
+asking), and tells ``on_change``
+(if set: the destination cache learns from it) the new state and the probe clock --
+state changes only, never a send.
 
 The mode is configuration, not an event: setting ``always`` or ``never`` parks the ``auto``
 machine (the socket sets ``never`` once when ``SO_ZEROCOPY`` is refused); setting ``auto``
@@ -66,6 +74,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from typing import Final
 
 __all__ = [
@@ -110,6 +119,7 @@ class Event(enum.Enum):
 
     __hash__ = object.__hash__  # as State's
 
+    KNOWN_COPYING = "known copying"
     SEND = "send"
     PROBE_DUE = "probe due"
     PROBE_FAILED = "probe failed"
@@ -123,6 +133,7 @@ _COPYING: Final = State.COPYING
 _PROBING: Final = State.PROBING
 _ALWAYS: Final = State.ALWAYS
 _NEVER: Final = State.NEVER
+_KNOWN_COPYING: Final = Event.KNOWN_COPYING
 _SEND: Final = Event.SEND
 _PROBE_DUE: Final = Event.PROBE_DUE
 _PROBE_FAILED: Final = Event.PROBE_FAILED
@@ -132,6 +143,7 @@ _NOT_COPIED: Final = Event.NOT_COPIED
 
 TRANSITIONS: Final[dict[State, dict[Event, State]]] = {
     _ZEROCOPY: {
+        _KNOWN_COPYING: _COPYING,
         _SEND: _ZEROCOPY,
         _COPIED: _ZEROCOPY,
         _COPIED_STREAK: _COPYING,
@@ -172,6 +184,8 @@ class ZeroCopyPolicy:
     """Sends shorter than this are copied without asking (recomputed on each state change)."""
     zerocopy_from: float
     """Sends of at least this go zero-copy without asking (recomputed likewise)."""
+    on_change: Callable[[State, float], None] | None
+    """Told ``(new state, probe clock)`` on every transition that changes the state."""
 
     def __init__(
         self,
@@ -193,6 +207,7 @@ class ZeroCopyPolicy:
         self._last_probe = 0.0  # when the last probe went out (or COPYING began)
         self._state = _ZEROCOPY
         self._resume = _ZEROCOPY  # the auto state, while a fixed mode parks it
+        self.on_change = None
         self._mode = Mode.AUTO
         self.mode = mode  # type: ignore[assignment]  # the setter also takes the name
 
@@ -265,6 +280,18 @@ class ZeroCopyPolicy:
             return True
         return False  # SEND: COPYING -> COPYING
 
+    def known_copying(self, clock: float) -> None:
+        """Before any send: the destination is known to copy (delivered locally, or
+        learned by an earlier socket), so ``auto`` starts in ``COPYING`` with the probe
+        clock ``clock`` (event ``KNOWN_COPYING``). Only from ``ZEROCOPY`` in ``auto``;
+        a fixed mode ignores it (``RuntimeError`` from any other ``auto`` state: the
+        table has no such transition). Kernel: local delivery copies
+        (``skb_orphan_frags_rx``).
+
+        Refs: none."""
+        if self._mode is Mode.AUTO:
+            self._fire(_KNOWN_COPYING, clock)
+
     def unsent(self, now: float) -> None:
         """The call :meth:`use_zerocopy` just answered yes to was not taken by the kernel
         as a zero-copy call: a probe (``PROBING``) has failed (``PROBE_FAILED``); in any
@@ -316,6 +343,8 @@ class ZeroCopyPolicy:
             self._last_probe = now
         if new is not state:
             self._enter(new)
+            if self.on_change is not None:
+                self.on_change(new, self._last_probe)
 
     def _enter(self, state: State) -> None:
         # The hot paths: sends shorter than copy_below are copied and sends of at least

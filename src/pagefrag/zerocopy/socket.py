@@ -57,6 +57,7 @@ import math
 import os
 import socket
 import threading
+import time
 import warnings
 import weakref
 from types import TracebackType
@@ -80,6 +81,7 @@ from ._syscalls import (
     enable_recverr,
     enable_zerocopy,
 )
+from .destinations import start_policy
 from .policy import DEFAULT_MIN_ZEROCOPY_SIZE, Mode, ZeroCopyPolicy
 from .tracker import CompletionTracker, ErrQueueMessage
 
@@ -144,6 +146,10 @@ class ZeroCopySocket:
         self._sock = sock
         self._stream = sock.type == socket.SOCK_STREAM
         self._policy = ZeroCopyPolicy(zerocopy, min_zerocopy_size)
+        if self._policy.mode is Mode.AUTO:
+            # Once, at set-up: a destination known to copy (local, or learned by an
+            # earlier socket) starts copying; state changes teach the shared cache.
+            start_policy(self._policy, sock, time.monotonic())
         self._tracker: CompletionTracker[Pin] = CompletionTracker()
         # The error queue holds the pins: every reference is taken in its name.
         self._eq = ErrorQueue(sock, self._tracker, self._policy)
