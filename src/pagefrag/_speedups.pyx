@@ -1,4 +1,4 @@
-# cython: language_level=3, embedsignature=True
+# cython: language_level=3, embedsignature=True, binding=False
 """The compiled core of pagefrag (Cython): :class:`FragDestructor`.
 
 The pure-Python class in ``pagefrag._destructor`` is the reference implementation; this
