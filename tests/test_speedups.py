@@ -412,3 +412,26 @@ def test_compiled_destructor_is_weakly_referenceable_and_awaitable_across_thread
 
     gc.collect()
     assert ref() is None
+
+
+@needs_compiled
+def test_remove_done_callback_removes_the_first_equal_callback_in_both() -> None:
+    """Bound methods of one object are equal but not identical: both implementations
+    remove the first equal one (list.remove's rule), and nothing else."""
+
+    class Owner:
+        def done(self, d: Any) -> None:
+            pass
+
+    results = []
+    for cls in (PyFragDestructor, CFrag):
+        owner = Owner()
+        first, second = owner.done, owner.done
+        assert first == second and first is not second
+        d = cls()
+        d.add_done_callback(first)
+        d.add_done_callback(second)
+        removed = d.remove_done_callback(second)
+        results.append((removed, [cb is first for cb in d._callbacks], d.remove_done_callback(len)))
+        d.unref()
+    assert results[0] == results[1] == (True, [False], False)

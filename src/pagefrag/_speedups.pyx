@@ -221,26 +221,25 @@ cdef class FragDestructor:
 
     def remove_done_callback(self, fn):
         """Forget a callback that has not run yet; True if it was found."""
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i = 0, j
         callbacks = self._cbs
         if callbacks is None:
             return False
-        # By identity first: no Python code, so the find and the delete are one step.
-        for i in range(len(<list>callbacks)):
-            if (<list>callbacks)[i] is fn:
-                del (<list>callbacks)[i]
-                return True
-        # By equality (``==`` may run Python code): compare on a copy, then delete the
-        # very object found, if it is still queued, by identity.
-        for cb in list(<list>callbacks):
-            if cb == fn:
+        # list.remove's order and test (identity, then ==), but ``==`` may run Python code,
+        # during which the list can change or be detached by a firing thread: the object
+        # found is then deleted by identity, the find and the delete one atomic step.
+        while i < len(<list>callbacks):
+            cb = (<list>callbacks)[i]
+            if cb is fn or cb == fn:
                 callbacks = self._cbs
                 if callbacks is None:
                     return False
-                for i in range(len(<list>callbacks)):
-                    if (<list>callbacks)[i] is cb:
-                        del (<list>callbacks)[i]
+                for j in range(len(<list>callbacks)):
+                    if (<list>callbacks)[j] is cb:
+                        del (<list>callbacks)[j]
                         return True
+                return False
+            i += 1
         return False
 
     def __await__(self):
