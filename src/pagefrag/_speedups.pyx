@@ -25,6 +25,11 @@ from pagefrag._buffers import as_timeout
 from pagefrag._unraisable import await_done, report_unraisable
 from pagefrag.errors import DestructorError
 
+# leaks.enabled read straight from the module's dict (set_level rebinds it there): one
+# dict lookup per creation instead of a module attribute lookup (measured: ~12 % of
+# create+ref+unref+fire).
+cdef dict _leaks_globals = leaks.__dict__
+
 cimport cython
 
 
@@ -61,7 +66,7 @@ cdef class FragDestructor:
         self.data = data
         self.name = name
         self._refcount = 1
-        if leaks.enabled:
+        if _leaks_globals["enabled"]:
             self._tlock = threading.Lock()
             label = f"<FragDestructor{f' {name!r}' if name else ''} at {id(self):#x}>"
             self._track = leaks.track(self, label)
