@@ -1,21 +1,37 @@
 """What do the core operations cost, next to the cheapest thread-safe counter Python has?
 
 Baseline (measured in the same run): a plain method doing a lock-guarded increment and
-one doing a lock-guarded decrement. Every figure is the best of several timeit repeats.
+one doing a lock-guarded decrement. Every skb figure is the best of several timeit
+repeats, with the FragDestructor implementation selected at import
+(``pagefrag.implementation``).
 
-    python benchmarks/core_ops.py [--json]
+FragDestructor's own operations are measured for both implementations side by side: the
+compiled core (pagefrag._speedups) and the pure-Python reference, interleaved round by
+round (each round times every operation of both, in alternating order), medians over the
+rounds. Each is a timeit statement, so the figure includes timeit's loop (~10 ns).
+
+    python benchmarks/core_ops.py [--json] [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import threading
 import timeit
 from collections.abc import Callable
+from typing import Any
 
+import pagefrag
 from pagefrag import MAX_SKB_FRAGS, FragDestructor, SkBuff
+from pagefrag._destructor import PyFragDestructor
 from pagefrag.bench.machine import machine
+
+try:
+    from pagefrag._speedups import FragDestructor as CFragDestructor
+except ImportError:  # not built: only the pure-Python figures
+    CFragDestructor = None
 
 
 class LockedCounter:
@@ -36,12 +52,59 @@ def best_ns(fn: Callable[[], object], number: int) -> float:
     return min(timeit.repeat(fn, number=number, repeat=7)) / number * 1e9
 
 
+def _noop(_: object) -> None:
+    pass
+
+
+# (name, statement, target ns for the compiled core or None)
+DESTRUCTOR_OPS = [
+    ("create+ref+unref+fire, destroy=None", "d = F(); d.ref(); d.unref(); d.unref()", 200.0),
+    (
+        "create+ref+unref+fire, destroy=a Python no-op",
+        "d = F(noop); d.ref(); d.unref(); d.unref()",
+        None,
+    ),
+    ("ref+unref", "d.ref(); d.unref()", 80.0),
+]
+
+
+def destructor_ops(rounds: int, number: int) -> list[dict[str, Any]]:
+    """Median ns per op of every DESTRUCTOR_OPS statement for each implementation,
+    interleaved: each round times all of them, the implementations in alternating order."""
+    impls: list[tuple[str, Any]] = [("python", PyFragDestructor)]
+    if CFragDestructor is not None:
+        impls.insert(0, ("compiled", CFragDestructor))
+    timers = {
+        (impl, name): timeit.Timer(stmt, globals={"F": cls, "noop": _noop, "d": cls()})
+        for impl, cls in impls
+        for name, stmt, _ in DESTRUCTOR_OPS
+    }
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in timers}
+    for r in range(rounds):
+        order = impls if r % 2 == 0 else impls[::-1]
+        for name, _, _ in DESTRUCTOR_OPS:
+            for impl, _ in order:
+                samples[impl, name].append(timers[impl, name].timeit(number) / number * 1e9)
+    rows = []
+    for name, _, target in DESTRUCTOR_OPS:
+        row: dict[str, Any] = {"op": name, "target_ns": target}
+        for impl, _ in impls:
+            row[f"{impl}_ns"] = statistics.median(samples[impl, name])
+        if "compiled_ns" in row:
+            row["speedup"] = row["python_ns"] / row["compiled_ns"]
+            row["target_met"] = None if target is None else row["compiled_ns"] <= target
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply iteration counts")
+    parser.add_argument("--rounds", type=int, default=21, help="interleaved rounds (median)")
     args = parser.parse_args()
     n = max(1, int(20_000 * args.scale))
+    destructor_rows = destructor_ops(args.rounds, max(1, n * 5))
 
     counter = LockedCounter()
 
@@ -102,6 +165,8 @@ def main() -> None:
     ]
     result = {
         "machine": machine(),
+        "implementation": pagefrag.implementation,
+        "destructor": destructor_rows,
         "baseline": "lock-guarded increment + decrement (two method calls)",
         "baseline_ns": base,
         "ops": [{"op": name, "ns": ns, "ratio": ns / base} for name, ns in rows],
@@ -110,6 +175,16 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"machine: {result['machine']}")
+    print(f"FragDestructor, both implementations, median of {args.rounds} interleaved rounds:")
+    print(f"{'operation':<46} {'compiled':>9} {'python':>9} {'speedup':>8} {'target':>8}")
+    for row in destructor_rows:
+        compiled = f"{row['compiled_ns']:,.0f}" if "compiled_ns" in row else "n/a"
+        speedup = f"{row['speedup']:.1f}x" if "speedup" in row else ""
+        target = "" if row["target_ns"] is None else f"<= {row['target_ns']:.0f}"
+        if row.get("target_met") is False:
+            target += " MISSED"
+        print(f"{row['op']:<46} {compiled:>9} {row['python_ns']:>9,.0f} {speedup:>8} {target:>8}")
+    print(f"skb operations (implementation: {pagefrag.implementation}):")
     print(f"baseline: {result['baseline']}: {base:,.0f} ns")
     print(f"{'operation':<42} {'ns/op':>10} {'x baseline':>11}")
     for name, ns in rows:

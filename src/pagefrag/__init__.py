@@ -4,7 +4,7 @@ Per-paged-fragment destructors (Linux "net: add support for per-paged-fragment
 destructors") and a socket-buffer model with the kernel's reference rules.
 """
 
-from ._destructor import FragDestructor
+from ._destructor import FragDestructor, implementation
 from ._iov import IoVec
 from ._skbuff import MAX_SKB_FRAGS, Frag, SkBuff
 from .errors import (
@@ -34,6 +34,7 @@ from .pool import BufferPool, PoolBuffer, PoolExhaustedError
 from .zerocopy import ZeroCopySocket, ZeroCopyStats
 
 __version__ = "0.1.0"
+
 
 __all__ = [
     "MAX_SKB_FRAGS",
@@ -67,4 +68,5 @@ __all__ = [
     "ZeroCopySocket",
     "ZeroCopyStats",
     "ZeroCopyUnsupportedError",
+    "implementation",
 ]

@@ -15,51 +15,19 @@ still be reported. All leak bookkeeping lives in ``leaks``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import sys
+import os
 import threading
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import leaks
 from ._buffers import as_timeout
+from ._unraisable import await_done, report_unraisable
 from .errors import DestructorError
 
-__all__ = ["FragDestructor"]
+__all__ = ["FragDestructor", "PyFragDestructor", "implementation", "report_unraisable"]
 
 DoneCallback = Callable[["FragDestructor"], object]
-
-
-def _unraisable_args_type() -> Any:
-    # sys.unraisablehook only accepts the interpreter's own UnraisableHookArgs type,
-    # which has no public name: catch one instance to learn it.
-    seen: list[Any] = []
-    old = sys.unraisablehook
-    sys.unraisablehook = seen.append
-
-    class _Probe:
-        def __del__(self) -> None:
-            raise RuntimeError("probe")
-
-    try:
-        _Probe()
-    finally:
-        sys.unraisablehook = old
-    return type(seen[0])
-
-
-_UnraisableHookArgs = _unraisable_args_type()
-
-
-def report_unraisable(exc: BaseException, msg: str, obj: object) -> None:
-    """Hand an exception nobody can catch to ``sys.unraisablehook``."""
-    sys.unraisablehook(_UnraisableHookArgs((type(exc), exc, exc.__traceback__, msg, obj)))
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 class FragDestructor:
@@ -220,24 +188,26 @@ class FragDestructor:
             return True
 
     def __await__(self) -> Generator[Any, None, None]:
-        if self._done:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        loop = fut.get_loop()
-
-        def wake(_: FragDestructor) -> None:
-            # A closed loop has nobody waiting any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, fut)
-
-        self.add_done_callback(wake)
-        try:
-            yield from fut.__await__()
-        finally:
-            # A cancelled waiter leaves nothing behind; the destructor is untouched.
-            self.remove_done_callback(wake)
+        return await_done(self)
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""
         state = "done" if self._done else f"refcount={self._refcount}"
         return f"<FragDestructor{label} {state} at {id(self):#x}>"
+
+
+# The pure-Python class above is the reference implementation; the compiled one
+# (pagefrag._speedups, Cython) has the same API and guarantees and is checked against it
+# step by step (tests/test_speedups.py). The choice is made here, once, at import: every
+# module imports FragDestructor from here and so gets the same class, which keeps
+# ``isinstance(x, FragDestructor)`` and the ``type(d) is FragDestructor`` fast path true.
+PyFragDestructor = FragDestructor
+
+implementation = "python"
+if not TYPE_CHECKING and os.environ.get("PAGEFRAG_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from ._speedups import FragDestructor
+    except ImportError:  # not built (no compiler at install): the pure core
+        pass
+    else:
+        implementation = "compiled"
