@@ -32,6 +32,10 @@ class OptionalBuildExt(build_ext):
     _warned = False
 
     def _fallback(self, exc: BaseException) -> None:
+        OptionalBuildExt._fallback_once(exc)
+
+    @staticmethod
+    def _fallback_once(exc: BaseException) -> None:
         if not OptionalBuildExt._warned:
             OptionalBuildExt._warned = True
             print(
@@ -42,20 +46,27 @@ class OptionalBuildExt(build_ext):
 
 
 def extensions() -> list[Extension]:
+    """The extension from its ``.pyx`` (a checkout) or, without one, from the generated
+    ``.c`` (an sdist built elsewhere); none, with one warning, if neither can be used.
+    Nothing here may fail the install: the pure-Python core always remains."""
     if os.environ.get("PAGEFRAG_PURE_PYTHON", "") not in ("", "0"):
+        return []
+    pyx, c = "src/pagefrag/_speedups.pyx", "src/pagefrag/_speedups.c"
+    if not os.path.exists(pyx):
+        if os.path.exists(c):
+            return [Extension("pagefrag._speedups", [c], optional=True)]
+        OptionalBuildExt._fallback_once(FileNotFoundError(pyx))
         return []
     try:
         from Cython.Build import cythonize
-    except ImportError:
-        print(
-            "WARNING: pagefrag: Cython is not available; installing the pure-Python core",
-            file=sys.stderr,
+
+        return cythonize(
+            [Extension("pagefrag._speedups", [pyx], optional=True)],
+            compiler_directives={"language_level": "3"},
         )
+    except Exception as exc:  # no Cython, or it failed: the pure core
+        OptionalBuildExt._fallback_once(exc)
         return []
-    return cythonize(
-        [Extension("pagefrag._speedups", ["src/pagefrag/_speedups.pyx"], optional=True)],
-        compiler_directives={"language_level": "3"},
-    )
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -363,3 +363,45 @@ def test_without_cap_net_admin_the_threads_namespace_table_is_read(lab: NetLab) 
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"euid": 65534, "mode": "copy", "sksns": False}
+
+
+def test_a_child_forked_while_a_thread_holds_the_locks_sets_up_sockets() -> None:
+    """Found in review: the address tables' and the destination cache's locks are
+    process-wide; forked while another thread held one, the child's first auto socket to
+    a non-loopback peer blocked for ever. The child gets fresh locks."""
+    import threading
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with dest._tables_lock, dest.DESTINATIONS._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: both lookups must return
+            try:
+                dest.local_addresses()
+                dest.DESTINATIONS.lookup((0, socket.AF_INET, b"\xc6\x12\x00\x01"), 0.0, 1.0)
+            finally:
+                os._exit(0)
+        deadline = 20.0
+        while deadline > 0:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.05)
+            deadline -= 0.05
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child blocked on a lock held at the fork")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        holder.join(30)

@@ -435,3 +435,20 @@ def test_remove_done_callback_removes_the_first_equal_callback_in_both() -> None
         results.append((removed, [cb is first for cb in d._callbacks], d.remove_done_callback(len)))
         d.unref()
     assert results[0] == results[1] == (True, [False], False)
+
+
+def test_neither_implementation_can_be_copied_or_pickled() -> None:
+    """A copy would share the lock and callbacks but count on its own: destroy would run
+    twice. Found in review: copy.copy() of the pure class made such a twin (destroy ran
+    twice) where the compiled class refuses; both refuse now, and nothing fires."""
+    import copy
+    import pickle
+
+    for cls in [c for c in (PyFragDestructor, CFrag) if c is not None]:
+        calls: list[str] = []
+        d = cls(calls.append, "D")
+        for how in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError):
+                how(d)
+        d.unref()
+        assert calls == ["D"], cls

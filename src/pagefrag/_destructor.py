@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
 
 from . import leaks
 from ._buffers import as_timeout
@@ -189,6 +189,11 @@ class FragDestructor:
 
     def __await__(self) -> Generator[Any, None, None]:
         return await_done(self)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        """Refused, as the compiled class refuses it: a copy would share the lock and
+        the callbacks but count on its own, and ``destroy`` would run twice."""
+        raise TypeError(f"cannot pickle or copy {type(self).__qualname__!r} object")
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""

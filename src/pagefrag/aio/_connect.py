@@ -61,7 +61,10 @@ def _numeric(host: Any, port: Any, family: int, proto: int) -> list[AddrInfo] | 
     if port is None:
         port = 0
     elif isinstance(port, (bytes, str)) and port.isdigit():
-        port = int(port)
+        try:
+            port = int(port)
+        except ValueError:  # digits int() does not take ("²"): the resolver decides
+            return None
     elif type(port) is not int:
         return None
     families = (socket.AF_INET, socket.AF_INET6) if family == socket.AF_UNSPEC else (family,)

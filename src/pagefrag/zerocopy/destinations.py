@@ -329,3 +329,17 @@ def start_policy(
 
     policy.on_change = learn
     return key
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held a lock at the fork: the child's copy would
+    # stay locked forever and its first new socket hang in set-up. Fresh locks (and no
+    # tables, which belonged to the parent's moment).
+    global _tables_lock
+    _tables_lock = threading.Lock()
+    _tables.clear()
+    DESTINATIONS._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
