@@ -54,6 +54,25 @@ def opener(streams: Any, zerocopy: str | None) -> Callable[..., Any]:
     return functools.partial(streams.open_connection, zerocopy=zerocopy)
 
 
+
+async def served(handle: Callable[..., Any], zerocopy: str) -> tuple[asyncio.Server, Any]:
+    """An asyncio server on loopback running ``handle``, and a pagefrag writer to it."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await open_connection("127.0.0.1", port, zerocopy=zerocopy)
+    return server, writer
+
+
+def read_all() -> tuple[asyncio.Future[bytes], Callable[..., Any]]:
+    """A server callback reading to the EOF, and the future that gets what it read."""
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def handle(reader: asyncio.StreamReader, writer: Any) -> None:
+        got.set_result(await reader.read())
+        writer.close()
+
+    return got, handle
+
 def record(i: int) -> bytes:
     """Record ``i``: its number, then its number again in every word (a record read with
     another's bytes anywhere in it is caught)."""
@@ -141,16 +160,8 @@ def test_what_a_plain_write_sends_by_reference(kind: str, run: Run) -> None:
     payload = bytes(range(256)) * 4096  # 1 MiB
 
     async def main() -> tuple[int, int, bool]:
-        loop = asyncio.get_running_loop()
-        got: asyncio.Future[bytes] = loop.create_future()
-
-        async def handle(reader: asyncio.StreamReader, writer: Any) -> None:
-            got.set_result(await reader.read())
-            writer.close()
-
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        _, writer = await open_connection("127.0.0.1", port, zerocopy="always")
+        got, handle = read_all()
+        server, writer = await served(handle, "always")
         data = _kinds()[kind](payload)
         handle = writer.write(data)
         await writer.drain()
@@ -224,9 +235,7 @@ def test_opted_in_mutable_memory_stays_zero_copy(how: str, run: Run) -> None:
             got.set_result(n)
             writer.close()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        _, writer = await open_connection("127.0.0.1", port, zerocopy="always")
+        server, writer = await served(handle, "always")
         buf = bytearray(size)
         tracemalloc.start()
         try:
@@ -273,9 +282,7 @@ def test_a_plain_bytearray_write_copies_what_is_queued_and_bytes_are_not(
             done.set_result(None)
             writer.close()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        _, writer = await open_connection("127.0.0.1", port, zerocopy=zerocopy)
+        server, writer = await served(handle, zerocopy)
         tracemalloc.start()
         try:
             before = tracemalloc.get_traced_memory()[0]
@@ -348,16 +355,8 @@ def test_a_pool_buffer_write_stays_zero_copy(run: Run) -> None:
     zero-copy by reference under zerocopy="always"."""
 
     async def main() -> tuple[int, bool]:
-        loop = asyncio.get_running_loop()
-        got: asyncio.Future[bytes] = loop.create_future()
-
-        async def handle(reader: asyncio.StreamReader, writer: Any) -> None:
-            got.set_result(await reader.read())
-            writer.close()
-
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        _, writer = await open_connection("127.0.0.1", port, zerocopy="always")
+        got, handle = read_all()
+        server, writer = await served(handle, "always")
         pool = BufferPool(1 << 20, 2)
         buf = await pool.acquire_async()
         buf.data[:] = b"p" * (1 << 20)
