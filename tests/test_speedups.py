@@ -452,3 +452,38 @@ def test_neither_implementation_can_be_copied_or_pickled() -> None:
                 how(d)
         d.unref()
         assert calls == ["D"], cls
+
+
+@needs_compiled
+def test_compiled_remove_done_callback_finds_it_when_the_list_shifts_during_eq() -> None:
+    """``==`` runs Python code, during which the callback list may change (another
+    thread; here the callable's own ``__eq__``, deterministically): an earlier entry
+    removed then must not make the search skip the one asked for. Found in review: the
+    index-based search returned False with the callback still registered."""
+    assert CFrag is not None
+    d = CFrag()
+
+    def a(_: Any) -> None:
+        pass
+
+    def b(_: Any) -> None:
+        pass
+
+    class Target:
+        def __eq__(self, other: object) -> bool:
+            if other is b:
+                d.remove_done_callback(a)  # the list shifts under the search
+            return other is self
+
+        __hash__ = object.__hash__
+
+        def __call__(self, _: Any) -> None:
+            pass
+
+    target = Target()
+    d.add_done_callback(a)
+    d.add_done_callback(b)
+    d.add_done_callback(target)
+    assert d.remove_done_callback(target) is True
+    assert d._callbacks == [b]
+    d.unref()

@@ -226,26 +226,28 @@ cdef class FragDestructor:
 
     def remove_done_callback(self, fn):
         """Forget a callback that has not run yet; True if it was found."""
-        cdef Py_ssize_t i = 0, j
-        callbacks = self._cbs
-        if callbacks is None:
-            return False
-        # list.remove's order and test (identity, then ==), but ``==`` may run Python code,
-        # during which the list can change or be detached by a firing thread: the object
-        # found is then deleted by identity, the find and the delete one atomic step.
-        while i < len(<list>callbacks):
-            cb = (<list>callbacks)[i]
-            if cb is fn or cb == fn:
-                callbacks = self._cbs
-                if callbacks is None:
-                    return False
-                for j in range(len(<list>callbacks)):
-                    if (<list>callbacks)[j] is cb:
-                        del (<list>callbacks)[j]
-                        return True
+        cdef Py_ssize_t j
+        # list.remove's order and test (identity, then ==), but ``==`` may run Python
+        # code, during which other threads may change the list: the search runs on a
+        # snapshot (a shift cannot make it skip one), and the object found is deleted by
+        # identity, the find and the delete one atomic step. Removed meanwhile by
+        # another thread: search again.
+        while True:
+            callbacks = self._cbs
+            if callbacks is None:
                 return False
-            i += 1
-        return False
+            for cb in list(<list>callbacks):
+                if cb is fn or cb == fn:
+                    break
+            else:
+                return False
+            callbacks = self._cbs
+            if callbacks is None:
+                return False
+            for j in range(len(<list>callbacks)):
+                if (<list>callbacks)[j] is cb:
+                    del (<list>callbacks)[j]
+                    return True
 
     def __await__(self):
         return await_done(self)
