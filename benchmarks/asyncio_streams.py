@@ -165,6 +165,32 @@ SWEEP_WRITES = 8
 SWEEP_VARIANTS = ("asyncio", "pf-auto")
 
 
+
+Samples = dict[tuple[str, str], list[dict[str, float]]]
+
+
+def _run_child(*argv: str, timeout: float) -> dict[str, float]:
+    """One measurement in a process of its own (this script with ``argv``): its JSON."""
+    out = subprocess.run(
+        [sys.executable, __file__, *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=timeout,
+    )
+    result: dict[str, float] = json.loads(out.stdout)
+    return result
+
+
+def _medians(samples: Samples) -> dict[str, dict[str, dict[str, float]]]:
+    """``{row: {variant: {figure: median over the rounds}}}``."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for (row, variant), runs in samples.items():
+        results.setdefault(row, {})[variant] = {
+            k: statistics.median(r[k] for r in runs) for k in runs[0]
+        }
+    return results
+
 def _raise_nofile() -> None:
     """Descriptors: one per connection (twice in the sink); soft limit up to the hard."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -241,7 +267,7 @@ def run_sweep(counts: list[int], rounds: int, json_file: str | None) -> None:
     sink = subprocess.Popen(
         [sys.executable, __file__, "--sweep-sink"], stdout=subprocess.PIPE, text=True
     )
-    samples: dict[tuple[int, str], list[dict[str, float]]] = {}
+    samples: Samples = {}
     try:
         assert sink.stdout is not None
         port = int(sink.stdout.readline())
@@ -252,22 +278,13 @@ def run_sweep(counts: list[int], rounds: int, json_file: str | None) -> None:
                 # Alternate which variant goes first, round by round.
                 order = SWEEP_VARIANTS if r % 2 == 0 else SWEEP_VARIANTS[::-1]
                 for variant in order:
-                    out = subprocess.run(
-                        [sys.executable, __file__, "--sweep-child", variant, str(port), str(count)],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                        timeout=600,
-                    )
-                    samples.setdefault((count, variant), []).append(json.loads(out.stdout))
+                    argv = ("--sweep-child", variant, str(port), str(count))
+                    sample = _run_child(*argv, timeout=600)
+                    samples.setdefault((str(count), variant), []).append(sample)
     finally:
         sink.kill()
         sink.wait()
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for (count, variant), runs in samples.items():
-        results.setdefault(str(count), {})[variant] = {
-            k: statistics.median(r[k] for r in runs) for k in runs[0]
-        }
+    results = _medians(samples)
     report: dict[str, Any] = {
         "machine": machine(),
         "rounds": rounds,
@@ -336,35 +353,19 @@ def main() -> None:
         port = int(sink.stdout.readline())
         if (os.cpu_count() or 1) > 1:
             os.sched_setaffinity(sink.pid, {1})
-        samples: dict[tuple[str, str], list[dict[str, float]]] = {}
+        samples: Samples = {}
         for _ in range(args.rounds):
             for size_name, size in {**SMALL_SIZES, **SIZES}.items():
                 small = size_name in SMALL_SIZES
                 for variant in _small_variants() if small else _variants():
-                    out = subprocess.run(
-                        [
-                            sys.executable,
-                            __file__,
-                            "--child",
-                            variant,
-                            str(port),
-                            str(size),
-                            str(args.seconds),
-                        ],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                        timeout=120,
+                    sample = _run_child(
+                        "--child", variant, str(port), str(size), str(args.seconds), timeout=120
                     )
-                    samples.setdefault((size_name, variant), []).append(json.loads(out.stdout))
+                    samples.setdefault((size_name, variant), []).append(sample)
     finally:
         sink.kill()
         sink.wait()
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for (size_name, variant), runs in samples.items():
-        results.setdefault(size_name, {})[variant] = {
-            k: statistics.median(r[k] for r in runs) for k in runs[0]
-        }
+    results = _medians(samples)
     report: dict[str, Any] = {
         "machine": machine(),
         "seconds": args.seconds,
