@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
 from ._buffers import byte_view
-from ._destructor import FragDestructor
+from ._destructor import FragDestructor, implementation
 from ._skbuff import Frag, SkBuff
 from .pool import PoolBuffer
 
@@ -332,3 +332,11 @@ class Unrefs:
             except IndexError:  # another thread took the last one
                 return
             d.unref(holder=holder)
+
+
+# The pure-Python Pin and Unrefs above are the reference; the compiled twins
+# (pagefrag._speedups) are used with the compiled FragDestructor, whose references they
+# take and drop in C. The whole test suite runs against each (tests/run).
+PyPin, PyUnrefs = Pin, Unrefs
+if not TYPE_CHECKING and implementation == "compiled":
+    from ._speedups import Pin, Unrefs

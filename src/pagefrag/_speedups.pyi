@@ -1,6 +1,8 @@
 """Type stub of the compiled core (src/pagefrag/_speedups.pyx); the same API as the
 pure-Python reference, pagefrag._destructor.PyFragDestructor."""
 
+import collections
+import socket
 import threading
 from collections.abc import Callable, Generator
 from typing import Any
@@ -35,3 +37,42 @@ class FragDestructor:
     def add_done_callback(self, fn: Callable[[FragDestructor], object]) -> None: ...
     def remove_done_callback(self, fn: Callable[[FragDestructor], object]) -> bool: ...
     def __await__(self) -> Generator[Any]: ...
+
+class Unrefs:
+    queue: collections.deque[FragDestructor]
+    def extend(self, refs: list[FragDestructor]) -> None: ...
+    def run(self, holder: object) -> None: ...
+
+class Pin:
+    views: list[memoryview] | None
+    owners: list[FragDestructor | None] | None
+    refs: list[FragDestructor] | None
+    def __init__(
+        self,
+        views: list[memoryview] | None,
+        owners: list[FragDestructor | None] | None = None,
+    ) -> None: ...
+    def take(self, holder: object, extra: FragDestructor | None = None) -> None: ...
+    def trim(self, n: int) -> list[FragDestructor]: ...
+    def detach(self) -> list[FragDestructor]: ...
+    def release(self, holder: object) -> None: ...
+    @property
+    def released(self) -> bool: ...
+
+class SendPath:
+    sock: socket.socket
+    policy: Any
+    eq: Any
+    tracker: Any
+    blocked: bool
+    batch: int
+    since_poll: int
+    copied_sends: int
+    copied_bytes: int
+    lock: threading.RLock
+    def __init__(
+        self, sock: socket.socket, policy: Any, eq: Any, batch: int, lock: threading.RLock
+    ) -> None: ...
+    def file(self, pin: Any, flags: int) -> int: ...
+    def send(self, data: object, destructor: FragDestructor | None) -> int: ...
+    def send_flat(self, data: object, destructor: FragDestructor | None) -> int: ...

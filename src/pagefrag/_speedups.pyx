@@ -18,6 +18,7 @@ lock is taken, as in the pure-Python class; destroy and the callbacks run after 
 they depend on is final.
 """
 
+import collections
 import threading
 
 from pagefrag import leaks
@@ -256,3 +257,440 @@ cdef class FragDestructor:
         label = f" {self.name!r}" if self.name else ""
         state = "done" if self._done else f"refcount={self._refcount}"
         return f"<FragDestructor{label} {state} at {id(self):#x}>"
+
+
+# ---------------------------------------------------------------------------------------
+# Pin and the send calls of a zero-copy socket: the twins of pagefrag._iov.Pin and of the
+# hot half of pagefrag.zerocopy._sender (PySendPath), compared with them by the whole
+# test suite (it runs once per implementation). A tracked send crosses into Python only
+# when a batch of completions is due, on an error, or to fire a destructor.
+# ---------------------------------------------------------------------------------------
+
+from cpython.buffer cimport PyBuffer_IsContiguous
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.memoryview cimport PyMemoryView_FromObject, PyMemoryView_GET_BUFFER
+from libc.errno cimport EINTR, errno
+from libc.stdlib cimport free, malloc
+from libc.string cimport strcmp
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    cdef struct iovec:
+        void *iov_base
+        size_t iov_len
+    cdef struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t c_send "send" (int fd, const void *buf, size_t n, int flags)
+    ssize_t c_sendmsg "sendmsg" (int fd, const msghdr *msg, int flags)
+    cdef struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    int c_sendmmsg "sendmmsg" (int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+
+cdef int _MSG_ZEROCOPY = 0x4000000
+cdef list _NO_REFS = []  # shared, never appended to: a pin that holds none
+
+
+cdef inline int _take_ref(object d, object holder) except -1:
+    """One reference on ``d`` (a FragDestructor, else TypeError), as ``d.ref(holder=)``."""
+    cdef FragDestructor fd
+    if type(d) is FragDestructor:
+        fd = <FragDestructor>d
+        if fd._tlock is None and not fd._dead:
+            fd._refcount += 1  # ref()'s hot path (one atomic step: see the module)
+            return 0
+    elif not isinstance(d, FragDestructor):
+        raise TypeError(f"destructor must be a FragDestructor or None, not {type(d).__name__}")
+    d.ref(holder=holder)
+    return 0
+
+
+cdef inline int _drop_ref(object d, object holder) except -1:
+    """Drop one reference on ``d``, as ``d.unref(holder=)``; not the last one of a
+    compiled destructor without a lock: in C (the last one fires: unref does it)."""
+    cdef FragDestructor fd
+    if type(d) is FragDestructor:
+        fd = <FragDestructor>d
+        if fd._tlock is None and fd._refcount > 1:
+            fd._refcount -= 1  # unref()'s hot path (one atomic step: see the module)
+            return 0
+    d.unref(holder=holder)
+    return 0
+
+
+@cython.auto_pickle(False)
+cdef class Unrefs:
+    """References detached under a lock, waiting to be dropped after it is released:
+    the compiled twin of ``pagefrag._iov.Unrefs`` (see there)."""
+
+    cdef public object queue
+
+    def __init__(self):
+        self.queue = collections.deque()
+
+    def extend(self, refs):
+        """Queue references already detached. Refs: moves them to the queue."""
+        if refs:
+            self.queue.extend(refs)
+
+    def run(self, holder):
+        """Drop every queued reference. Refs: -1 on each."""
+        queue = self.queue
+        while queue:
+            try:
+                d = queue.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            _drop_ref(d, holder)
+
+
+@cython.freelist(64)
+@cython.auto_pickle(False)
+cdef class Pin:
+    """What one holder keeps alive: views (so Python cannot free or resize their memory)
+    and one reference per destructor. The compiled twin of ``pagefrag._iov.Pin`` (see
+    there for the contract); ``views`` and ``refs`` are None once released."""
+
+    cdef public object views
+    cdef public object owners
+    cdef public object refs
+
+    def __init__(self, views, owners=None):
+        self.views = views
+        self.owners = owners
+        self.refs = _NO_REFS
+
+    def take(self, holder, extra=None):
+        """One reference on every owner and on ``extra``, all or nothing. Kernel:
+        ``skb_frag_destructor_ref`` per frag.
+
+        Refs: +1 on every owner and on ``extra``."""
+        cdef list refs = []
+        self.refs = refs
+        try:
+            for d in self.owners or ():
+                if d is not None:
+                    _take_ref(d, holder)
+                    refs.append(d)
+            if extra is not None:  # last: trim() keeps it whatever the kernel took
+                _take_ref(extra, holder)
+                refs.append(extra)
+        except BaseException:
+            self.release(holder)
+            raise
+
+    def trim(self, Py_ssize_t n):
+        """Keep only the first ``n`` bytes; returns the references of the pieces past
+        them, for the caller to drop outside its locks.
+
+        Refs: moves those of the pieces not covered out of the pin."""
+        cdef Py_ssize_t pos = 0, size
+        views, refs = self.views, self.refs
+        if views is None or not refs:
+            return []
+        taken = iter(refs)
+        owners = self.owners or [None] * len(views)
+        if len(owners) != len(views):
+            raise ValueError("a pin's owners must match its views")
+        kept_views, kept_owners, kept_refs, dropped = [], [], [], []
+        for view, owner in zip(views, owners):
+            size = len(view)
+            if pos < n:
+                kept_views.append(view if pos + size <= n else view[: n - pos])
+                kept_owners.append(owner)
+                if owner is not None:
+                    kept_refs.append(next(taken))
+            elif owner is not None:
+                dropped.append(next(taken))
+            pos += size
+        kept_refs.extend(taken)  # the extra one
+        self.views, self.owners, self.refs = kept_views, kept_owners, kept_refs
+        return dropped
+
+    def detach(self):
+        """Release the views and hand over the references (for the caller to drop once
+        its locks are released).
+
+        Refs: moves them out of the pin."""
+        refs = self.refs
+        self.refs = self.views = self.owners = None
+        return refs or []
+
+    def release(self, holder):
+        """Release the views and drop every reference now.
+
+        Refs: -1 on each held."""
+        refs = self.refs
+        self.refs = self.views = self.owners = None
+        for d in refs or ():
+            _drop_ref(d, holder)
+
+    @property
+    def released(self):
+        return self.refs is None
+
+    def __repr__(self):
+        if self.refs is None:
+            return "<Pin released>"
+        nbytes = sum(map(len, self.views or ()))
+        return f"<Pin {nbytes} bytes, {len(self.refs)} refs>"
+
+
+cdef inline bint _plain_bytes(Py_buffer *b) noexcept:
+    """One C-contiguous run of unsigned bytes (what byte_view would not have to cast)."""
+    return (
+        b.ndim <= 1
+        and b.itemsize == 1
+        and (b.format == NULL or strcmp(b.format, "B") == 0)
+        and PyBuffer_IsContiguous(b, b'C')
+    )
+
+
+cdef Py_ssize_t _call(object fileno, object views, int flags) except -2:
+    """send()/sendmsg() of ``views`` (memoryviews) with the GIL released, retried on
+    EINTR after the signal handlers ran (as CPython's socket methods do). Returns the
+    bytes taken; raises OSError (BlockingIOError, ...) from errno."""
+    cdef Py_ssize_t count = len(views), i, r
+    cdef int fd = fileno()
+    cdef Py_buffer *b
+    cdef iovec one
+    cdef iovec *iov = &one
+    cdef msghdr msg
+    if count > 1:
+        iov = <iovec *>malloc(count * sizeof(iovec))
+        if iov == NULL:
+            raise MemoryError()
+    try:
+        for i in range(count):
+            b = PyMemoryView_GET_BUFFER(views[i])
+            iov[i].iov_base = b.buf
+            iov[i].iov_len = b.len
+        while True:
+            if count == 1:
+                with nogil:
+                    r = c_send(fd, one.iov_base, one.iov_len, flags)
+            else:
+                msg.msg_name = NULL
+                msg.msg_namelen = 0
+                msg.msg_iov = iov
+                msg.msg_iovlen = count
+                msg.msg_control = NULL
+                msg.msg_controllen = 0
+                msg.msg_flags = 0
+                with nogil:
+                    r = c_sendmsg(fd, &msg, flags)
+            if r >= 0:
+                return r
+            if errno != EINTR:
+                PyErr_SetFromErrno(OSError)  # raises: BlockingIOError, ...
+            PyErr_CheckSignals()  # raises a handler's exception: nothing was sent
+    finally:
+        if iov != &one:
+            free(iov)
+
+
+cdef Py_ssize_t _call_many(object fileno, list messages, int flags, Py_ssize_t *lens) except -2:
+    """One sendmmsg() of ``messages`` (each a list of memoryviews: one datagram), with
+    the GIL released, retried on EINTR; ``lens[i]`` gets the bytes of datagram ``i``.
+    Returns how many datagrams the kernel took (the first k); raises OSError when it
+    took none."""
+    cdef Py_ssize_t count = len(messages), pieces = 0, i, j, k, r
+    cdef int fd = fileno()
+    cdef mmsghdr *msgs
+    cdef iovec *iov
+    cdef Py_buffer *b
+    for i in range(count):
+        pieces += len(<list>messages[i])
+    msgs = <mmsghdr *>malloc(count * sizeof(mmsghdr) + pieces * sizeof(iovec) + 1)
+    if msgs == NULL:
+        raise MemoryError()
+    iov = <iovec *>(msgs + count)
+    try:
+        k = 0
+        for i in range(count):
+            views = <list>messages[i]
+            msgs[i].msg_hdr.msg_name = NULL
+            msgs[i].msg_hdr.msg_namelen = 0
+            msgs[i].msg_hdr.msg_iov = iov + k
+            msgs[i].msg_hdr.msg_iovlen = len(views)
+            msgs[i].msg_hdr.msg_control = NULL
+            msgs[i].msg_hdr.msg_controllen = 0
+            msgs[i].msg_hdr.msg_flags = 0
+            msgs[i].msg_len = 0
+            for j in range(len(views)):
+                b = PyMemoryView_GET_BUFFER(views[j])
+                iov[k].iov_base = b.buf
+                iov[k].iov_len = b.len
+                k += 1
+        while True:
+            with nogil:
+                r = c_sendmmsg(fd, msgs, <unsigned int>count, flags)
+            if r >= 0:
+                for i in range(r):
+                    lens[i] = msgs[i].msg_len
+                return r
+            if errno != EINTR:
+                PyErr_SetFromErrno(OSError)
+            PyErr_CheckSignals()
+    finally:
+        free(msgs)
+
+
+cdef class SendPath:
+    """The hot send calls of one zero-copy socket: the compiled twin of
+    ``pagefrag.zerocopy._sender.PySendPath`` (see there for the contract); the
+    socket's ``Sender`` derives from whichever is in use."""
+
+    cdef public object sock
+    cdef public object policy
+    cdef public object eq
+    cdef public object tracker
+    cdef public bint blocked
+    cdef public Py_ssize_t batch
+    cdef public Py_ssize_t since_poll
+    cdef public Py_ssize_t copied_sends
+    cdef public Py_ssize_t copied_bytes
+    cdef object _filings
+    cdef object _ids
+    cdef object _fileno
+    cdef object _gettimeout
+    cdef object _lock
+    cdef object _acquire
+    cdef object _release
+    cdef bint _stream
+
+    def __init__(self, sock, policy, eq, Py_ssize_t batch, lock):
+        self.lock = lock
+        self.blocked = False
+        self.sock = sock
+        self.policy = policy
+        self.eq = eq
+        self.tracker = eq.tracker
+        self.batch = batch
+        self.since_poll = self.copied_sends = self.copied_bytes = 0
+        self._filings = self.tracker.filings
+        self._ids = self.tracker.ids
+        self._fileno = sock.fileno
+        self._gettimeout = sock.gettimeout
+        self._stream = sock.type == 1  # SOCK_STREAM
+
+    @property
+    def lock(self):
+        return self._lock
+
+    @lock.setter
+    def lock(self, lock):
+        self._lock = lock
+        self._acquire = lock.acquire
+        self._release = lock.release
+
+    cpdef Py_ssize_t send(self, data, destructor) except -2:
+        """:meth:`send_flat` under the send lock, unless the socket is blocked (closed
+        or forked) or has a socket error queued; -1 when it does not send.
+
+        Refs: as :meth:`send_flat`."""
+        self._acquire()
+        try:
+            if self.blocked or self.eq.errors:
+                return -1
+            return self.send_flat(data, destructor)
+        finally:
+            self._release()
+
+    cpdef Py_ssize_t file(self, pin, int flags) except -2:
+        """The zero-copy system call of ``pin.views`` and the filing of the pin under its
+        id, with no bytecode between the kernel's return and the record (no signal
+        handler can run there). Returns the bytes the kernel took.
+
+        Refs: none (the pin holds them)."""
+        views = pin.views
+        n = _call(self._fileno, views, flags)
+        self._filings.append((n, next(self._ids), pin))
+        return n
+
+    cpdef Py_ssize_t file_many(self, list pins, int flags) except -2:
+        """The datagrams of ``pins`` (at most 1024) in one ``sendmmsg``, and the filing of
+        each one the kernel took under its id (each takes one, as a ``sendmsg`` would),
+        with no bytecode between the kernel's return and the records. Returns how many
+        it took, the first k; OSError when it took none.
+
+        Refs: none (the pins hold them)."""
+        cdef Py_ssize_t count = len(pins), i, k
+        cdef Py_ssize_t lens[1024]
+        if count > 1024:
+            raise ValueError("file_many sends at most 1024 datagrams per call")
+        k = _call_many(self._fileno, [p.views for p in pins], flags, lens)
+        filings = self._filings
+        ids = self._ids
+        for i in range(k):
+            filings.append((lens[i], next(ids), pins[i]))
+        return k
+
+    cpdef Py_ssize_t copied_many(self, list messages, int flags) except -2:
+        """The datagrams of ``messages`` (lists of memoryviews, at most 1024) copied, in
+        one ``sendmmsg``; returns how many the kernel took; OSError when none.
+
+        Refs: none."""
+        cdef Py_ssize_t count = len(messages), i, k
+        cdef Py_ssize_t lens[1024]
+        if count > 1024:
+            raise ValueError("copied_many sends at most 1024 datagrams per call")
+        k = _call_many(self._fileno, messages, flags, lens)
+        self.copied_sends += k
+        for i in range(k):
+            self.copied_bytes += lens[i]
+        return k
+
+    cpdef Py_ssize_t send_flat(self, data, destructor) except -2:
+        """One send call of ``data`` when it is one plain buffer (bytes, bytearray, a 1-D
+        byte memoryview) that the policy sends without asking (copied below
+        ``copy_below``, zero-copy from ``zerocopy_from``) on a socket without a timeout;
+        -1 for anything else (the caller takes the general path). Kernel:
+        ``send(MSG_ZEROCOPY)``.
+
+        Refs: +1 on ``destructor`` for a zero-copy call; none for a copied one."""
+        cdef Py_buffer *b
+        cdef Py_ssize_t nbytes, n
+        cdef type kind = type(data)
+        if kind is not bytes and kind is not bytearray and kind is not memoryview:
+            return -1
+        timeout = self._gettimeout()
+        if timeout is not None and timeout != 0.0:
+            return -1  # CPython's send waits for writability within the timeout
+        view = PyMemoryView_FromObject(data)  # holds the buffer: it cannot be resized
+        b = PyMemoryView_GET_BUFFER(view)
+        if not _plain_bytes(b):
+            return -1
+        nbytes = b.len
+        policy = self.policy
+        if nbytes < policy.copy_below:  # copied: holds nothing, not even the destructor
+            n = _call(self._fileno, (view,), 0)
+            self.copied_sends += 1
+            self.copied_bytes += n
+        elif nbytes and nbytes >= policy.zerocopy_from:
+            pin = Pin.__new__(Pin)
+            pin.views = [view]
+            pin.owners = None
+            pin.refs = _NO_REFS
+            try:
+                if destructor is not None:
+                    _take_ref(destructor, self.eq)
+                    pin.refs = [destructor]
+                n = _call(self._fileno, pin.views, _MSG_ZEROCOPY)
+                self._filings.append((n, next(self._ids), pin))
+            except BaseException as exc:
+                return self.unfiled(pin, exc, nbytes, 0, None, None)
+            if n < nbytes and self._stream:
+                self.eq.trim(pin, n)
+        else:
+            return -1
+        self.since_poll += 1
+        if self.since_poll >= self.batch or self.tracker.early:
+            self.poll()
+        return n

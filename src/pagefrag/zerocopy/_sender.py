@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import errno
 import socket
+import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .._destructor import FragDestructor
+from .._destructor import FragDestructor, implementation
 from .._iov import IoVec, Pin
 from ._errqueue import ErrorQueue
 from ._syscalls import IOV_MAX, MSG_ZEROCOPY
 from .policy import Mode, ZeroCopyPolicy
 from .tracker import CompletionTracker
 
-__all__ = ["Sender", "ZeroCopyStats"]
+__all__ = ["PySendPath", "SendPath", "Sender", "ZeroCopyStats"]
 
 _NO_ANCDATA = ((),)
+_FLAT = (bytes, bytearray)
+MMSG_MAX = 1024
+"""The most datagrams one ``sendmmsg`` takes (``UIO_MAXIOV``)."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,150 @@ class ZeroCopyStats:
     """Completion ids that matched no outstanding call (a healthy socket: 0)."""
 
 
-class Sender:
+class PySendPath:
+    """The hot send calls of one socket: :meth:`file` (the zero-copy system call and its
+    filing) and :meth:`send_flat` (one plain buffer the policy sends without asking),
+    with the counters they keep. The pure-Python reference; the compiled twin
+    (``pagefrag._speedups.SendPath``) does the same in C, so a tracked send crosses into
+    Python only to read a batch of completions or on an error. Runs under the socket's
+    send lock; :class:`Sender` derives from whichever is in use."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        policy: ZeroCopyPolicy,
+        eq: ErrorQueue,
+        batch: int,
+        lock: threading.RLock,
+    ) -> None:
+        self.lock = lock  # the socket's send lock
+        self.blocked = False  # the socket is closed or forked: every send refuses
+        self.sock = sock
+        self.policy = policy
+        self.eq = eq
+        self.tracker: CompletionTracker[Pin] = eq.tracker
+        self.batch = batch
+        self.since_poll = self.copied_sends = self.copied_bytes = 0
+
+    def file(self, pin: Pin, flags: int) -> int:
+        """The zero-copy system call and the filing of its pin, in one C-level step (see
+        :mod:`.socket`). Returns the bytes the kernel took.
+
+        Refs: none (the pin holds them)."""
+        filings = self.tracker.filings
+        views: list[memoryview] = pin.views  # type: ignore[assignment]  # set while filed
+        if len(views) == 1:
+            sent = map(self.sock.send, views, (flags,))
+        else:
+            sent = map(self.sock.sendmsg, (views,), _NO_ANCDATA, (flags,))
+        filings.extend(zip(sent, self.tracker.ids, (pin,)))  # noqa: B905
+        n: int = filings[-1][0]  # the last filing stays put while we hold the send lock
+        return n
+
+    def file_many(self, pins: list[Pin], flags: int) -> int:
+        """The datagrams of ``pins`` (at most :data:`MMSG_MAX`), each zero-copy call filed
+        with its id in one C-level step; returns how many the kernel took, the first k
+        (OSError when it took none). The compiled twin makes one ``sendmmsg``.
+
+        Refs: none (the pins hold them)."""
+        k = 0
+        for pin in pins:
+            try:
+                self.file(pin, flags)
+            except OSError:
+                if not k:
+                    raise
+                break  # as sendmmsg: the error of a later datagram is not reported
+            k += 1
+        return k
+
+    def copied_many(self, messages: list[list[memoryview]], flags: int) -> int:
+        """The datagrams of ``messages`` copied (at most :data:`MMSG_MAX`); returns how
+        many the kernel took (OSError when none). The compiled twin: one ``sendmmsg``.
+
+        Refs: none."""
+        k = 0
+        for views in messages:
+            try:
+                if len(views) == 1:
+                    n = self.sock.send(views[0], flags)
+                else:
+                    n = self.sock.sendmsg(views, (), flags)
+            except OSError:
+                if not k:
+                    raise
+                break
+            self.copied_sends += 1
+            self.copied_bytes += n
+            k += 1
+        return k
+
+    def send(self, data: object, destructor: FragDestructor | None) -> int:
+        """:meth:`send_flat` under the send lock, unless the socket is :attr:`blocked` or
+        has a socket error queued; -1 when it does not send.
+
+        Refs: as :meth:`send_flat`."""
+        with self.lock:
+            if self.blocked or self.eq.errors:
+                return -1
+            return self.send_flat(data, destructor)
+
+    def send_flat(self, data: object, destructor: FragDestructor | None) -> int:
+        """One send call of ``data`` if it is ``bytes`` or a ``bytearray`` that the policy
+        sends without asking (copied below ``copy_below``, zero-copy from
+        ``zerocopy_from``); -1 for anything else (the caller takes the general path).
+        (The compiled twin also takes 1-D byte memoryviews, on sockets without a
+        timeout.) Kernel: ``send(MSG_ZEROCOPY)``.
+
+        Refs: +1 on ``destructor`` for a zero-copy call; none for a copied one."""
+        if type(data) not in _FLAT:
+            return -1
+        nbytes = len(data)  # type: ignore[arg-type]  # bytes or bytearray
+        policy = self.policy
+        if nbytes < policy.copy_below:  # copied: holds nothing, not even the destructor
+            n: int = self.sock.send(data)  # type: ignore[arg-type]
+            self.copied_sends += 1
+            self.copied_bytes += n
+        elif nbytes and nbytes >= policy.zerocopy_from:
+            pin = Pin([memoryview(data)])  # type: ignore[arg-type]  # bound before it holds
+            try:
+                if destructor is not None:
+                    pin.take(self.eq, destructor)
+                n = self.file(pin, MSG_ZEROCOPY)
+            except BaseException as exc:
+                return self.unfiled(pin, exc, nbytes, 0, None, None)
+            if n < nbytes and pin.refs:
+                self.eq.trim(pin, n)
+        else:
+            return -1
+        self.since_poll += 1
+        if self.since_poll >= self.batch or self.tracker.early:
+            self.poll()
+        return n
+
+    # Provided by Sender.
+    def unfiled(
+        self,
+        pin: Pin,
+        exc: BaseException,
+        nbytes: int,
+        flags: int,
+        deadline: float | None,
+        now: float | None,
+    ) -> int:
+        raise NotImplementedError
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+
+if TYPE_CHECKING or implementation != "compiled":
+    SendPath = PySendPath
+else:
+    from .._speedups import SendPath
+
+
+class Sender(SendPath):
     """The send calls of one socket. Every method but :meth:`stats` runs under the
     socket's send lock."""
 
@@ -57,16 +205,12 @@ class Sender:
         *,
         enobufs_timeout: float,
         batch: int,
+        lock: threading.RLock,
     ) -> None:
-        self.sock = sock
+        super().__init__(sock, policy, eq, batch, lock)
         self.stream = sock.type == socket.SOCK_STREAM
-        self.policy = policy
-        self.eq = eq
-        self.tracker: CompletionTracker[Pin] = eq.tracker
         self.enobufs_timeout = enobufs_timeout
-        self.batch = batch
-        self.since_poll = 0
-        self.copied_sends = self.copied_bytes = self.enobufs = self.enobufs_copies = 0
+        self.enobufs = self.enobufs_copies = 0
 
     def call(
         self, iov: IoVec, destructor: FragDestructor | None, flags: int, deadline: float | None
@@ -96,52 +240,126 @@ class Sender:
             self.after_send()
             return n
         pin = Pin(views[:], iov.owners[:])  # bound before it holds anything
-        filings = self.tracker.filings
         try:
             # Taken before the kernel sees the pages, so none can fire while it reads them.
             if destructor is not None or any(iov.owners):
                 pin.take(self.eq, destructor)
-            try:
-                n = self.file(pin, flags | MSG_ZEROCOPY)
-            except OSError as exc:
-                if not self.enobufs_after_failure(exc):
-                    raise  # (a bare raise: no frame keeps the pin's views alive through exc)
-                n = self.after_enobufs(pin, flags, deadline)
-        except BaseException:
-            # Nothing may be dropped that the kernel holds: only if the pin was not filed.
-            if not (filings and filings[-1][2] is pin):
-                pin.release(self.eq)
-                self.policy.unsent(now)  # a probe no completion will answer
-            raise
-        if not (filings and filings[-1][2] is pin):
-            pin.release(self.eq)  # sent copied after ENOBUFS (auto): nothing is pinned
-            self.policy.unsent(now)
-        elif n < nbytes and pin.refs:
+            n = self.file(pin, flags | MSG_ZEROCOPY)
+        except BaseException as exc:
+            return self.unfiled(pin, exc, nbytes, flags, deadline, now)
+        return self.filed(pin, n, nbytes)
+
+    def call_many(
+        self,
+        iovs: list[IoVec],
+        destructors: list[FragDestructor | None],
+        flags: int,
+        deadline: float | None,
+    ) -> int:
+        """Datagrams, one per iovec (each at most :data:`IOV_MAX` pieces), in one batch
+        call (``sendmmsg``) per run of items the policy treats alike (at most
+        :data:`MMSG_MAX`); returns how many were sent, at least one (the first one's
+        error is raised). ``destructors[i]`` is held with datagram ``i``'s pages.
+
+        Refs: +1 per destructor (the item's and its frags') of each zero-copy datagram,
+        held until its completion; none for a copied one."""
+        now = time.monotonic()
+        policy = self.policy
+        zerocopy = None
+        run: list[IoVec] = []
+        for iov in iovs[:MMSG_MAX]:
+            nbytes = iov.nbytes
+            wants = bool(nbytes) and iov.lent is None and policy.use_zerocopy(nbytes, now)
+            if zerocopy is None:
+                zerocopy = wants
+            elif wants is not zerocopy:
+                break
+            run.append(iov)
+        if not zerocopy:
+            k = self.copied_many([iov.views for iov in run], flags)
+            self.after_send()
+            return k
+        pins = [Pin(iov.views[:], iov.owners[:]) for iov in run]
+        taken = 0
+        try:
+            # Taken before the kernel sees the pages, so none can fire while it reads them.
+            for pin, iov, destructor in zip(pins, run, destructors, strict=False):
+                if destructor is not None or any(iov.owners):
+                    pin.take(self.eq, destructor)
+                taken += 1
+            k = self.file_many(pins, flags | MSG_ZEROCOPY)
+        except BaseException as exc:
+            for pin in pins[1:taken]:
+                pin.release(self.eq)  # never handed over: only the first is retried
+            if not taken:
+                raise
+            self.unfiled(pins[0], exc, run[0].nbytes, flags, deadline, now)
+            return 1
+        for pin in pins[k:]:
+            pin.release(self.eq)  # not taken by the kernel this time
+        if k < len(pins):
+            # A datagram the kernel refused after taking the id of its notification
+            # (see CompletionTracker.failed_send) must not shift every later id.
+            self.eq.settle_failed_send()
+        self.since_poll += k  # after_send(), inlined
+        if self.since_poll >= self.batch or self.tracker.early:
+            self.poll()
+        return k
+
+    def filed(self, pin: Pin, n: int, nbytes: int) -> int:
+        """After the zero-copy call of ``pin`` took ``n`` of ``nbytes``: a partial send
+        keeps only what was taken; a batch of completions is read when due."""
+        if n < nbytes and pin.refs:
             self.eq.trim(pin, n)
         self.since_poll += 1  # after_send(), inlined
         if self.since_poll >= self.batch or self.tracker.early:
             self.poll()
         return n
 
-    def syscall(self, views: list[memoryview], flags: int) -> map[int]:
-        """The ``send``/``sendmsg`` of ``views``, made when the iterator is drawn: drawn
-        inside ``deque.extend``, the call and its filing are one C-level step."""
-        if len(views) == 1:
-            return map(self.sock.send, views, (flags,))
-        return map(self.sock.sendmsg, (views,), _NO_ANCDATA, (flags,))
+    def unfiled(
+        self,
+        pin: Pin,
+        exc: BaseException,
+        nbytes: int,
+        flags: int,
+        deadline: float | None,
+        now: float | None,
+    ) -> int:
+        """The zero-copy call of ``pin`` (or the taking of its references) raised
+        ``exc``: ENOBUFS is retried (``always``) or sent copied (``auto``), anything else
+        raised. Only a pin that was never filed is released: nothing the kernel holds is
+        dropped, also when an interrupt lands just after the filing.
 
-    def file(self, pin: Pin, flags: int) -> int:
-        """The zero-copy system call and the filing of its pin, in one C-level step (see
-        the module docstring). Returns the bytes the kernel took."""
+        Refs: drops the pin's if it was not filed."""
         filings = self.tracker.filings
-        sent = self.syscall(pin.views, flags)  # type: ignore[arg-type]  # views while filed
-        filings.extend(zip(sent, self.tracker.ids, (pin,)))  # noqa: B905
-        n: int = filings[-1][0]  # the last filing stays put while we hold the send lock
+        if now is None:
+            now = time.monotonic()
+        try:
+            if not isinstance(exc, OSError) or not self.enobufs_after_failure(exc):
+                raise exc
+            n = self.after_enobufs(pin, flags, deadline)
+        except BaseException:
+            if not (filings and filings[-1][2] is pin):
+                pin.release(self.eq)
+                self.policy.unsent(now)  # a probe no completion will answer
+            raise
+        finally:
+            # No cycle exc -> traceback -> this frame -> exc: it would keep the views of
+            # the frames it passed through (and their memory) alive until a collection.
+            del exc
+        if filings and filings[-1][2] is pin:
+            return self.filed(pin, n, nbytes)
+        pin.release(self.eq)  # sent copied after ENOBUFS (auto): nothing is pinned
+        self.policy.unsent(now)
+        self.after_send()
         return n
 
     def copied(self, views: list[memoryview], flags: int) -> int:
         """One plain (copying) call of ``views``; takes no reference."""
-        n: int = next(self.syscall(views, flags))
+        if len(views) == 1:
+            n: int = self.sock.send(views[0], flags)
+        else:
+            n = self.sock.sendmsg(views, (), flags)
         self.copied_sends += 1
         self.copied_bytes += n
         return n

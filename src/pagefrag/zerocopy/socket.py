@@ -60,6 +60,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Sequence
 from types import TracebackType
 
 from .._buffers import as_timeout
@@ -72,10 +73,10 @@ from ..errors import (
 )
 from ._deadline import acquire_within, deadline_after
 from ._errqueue import ErrorQueue, queued_error
-from ._sender import Sender, ZeroCopyStats
+from ._sender import MMSG_MAX, Sender, ZeroCopyStats
 from ._syscalls import (
+    IOV_MAX,
     MSG_DONTWAIT,
-    MSG_ZEROCOPY,
     check_connected_inet,
     disconnect,
     enable_recverr,
@@ -95,8 +96,6 @@ itself may take ~15 minutes to give up on a dead peer."""
 # Keeping them forever is a leak, but freeing them could let Python reuse memory the
 # kernel may still transmit.
 _IMMORTAL_PINS: list[object] = []
-_FLAT = (bytes, bytearray)
-_ZC = (MSG_ZEROCOPY,)
 
 # Every ZeroCopySocket not yet closed: a forked child makes its copies inert.
 _LIVE: weakref.WeakSet[ZeroCopySocket] = weakref.WeakSet()
@@ -159,10 +158,9 @@ class ZeroCopySocket:
             self._eq,
             enobufs_timeout=math.inf if enobufs_seconds is None else enobufs_seconds,
             batch=max(1, completion_batch),
+            lock=threading.RLock(),
         )
         self._closed = self._forked = False
-        self._blocked = False  # closed or forked: every send refuses
-        self._send_lock = threading.RLock()
         if self._policy.mode is not Mode.NEVER:
             try:
                 enable_zerocopy(sock)
@@ -188,48 +186,15 @@ class ZeroCopySocket:
         and drops them on its completion; a copied call takes none."""
         if destructor is not None and type(destructor) is not FragDestructor:
             check_destructor(destructor)
-        if type(data) in _FLAT:
-            # The hot paths: one plain buffer.
-            nbytes = len(data)  # type: ignore[arg-type]  # bytes or bytearray
-            policy = self._policy
-            tx = self._tx
-            if nbytes < policy.copy_below:  # copied: holds nothing, not even `destructor`
-                with self._send_lock:
-                    if self._blocked or self._eq.errors:
-                        self._refuse()
-                    n: int = self._sock.send(data)  # type: ignore[arg-type]
-                    tx.copied_sends += 1
-                    tx.copied_bytes += n
-                    tx.since_poll += 1  # tx.after_send(), inlined
-                    if tx.since_poll >= tx.batch or self._tracker.early:
-                        tx.poll()
-                return n
-            if destructor is None and nbytes >= policy.zerocopy_from and nbytes:
-                pin = Pin([memoryview(data)])  # type: ignore[arg-type]
-                tracker = self._tracker
-                filings = tracker.filings
-                with self._send_lock:
-                    if self._blocked or self._eq.errors:
-                        self._refuse()
-                    try:  # Sender.file, inlined: the system call and its filing, one C step
-                        sent = map(self._sock.send, pin.views, _ZC)  # type: ignore[arg-type]
-                        filings.extend(zip(sent, tracker.ids, (pin,)))  # noqa: B905
-                        n = filings[-1][0]
-                    except OSError as exc:
-                        if not tx.enobufs_after_failure(exc):
-                            raise
-                        n = tx.after_enobufs(pin, 0, None)
-                    tx.since_poll += 1  # tx.after_send(), inlined
-                    if tx.since_poll >= tx.batch or tracker.early:
-                        tx.poll()
-                return n
-            iov = IoVec([memoryview(data)], [None])  # type: ignore[arg-type]
-        else:
-            iov = IoVec.of(data)
-        with self._send_lock:
-            if self._blocked or self._eq.errors:
-                self._refuse()
-            return self._tx.call(iov, destructor, 0, None)
+        # The hot path: one plain buffer the policy sends without asking, in C with the
+        # compiled core; -1 means anything else (or a refusal, raised below).
+        n: int = self._tx.send(data, destructor)
+        if n < 0:
+            with self._send_lock:
+                if self._blocked or self._eq.errors:
+                    self._refuse()
+                n = self._tx.call(IoVec.of(data), destructor, 0, None)
+        return n
 
     def send_copied(self, data: bytes | bytearray) -> int:
         """One copying send of one flat buffer, whatever the mode: the kernel has copied
@@ -258,8 +223,83 @@ class ZeroCopySocket:
 
         Refs: as :meth:`send`, for each call it makes."""
         check_destructor(destructor)
-        iov = IoVec.of(data)
+        self._sendall(IoVec.of(data), destructor, deadline_after(timeout))
+
+    def send_many(
+        self,
+        items: Sequence[Data],
+        *,
+        destructors: Sequence[FragDestructor | None] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Send every item in as few system calls as the kernel allows, and return how
+        many items were sent (all of them). A datagram socket sends each item as its own
+        datagram, up to 1024 per ``sendmmsg`` (the pure-Python core: one ``sendmsg``
+        each); a stream sends all the items' bytes in order, as one iovec (``IOV_MAX``
+        pieces per ``sendmsg``), with ``sendall``'s guarantees (no other thread's bytes
+        in between; ``TimeoutError`` after ``timeout``, what was sent stays sent).
+        ``destructors[i]``, if given, is held until the kernel has released every page of
+        ``items[i]``; on a stream that item must be plain memory (a Frag, SkBuff or
+        PoolBuffer brings destructors of its own: ``ValueError``). Bad input raises
+        before anything is sent. A datagram that fails raises its error with
+        ``items_sent`` set on the exception: the items before it were sent. Kernel:
+        ``sendmmsg``/``sendmsg`` with ``MSG_ZEROCOPY``.
+
+        Refs: as :meth:`send`, for each datagram or call."""
+        if isinstance(items, (bytes, bytearray, memoryview)):
+            raise TypeError("send_many takes a sequence of items, not one buffer: use send()")
+        iovs = [IoVec.of(item) for item in items]
+        if destructors is None:
+            ds: list[FragDestructor | None] = [None] * len(iovs)
+        else:
+            ds = list(destructors)
+            if len(ds) != len(iovs):
+                raise ValueError(f"{len(ds)} destructors for {len(iovs)} items")
+            for d in ds:
+                check_destructor(d)
         deadline = deadline_after(timeout)
+        if self._stream:
+            views: list[memoryview] = []
+            owners: list[FragDestructor | None] = []
+            for iov, d in zip(iovs, ds, strict=True):
+                if d is not None:
+                    if any(iov.owners):
+                        raise ValueError(
+                            "on a stream, an item with destructors of its own (Frag, SkBuff, "
+                            "PoolBuffer) cannot carry another: send it with sendall()"
+                        )
+                    iov.owners = [d] * len(iov.views)
+                views += iov.views
+                owners += iov.owners
+            self._sendall(IoVec(views, owners), None, deadline)
+            return len(iovs)
+        for iov in iovs:
+            if len(iov.views) > IOV_MAX:
+                raise ValueError(
+                    f"a datagram of {len(iov.views)} pieces: one sendmsg takes at most {IOV_MAX}"
+                )
+        flags = MSG_DONTWAIT if deadline is not None else 0
+        done = 0
+        with self._send_lock:
+            try:
+                while done < len(iovs):
+                    if self._blocked or self._eq.errors:
+                        self._refuse()
+                    try:
+                        done += self._tx.call_many(
+                            iovs[done : done + MMSG_MAX], ds[done : done + MMSG_MAX], flags, deadline
+                        )
+                    except BlockingIOError:
+                        self._eq.wait_writable(deadline)
+            except Exception as exc:
+                exc.items_sent = done  # type: ignore[attr-defined]  # what to send again
+                raise
+        return done
+
+    def _sendall(
+        self, iov: IoVec, destructor: FragDestructor | None, deadline: float | None
+    ) -> None:
+        """Send every byte of ``iov`` under the send lock (a datagram: one call)."""
         # With a deadline, never block inside the kernel: wait in poll() instead.
         flags = MSG_DONTWAIT if deadline is not None else 0
         with self._send_lock:
@@ -379,8 +419,20 @@ class ZeroCopySocket:
             if held and held[0]:
                 self._send_lock.release()
 
+    @property
+    def _send_lock(self) -> threading.RLock:
+        """The send lock (see the module docstring); the sender's, which takes it itself
+        on the hot path."""
+        lock: threading.RLock = self._tx.lock
+        return lock
+
+    @property
+    def _blocked(self) -> bool:
+        """Closed or forked: every send refuses."""
+        return bool(self._tx.blocked)
+
     def _close_descriptor(self) -> None:
-        self._closed = self._blocked = True
+        self._closed = self._tx.blocked = True
         _LIVE.discard(self)
         self._eq.close()
         self._sock.close()
@@ -388,8 +440,8 @@ class ZeroCopySocket:
     def _inherited(self) -> None:
         """In a forked child: this copy must never read the parent's error queue nor
         send on its socket; fresh locks (a parent thread may have held them)."""
-        self._forked = self._blocked = True
-        self._send_lock = threading.RLock()
+        self._forked = self._tx.blocked = True
+        self._tx.lock = threading.RLock()
         self._eq.after_fork()
 
     def _check_usable(self) -> None:

@@ -1,0 +1,238 @@
+"""ZeroCopySocket.send_many: many datagrams in one sendmmsg (compiled core) or many
+stream pieces in one iovec, each item with its own destructor, on the real kernel."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+from helpers import POISON, Fired, Receiver, VerifyingReceiver, counters
+
+from pagefrag import Frag, FragDestructor, implementation
+from pagefrag.testing.netlab import NetLab
+from pagefrag.zerocopy import ZeroCopySocket, tcp_info
+
+_SO_RCVBUFFORCE = 33  # asm-generic/socket.h; not in the socket module
+
+
+@pytest.fixture
+def udp_pair() -> tuple[socket.socket, socket.socket]:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 32 << 20)  # root: past rmem_max
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.connect(rx.getsockname())
+    yield tx, rx
+    tx.close()
+    rx.close()
+
+
+def _datagrams(rx: socket.socket, count: int) -> list[bytes]:
+    rx.settimeout(10)
+    return [rx.recv(1 << 16) for _ in range(count)]
+
+
+@pytest.mark.parametrize("mode", ["always", "auto", "never"])
+def test_datagrams_arrive_in_order_and_each_destructor_fires_once(
+    udp_pair: tuple[socket.socket, socket.socket], fired: Fired, mode: str
+) -> None:
+    tx, rx = udp_pair
+    # Small and large items mixed: in auto they go in runs, copied and zero-copy.
+    sizes = [(i * 7919) % 60000 + 1 for i in range(300)]
+    items = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    ds = [fired.make(i) for i in range(len(items))]
+    zs = ZeroCopySocket(tx, zerocopy=mode)
+    got: list[bytes] = []
+    for start in range(0, len(items), 100):  # 100 datagrams fit the receive buffer
+        sent = zs.send_many(items[start : start + 100], destructors=ds[start : start + 100])
+        assert sent == len(items[start : start + 100])
+        got += _datagrams(rx, sent)
+    for d in ds:
+        d.unref()
+    zs.close(timeout=10)
+    assert got == items
+    assert fired.once_each(range(len(items)))
+    stats = zs.stats
+    assert stats.sends == len(items) and stats.bytes_sent == sum(sizes)
+    if mode == "always":
+        assert stats.zerocopy_sends == stats.completions == len(items)
+    if mode == "never":
+        assert stats.zerocopy_sends == 0
+
+
+def test_more_than_one_batch_and_frags_with_their_own_destructors(
+    udp_pair: tuple[socket.socket, socket.socket], fired: Fired
+) -> None:
+    tx, rx = udp_pair
+    zs = ZeroCopySocket(tx, zerocopy="always")
+    page = bytearray(b"P" * 4096)
+    owner = fired.make(-1)
+    frag = Frag(page, 0, 4096, owner)
+    items = [[b"head%04d" % i, frag] for i in range(2500)]  # 3 batches of at most 1024
+    ds = [fired.make(i) for i in range(len(items))]
+    got: list[bytes] = []
+    for start in range(0, len(items), 500):
+        assert zs.send_many(items[start : start + 500], destructors=ds[start : start + 500]) == 500
+        got += _datagrams(rx, 500)
+    owner.unref()
+    for d in ds:
+        d.unref()
+    assert owner.refcount > 0 or fired.counts.get(-1) == 1
+    zs.close(timeout=10)
+    assert got == [b"head%04d" % i + bytes(page) for i in range(len(items))]
+    assert fired.once_each([-1, *range(len(items))])
+    assert zs.stats.zerocopy_sends == zs.stats.completions == len(items)
+
+
+def test_bad_input_raises_before_anything_is_sent(
+    udp_pair: tuple[socket.socket, socket.socket], tcp_pair: tuple[socket.socket, socket.socket]
+) -> None:
+    tx, rx = udp_pair
+    zs = ZeroCopySocket(tx, zerocopy="always")
+    d = FragDestructor()
+    with pytest.raises(ValueError, match="2 destructors for 3 items"):
+        zs.send_many([b"a", b"b", b"c"], destructors=[d, d])
+    with pytest.raises(TypeError):
+        zs.send_many([b"a", 12, b"c"], destructors=[d, None, None])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        zs.send_many([b"a"], destructors=["not one"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="not one buffer"):
+        zs.send_many(b"abc")
+    rx.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        rx.recv(100)  # nothing was sent
+    assert d.refcount == 1 and zs.stats.sends == 0
+    client, _ = tcp_pair
+    zt = ZeroCopySocket(client, zerocopy="always")
+    owner = FragDestructor()
+    with pytest.raises(ValueError, match="destructors of its own"):
+        zt.send_many([b"x", Frag(bytearray(10), 0, 10, owner)], destructors=[None, d])
+    assert d.refcount == 1 and owner.refcount == 1 and zt.stats.sends == 0
+    zs.close()
+    zt.close()
+
+
+def test_stream_items_stay_pinned_until_the_stalled_peer_reads_them(
+    tcp_pair: tuple[socket.socket, socket.socket], fired: Fired
+) -> None:
+    client, server = tcp_pair
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    zs = ZeroCopySocket(client, zerocopy="always")
+    items = [bytearray(bytes([i]) * (1 << 18)) for i in range(24)]
+    ds = [fired.make(i) for i in range(len(items))]
+    with pytest.raises(TimeoutError) as caught:
+        zs.send_many(items, destructors=ds, timeout=0.5)
+    del caught
+    for d in ds:
+        d.unref()
+    assert zs.pinned_bytes > 0, "the stalled peer leaves bytes pinned"
+    unfired = [i for i in range(len(items)) if i not in fired.counts]
+    assert unfired, "an item whose bytes the kernel still holds has not fired"
+    rx = Receiver(server)
+    zs.close(timeout=30)
+    got = rx.join()
+    # What was sent arrived in order, and every item's destructor fired once, after.
+    assert len(got) > 0 and b"".join(items).startswith(got)
+    assert fired.once_each(range(len(items)))
+
+
+def test_poison_after_release_under_loss(lab: NetLab) -> None:
+    """The seed's bug through send_many: each buffer is poisoned and reused the moment its
+    destructor fires; with 2 % loss TCP retransmits from those very pages."""
+    lab.add_loss(2)
+    client, server = lab.tcp_pair()
+    rx = VerifyingReceiver(server)
+    zs = ZeroCopySocket(client, zerocopy="always")
+    size, batch, total = 1 << 18, 8, 24 << 20
+    fired = Fired()
+    pool = [bytearray(size) for _ in range(2 * batch)]
+    free = list(range(len(pool)))
+
+    def release(idx: int) -> None:
+        pool[idx][:] = bytes([POISON]) * size  # the owner reuses the memory at once
+        free.append(idx)
+
+    deadline = time.monotonic() + 120
+    offset = n = 0
+    while offset < total:
+        while len(free) < batch:
+            assert time.monotonic() < deadline, "no buffer came back"
+            zs.poll_completions(timeout=0.2)
+        idxs = [free.pop() for _ in range(batch)]
+        ds = []
+        for idx in idxs:
+            np.frombuffer(pool[idx], dtype=np.uint8)[:] = counters(offset, size)
+            ds.append(fired.make(n, then=lambda idx=idx: release(idx)))
+            offset += size
+            n += 1
+        zs.send_many([pool[i] for i in idxs], destructors=ds, timeout=60)
+        for d in ds:
+            d.unref()
+    retransmits = tcp_info(client).total_retrans
+    zs.close(timeout=60)
+    rx.join(60)
+    assert lab.dropped() > 0, "the loss rule dropped nothing"
+    assert retransmits > 0, "2 % loss must cause TCP retransmits"
+    assert rx.received == total
+    assert rx.poison_bytes == 0 and rx.bad_bytes == 0
+    assert fired.once_each(range(n))
+
+
+def test_true_zero_copy_datagrams_are_not_copied(lab: NetLab, fired: Fired) -> None:
+    for ns, dev in ((lab.sender, lab.sender_if), (lab.receiver, lab.receiver_if)):
+        lab.ns(ns, "ip", "link", "set", dev, "mtu", "64000")
+    target = lab.blackhole_neighbour()
+    tx = lab.open_socket(lab.sender, type=socket.SOCK_DGRAM)
+    tx.connect((target, 9))
+    zs = ZeroCopySocket(tx, zerocopy="auto")
+    big = bytearray(64 * 60000)
+    items = [memoryview(big)[i * 60000 : (i + 1) * 60000] for i in range(64)]
+    ds = [fired.make(i) for i in range(len(items))]
+    assert zs.send_many(items, destructors=ds) == len(items)
+    for d in ds:
+        d.unref()
+    zs.close(timeout=10)
+    assert fired.once_each(range(len(items)))
+    stats = zs.stats
+    assert stats.zerocopy_sends == stats.completions == len(items)
+    assert stats.copied_completions == 0
+
+
+def test_a_dropped_datagram_in_a_batch_keeps_the_ids_right(lab: NetLab, fired: Fired) -> None:
+    """A netfilter OUTPUT drop of the third datagram: the kernel gave it an id and queued
+    its notification, then sendmmsg stopped there. The items before it were sent, the
+    error is raised with ``items_sent``, and every later id still matches its call."""
+    target = lab.blackhole_neighbour()
+    tx = lab.open_socket(lab.sender, type=socket.SOCK_DGRAM)
+    tx.connect((target, 9))
+    zs = ZeroCopySocket(tx, zerocopy="always")
+    lab.ns(
+        lab.sender,
+        "nft",
+        "add table inet out; add chain inet out o "
+        "{ type filter hook output priority 0; }; add rule inet out o udp length 1007 drop",
+    )
+    sizes = [1000, 1000, 999, 1000, 1000]
+    ds = [fired.make(i) for i in range(len(sizes))]
+    with pytest.raises(PermissionError) as caught:
+        zs.send_many([bytearray(n) for n in sizes], destructors=ds)
+    assert caught.value.items_sent == 2  # type: ignore[attr-defined]
+    del caught
+    for d in ds:
+        d.unref()
+    assert fired.counts.get(2) == 1 and 3 in fired.counts  # never pinned
+    lab.ns(lab.sender, "nft", "delete table inet out")
+    later = [fired.make(i) for i in range(10, 20)]
+    zs.send_many([bytearray(1000)] * 10, destructors=later)
+    for d in later:
+        d.unref()
+    zs.close(timeout=10)
+    assert fired.once_each([*range(5), *range(10, 20)])
+    assert zs.stats.completions == zs.stats.zerocopy_sends == 12
+    assert zs.stats.duplicates == 0
+
+
+def test_the_implementation_in_use_is_named() -> None:
+    assert implementation in ("compiled", "python")
