@@ -4,7 +4,7 @@ pure-Python reference, pagefrag._destructor.PyFragDestructor."""
 import collections
 import socket
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 from . import leaks
@@ -41,6 +41,7 @@ class FragDestructor:
 class Unrefs:
     queue: collections.deque[FragDestructor]
     def extend(self, refs: list[FragDestructor]) -> None: ...
+    def detach(self, pins: Iterable[Pin]) -> int: ...
     def run(self, holder: object) -> None: ...
 
 class Pin:

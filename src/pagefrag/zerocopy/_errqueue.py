@@ -207,10 +207,7 @@ class ErrorQueue:
         return self._release(pins)
 
     def _release(self, pins: list[Pin]) -> int:
-        extend = self.unrefs.queue.extend
-        for pin in pins:
-            extend(pin.detach())
-        return len(pins)
+        return self.unrefs.detach(pins)
 
     def wait(self, timeout: float | None) -> None:
         """Sleep until the error queue has something (POLLERR), at most ``timeout``."""

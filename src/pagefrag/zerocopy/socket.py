@@ -286,9 +286,8 @@ class ZeroCopySocket:
                     if self._blocked or self._eq.errors:
                         self._refuse()
                     try:
-                        done += self._tx.call_many(
-                            iovs[done : done + MMSG_MAX], ds[done : done + MMSG_MAX], flags, deadline
-                        )
+                        end = done + MMSG_MAX
+                        done += self._tx.call_many(iovs[done:end], ds[done:end], flags, deadline)
                     except BlockingIOError:
                         self._eq.wait_writable(deadline)
             except Exception as exc:
