@@ -266,7 +266,7 @@ cdef class FragDestructor:
 # when a batch of completions is due, on an error, or to fire a destructor.
 # ---------------------------------------------------------------------------------------
 
-from cpython.buffer cimport PyBuffer_IsContiguous
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_IsContiguous, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.memoryview cimport PyMemoryView_FromObject, PyMemoryView_GET_BUFFER
 from libc.errno cimport EINTR, errno
@@ -468,6 +468,20 @@ cdef inline bint _plain_bytes(Py_buffer *b) noexcept:
     )
 
 
+cdef Py_ssize_t _send_one(int fd, const void *buf, size_t n, int flags) except -2:
+    """send() with the GIL released, retried on EINTR after the signal handlers ran (as
+    CPython's socket methods do); OSError (BlockingIOError, ...) from errno."""
+    cdef Py_ssize_t r
+    while True:
+        with nogil:
+            r = c_send(fd, buf, n, flags)
+        if r >= 0:
+            return r
+        if errno != EINTR:
+            PyErr_SetFromErrno(OSError)  # raises
+        PyErr_CheckSignals()  # raises a handler's exception: nothing was sent
+
+
 cdef Py_ssize_t _call(object fileno, object views, int flags) except -2:
     """send()/sendmsg() of ``views`` (memoryviews) with the GIL released, retried on
     EINTR after the signal handlers ran (as CPython's socket methods do). Returns the
@@ -484,23 +498,23 @@ cdef Py_ssize_t _call(object fileno, object views, int flags) except -2:
             raise MemoryError()
     try:
         for i in range(count):
+            if type(views[i]) is not memoryview:
+                raise TypeError("a pin's views are memoryviews")
             b = PyMemoryView_GET_BUFFER(views[i])
             iov[i].iov_base = b.buf
             iov[i].iov_len = b.len
+        if count == 1:
+            return _send_one(fd, one.iov_base, one.iov_len, flags)
+        msg.msg_name = NULL
+        msg.msg_namelen = 0
+        msg.msg_iov = iov
+        msg.msg_iovlen = count
+        msg.msg_control = NULL
+        msg.msg_controllen = 0
+        msg.msg_flags = 0
         while True:
-            if count == 1:
-                with nogil:
-                    r = c_send(fd, one.iov_base, one.iov_len, flags)
-            else:
-                msg.msg_name = NULL
-                msg.msg_namelen = 0
-                msg.msg_iov = iov
-                msg.msg_iovlen = count
-                msg.msg_control = NULL
-                msg.msg_controllen = 0
-                msg.msg_flags = 0
-                with nogil:
-                    r = c_sendmsg(fd, &msg, flags)
+            with nogil:
+                r = c_sendmsg(fd, &msg, flags)
             if r >= 0:
                 return r
             if errno != EINTR:
@@ -540,6 +554,8 @@ cdef Py_ssize_t _call_many(object fileno, list messages, int flags, Py_ssize_t *
             msgs[i].msg_hdr.msg_flags = 0
             msgs[i].msg_len = 0
             for j in range(len(views)):
+                if type(views[j]) is not memoryview:
+                    raise TypeError("a pin's views are memoryviews")
                 b = PyMemoryView_GET_BUFFER(views[j])
                 iov[k].iov_base = b.buf
                 iov[k].iov_len = b.len
@@ -605,6 +621,34 @@ cdef class SendPath:
         self._lock = lock
         self._acquire = lock.acquire
         self._release = lock.release
+
+    cpdef Py_ssize_t send_copied(self, data) except -2:
+        """One copying ``send`` of the buffer ``data`` under the send lock, reading no
+        completions; -1 (nothing sent) when the socket is blocked or has a socket error
+        queued.
+
+        Refs: none."""
+        cdef Py_buffer buf
+        cdef Py_ssize_t n
+        timeout = self._gettimeout()
+        self._acquire()
+        try:
+            if self.blocked or self.eq.errors:
+                return -1
+            if timeout is None or timeout == 0.0:
+                PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+                try:
+                    n = _send_one(self._fileno(), buf.buf, buf.len, 0)
+                finally:
+                    PyBuffer_Release(&buf)
+            else:
+                n = self.sock.send(data)  # CPython waits for writability within the timeout
+            self.copied_sends += 1
+            self.copied_bytes += n
+            self.since_poll += 1  # the next call that polls reads what is due
+            return n
+        finally:
+            self._release()
 
     cpdef Py_ssize_t send(self, data, destructor) except -2:
         """:meth:`send_flat` under the send lock, unless the socket is blocked (closed

@@ -151,6 +151,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         self._zs = ZeroCopySocket(sock, zerocopy=zerocopy, enobufs_timeout=0, **kwargs)
         # Its copy_below (below it every send is copied) is read on each small write.
         self._policy = self._zs._policy
+        self._send_copied = self._zs._tx.send_copied
         set_nodelay(sock)
         self._sock = sock
         self._loop = loop
@@ -247,7 +248,11 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         ):
             # The small-write path: one copying send, no handle, pin or queue entry.
             try:
-                n = self._zs.send_copied(data)  # type: ignore[arg-type]  # bytes, bytearray
+                # The sender's own call (C with the compiled core); -1: refused, and
+                # the socket's method raises why.
+                n = self._send_copied(data)  # type: ignore[arg-type]  # bytes, bytearray
+                if n < 0:
+                    n = self._zs.send_copied(data)  # type: ignore[arg-type]
             except (BlockingIOError, InterruptedError):
                 n = 0  # the socket is full: queued below
             except OSError as exc:

@@ -128,6 +128,21 @@ class PySendPath:
             k += 1
         return k
 
+    def send_copied(self, data: bytes | bytearray) -> int:
+        """One copying ``send`` of ``data`` under the send lock, reading no completions;
+        -1 (nothing sent) when the socket is :attr:`blocked` or has a socket error
+        queued.
+
+        Refs: none."""
+        with self.lock:
+            if self.blocked or self.eq.errors:
+                return -1
+            n: int = self.sock.send(data)
+            self.copied_sends += 1
+            self.copied_bytes += n
+            self.since_poll += 1  # the next call that polls reads what is due
+            return n
+
     def send(self, data: object, destructor: FragDestructor | None) -> int:
         """:meth:`send_flat` under the send lock, unless the socket is :attr:`blocked` or
         has a socket error queued; -1 when it does not send.

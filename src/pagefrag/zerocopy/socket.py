@@ -203,14 +203,10 @@ class ZeroCopySocket:
         runs inside it. Returns the bytes taken, as ``socket.send``. Kernel: ``send``.
 
         Refs: none."""
-        with self._send_lock:
-            if self._blocked or self._eq.errors:
-                self._refuse()
-            n: int = self._sock.send(data)
-            tx = self._tx
-            tx.copied_sends += 1
-            tx.copied_bytes += n
-            tx.since_poll += 1  # the next call that polls reads what is due
+        n: int = self._tx.send_copied(data)
+        while n < 0:  # closed, forked, or a socket error queued: raise it
+            self._refuse()
+            n = self._tx.send_copied(data)
         return n
 
     def sendall(
