@@ -266,7 +266,7 @@ cdef class FragDestructor:
 # when a batch of completions is due, on an error, or to fire a destructor.
 # ---------------------------------------------------------------------------------------
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_IsContiguous, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_FORMAT, PyBUF_SIMPLE, PyBUF_STRIDES, PyBuffer_IsContiguous, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.memoryview cimport PyMemoryView_FromObject, PyMemoryView_GET_BUFFER
 from libc.errno cimport EINTR, errno
@@ -715,27 +715,35 @@ cdef class SendPath:
         ``send(MSG_ZEROCOPY)``.
 
         Refs: +1 on ``destructor`` for a zero-copy call; none for a copied one."""
-        cdef Py_buffer *b
-        cdef Py_ssize_t nbytes, n
+        cdef Py_buffer buf
+        cdef Py_ssize_t nbytes, n = -1
+        cdef bint zerocopy = False
         cdef type kind = type(data)
         if kind is not bytes and kind is not bytearray and kind is not memoryview:
             return -1
         timeout = self._gettimeout()
         if timeout is not None and timeout != 0.0:
             return -1  # CPython's send waits for writability within the timeout
-        view = PyMemoryView_FromObject(data)  # holds the buffer: it cannot be resized
-        b = PyMemoryView_GET_BUFFER(view)
-        if not _plain_bytes(b):
-            return -1
-        nbytes = b.len
-        policy = self.policy
-        if nbytes < policy.copy_below:  # copied: holds nothing, not even the destructor
-            n = _call(self._fileno, (view,), 0)
-            self.copied_sends += 1
-            self.copied_bytes += n
-        elif nbytes and nbytes >= policy.zerocopy_from:
+        PyObject_GetBuffer(data, &buf, PyBUF_FORMAT | PyBUF_STRIDES)
+        try:
+            if not _plain_bytes(&buf):
+                return -1
+            nbytes = buf.len
+            policy = self.policy
+            if nbytes < policy.copy_below:  # copied: holds nothing, not even the destructor
+                n = _send_one(self._fileno(), buf.buf, nbytes, 0)
+                self.copied_sends += 1
+                self.copied_bytes += n
+            elif nbytes and nbytes >= policy.zerocopy_from:
+                zerocopy = True
+            else:
+                return -1  # the policy must be asked (a probe may be due)
+        finally:
+            PyBuffer_Release(&buf)
+        if zerocopy:
             pin = Pin.__new__(Pin)
-            pin.views = [view]
+            # The pin's view holds the buffer: it cannot be resized while pinned.
+            pin.views = [PyMemoryView_FromObject(data)]
             pin.owners = None
             pin.refs = _NO_REFS
             try:
@@ -748,8 +756,10 @@ cdef class SendPath:
                 return self.unfiled(pin, exc, nbytes, 0, None, None)
             if n < nbytes and self._stream:
                 self.eq.trim(pin, n)
-        else:
-            return -1
+        return self._sent(n)
+
+    cdef Py_ssize_t _sent(self, Py_ssize_t n) except -2:
+        """After a send call: read a batch of completions when one is due."""
         self.since_poll += 1
         if self.since_poll >= self.batch or self.tracker.early:
             self.poll()
