@@ -35,7 +35,7 @@ from ._syscalls import (
     wait_writable,
 )
 from .policy import ZeroCopyPolicy
-from .tracker import CompletionTracker, ErrQueueMessage, ZeroCopyCompletion, parse_extended_err
+from .tracker import CompletionTracker, ErrQueueMessage, completion_range, parse_extended_err
 
 __all__ = ["ErrorQueue", "queued_error"]
 
@@ -153,7 +153,11 @@ class ErrorQueue:
         while received:
             for level, kind, payload in received[0][1]:
                 if (level, kind) in RECVERR_CMSGS:
-                    released += self._on_message(parse_extended_err(payload))
+                    done = completion_range(payload)
+                    if done is None:  # a socket error (ICMP, local): for the caller
+                        self.errors.append(parse_extended_err(payload))  # type: ignore[arg-type]
+                    else:
+                        released += self._completed(*done)
             received.popleft()
         return released + self._release(tracker.absorb())
 
@@ -198,13 +202,10 @@ class ErrorQueue:
             self._twin = twin
         return self._twin
 
-    def _on_message(self, msg: ZeroCopyCompletion | ErrQueueMessage) -> int:
-        if isinstance(msg, ErrQueueMessage):
-            self.errors.append(msg)
-            return 0
-        pins = self.tracker.complete(msg.lo, msg.hi, msg.copied)
-        self.policy.on_completion(msg.copied, len(pins), time.monotonic())
-        return self._release(pins)
+    def _completed(self, lo: int, hi: int, copied: bool) -> int:
+        pins = self.tracker.complete(lo, hi, copied)
+        self.policy.on_completion(copied, len(pins), time.monotonic())
+        return self.unrefs.detach(pins)
 
     def _release(self, pins: list[Pin]) -> int:
         return self.unrefs.detach(pins)

@@ -32,6 +32,7 @@ __all__ = [
     "ZeroCopyCompletion",
     "ErrQueueMessage",
     "parse_extended_err",
+    "completion_range",
     "CompletionTracker",
 ]
 
@@ -74,12 +75,23 @@ class ErrQueueMessage:
 def parse_extended_err(data: bytes) -> ZeroCopyCompletion | ErrQueueMessage:
     """Decode a ``struct sock_extended_err`` (the ``IP_RECVERR``/``IPV6_RECVERR``
     control message); the bytes after it (the offender's address) are kept raw."""
+    done = completion_range(data)
+    if done is not None:
+        return ZeroCopyCompletion(*done)
+    errno, origin, type_, code, _, info, hi = _EXTENDED_ERR.unpack_from(data)
+    return ErrQueueMessage(errno, origin, type_, code, info, hi, bytes(data[_EXTENDED_ERR.size :]))
+
+
+def completion_range(data: bytes) -> tuple[int, int, bool] | None:
+    """``(lo, hi, copied)`` if the ``struct sock_extended_err`` in ``data`` is a
+    zero-copy completion, else None: :func:`parse_extended_err`'s test without building
+    an object (the completion path reads one per batch of sends)."""
     if len(data) < _EXTENDED_ERR.size:
         raise ValueError(f"sock_extended_err needs {_EXTENDED_ERR.size} bytes, got {len(data)}")
-    errno, origin, type_, code, _, info, hi = _EXTENDED_ERR.unpack_from(data)
+    errno, origin, _, code, _, info, hi = _EXTENDED_ERR.unpack_from(data)
     if origin == SO_EE_ORIGIN_ZEROCOPY and errno == 0:
-        return ZeroCopyCompletion(info, hi, bool(code & SO_EE_CODE_ZEROCOPY_COPIED))
-    return ErrQueueMessage(errno, origin, type_, code, info, hi, bytes(data[_EXTENDED_ERR.size :]))
+        return info, hi, bool(code & SO_EE_CODE_ZEROCOPY_COPIED)
+    return None
 
 
 T = TypeVar("T")
