@@ -595,7 +595,6 @@ cdef class SendPath:
     cdef object _lock
     cdef object _acquire
     cdef object _release
-    cdef bint _stream
 
     def __init__(self, sock, policy, eq, Py_ssize_t batch, lock):
         self.lock = lock
@@ -610,7 +609,6 @@ cdef class SendPath:
         self._ids = self.tracker.ids
         self._fileno = sock.fileno
         self._gettimeout = sock.gettimeout
-        self._stream = sock.type == 1  # SOCK_STREAM
 
     @property
     def lock(self):
@@ -754,8 +752,8 @@ cdef class SendPath:
                 self._filings.append((n, next(self._ids), pin))
             except BaseException as exc:
                 return self.unfiled(pin, exc, nbytes, 0, None, None)
-            if n < nbytes and self._stream:
-                self.eq.trim(pin, n)
+            if n < nbytes and pin.refs:
+                self.eq.trim(pin, n)  # a partial stream send: keep only what was taken
         return self._sent(n)
 
     cdef Py_ssize_t _sent(self, Py_ssize_t n) except -2:
