@@ -138,7 +138,6 @@ FIRST_IDS = st.one_of(
 NBYTES = st.integers(0, 70000)
 
 
-@needs_compiled
 class CompiledTrackerMatchesPure(RuleBasedStateMachine):
     """A pure and a compiled tracker, the same operations, the same observations."""
 
@@ -268,7 +267,7 @@ CompiledTrackerMatchesPure.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestCompiledTrackerMatchesPure = CompiledTrackerMatchesPure.TestCase
+TestCompiledTrackerMatchesPure = needs_compiled(CompiledTrackerMatchesPure.TestCase)
 
 
 @needs_compiled

@@ -267,6 +267,7 @@ cdef class FragDestructor:
 import collections as _tr_collections
 import itertools as _tr_itertools
 
+from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_AsUnsignedLongLongMask
 from cpython.number cimport PyNumber_Index
 from cpython.ref cimport Py_INCREF
@@ -309,8 +310,13 @@ cdef class CompletionTracker:
     spans every id from the oldest pending call to the newest filed one (16 bytes per id
     of that span); it never shrinks, as a dict does not. Ids are C ``long long`` (a socket
     would need 2**63 send calls to overflow them); compared with the kernel's modulo 2**32
-    as in the pure class. No method runs Python code of its own, so no interrupt can land
-    between the removal of a pending call and the return of its token.
+    as in the pure class. With integer ids and byte counts no method runs Python code (a
+    signal handler runs only between bytecodes, so no KeyboardInterrupt can land between
+    the removal of a pending call and the return of its token; a finalizer a collection
+    runs meanwhile cannot raise into it either), and ``complete`` makes its
+    result list before it empties any slot (a MemoryError leaves the calls pending).
+    Byte counts and ids must be integers (``__index__``; a float is a TypeError, where the
+    pure class would take a float filed by hand).
     """
 
     cdef readonly object filings  # collections.deque of (nbytes, sid, token)
@@ -328,6 +334,7 @@ cdef class CompletionTracker:
     cdef long long _failed
     cdef bint _has_failed
     cdef object _popleft  # filings.popleft, bound once
+    cdef object _append  # filings.append
     # The ring: slot (_head + k) & (_cap - 1) is sid _base + k for k < _len, holding its
     # token (its byte count in _nbytes) or _TR_EMPTY; every slot outside the window is
     # _TR_EMPTY. _base + _len <= _absorbed, and the slot at _head is pending when _len.
@@ -356,6 +363,7 @@ cdef class CompletionTracker:
         first = first_id & 0xFFFFFFFF  # (the pure class's TypeError for a non-int)
         self.filings = _tr_collections.deque()
         self._popleft = self.filings.popleft
+        self._append = self.filings.append
         self.ids = _tr_itertools.count(first)
         self.early = {}
         self._absorbed = first
@@ -480,13 +488,18 @@ cdef class CompletionTracker:
         sid = next(self.ids)
         Py_INCREF(sid)
         PyTuple_SET_ITEM(entry, 1, sid)
-        self.filings.append(entry)
+        self._append(entry)
         return <unsigned long long>(<long long>sid) & _TR_U32
 
     def absorb(self):
         """Take in what was filed since the last call. Returns the tokens of filings
         whose completion had already come (:attr:`early`): they are released now."""
-        cdef list released = []
+        released = self._absorb()
+        return [] if released is None else released
+
+    cdef list _absorb(self):
+        """absorb(), returning None when nothing is released (no list made)."""
+        cdef list released = None
         cdef long long sid, nbytes
         cdef dict early = self.early
         filings = self.filings
@@ -499,6 +512,8 @@ cdef class CompletionTracker:
                 if early and sid_o in early:
                     copied = early.pop(sid_o)
                     if token is not _TR_USED:
+                        if released is None:
+                            released = []
                         released.append(token)
                         self.completions += 1
                         if copied:
@@ -533,14 +548,14 @@ cdef class CompletionTracker:
         cdef unsigned long long ulo32, span
         cdef long long nxt, ulo, uhi, start, sid, width, found = 0, done = 0
         cdef long long first, last
-        cdef Py_ssize_t mask, j
+        cdef Py_ssize_t mask, j, k, n, pos
         cdef bint is_copied
-        cdef list tokens
+        cdef list tokens, released, out
         # Every argument converted before anything changes.
         ulo32 = PyLong_AsUnsignedLongLongMask(lo) & _TR_U32
         span = (PyLong_AsUnsignedLongLongMask(hi) - ulo32) & _TR_U32
         is_copied = copied
-        released = self.absorb()
+        released = self._absorb()
         nxt = self._absorbed
         ulo = nxt + (<long long>(((ulo32 - <unsigned long long>nxt) & _TR_U32) ^ _TR_HALF) - _TR_HALF)
         uhi = ulo + <long long>span
@@ -553,8 +568,9 @@ cdef class CompletionTracker:
                 self.duplicates += uhi - start + 1
             uhi = start - 1
         if ulo > uhi:
-            return released
+            return [] if released is None else released
         width = uhi - ulo + 1
+        n = 0 if released is None else len(released)
         if self._len:
             first = ulo if ulo > self._base else self._base
             last = self._base + self._len - 1
@@ -562,26 +578,39 @@ cdef class CompletionTracker:
                 last = uhi
             mask = self._cap - 1
             tokens = self._tokens
+            # Two passes: count, make the list, then move the tokens into it. The
+            # second pass cannot fail (the list is made; a slot's old token is held by
+            # the list when it is emptied): no token leaves the ring without being returned.
+            for sid in range(first, last + 1):
+                if tokens[(self._head + <Py_ssize_t>(sid - self._base)) & mask] is not _TR_EMPTY:
+                    found += 1
+            out = PyList_New(n + found)
+            for k in range(n):
+                token = released[k]
+                Py_INCREF(token)
+                PyList_SET_ITEM(out, k, token)
+            pos = n
             for sid in range(first, last + 1):
                 j = (self._head + <Py_ssize_t>(sid - self._base)) & mask
                 token = tokens[j]
                 if token is _TR_EMPTY:
                     continue
-                # The token is in the list before its slot is emptied: on a failure
-                # (MemoryError) it is still pending, never lost.
-                (<list>released).append(token)
+                Py_INCREF(token)
+                PyList_SET_ITEM(out, pos, token)
+                pos += 1
                 tokens[j] = _TR_EMPTY
                 self._npending -= 1
                 self._pinned -= self._nbytes[j]
-                found += 1
                 if token is not _TR_USED:
                     done += 1
             self._trim()
+        else:
+            out = [] if released is None else released
         self.duplicates += width - found
         self.completions += done
         if is_copied:
             self.copied_completions += done
-        return released
+        return out
 
     @cython.wraparound(False)
     cdef inline void _trim(self):
@@ -645,7 +674,7 @@ cdef class CompletionTracker:
         nsid = next(self.ids)
         Py_INCREF(nsid)
         PyTuple_SET_ITEM(entry, 1, nsid)
-        self.filings.append(entry)
+        self._append(entry)
         self.ids_used_by_failed_sends += 1
         return True
 
