@@ -10,15 +10,23 @@ compiled core (pagefrag._speedups) and the pure-Python reference, interleaved ro
 round (each round times every operation of both, in alternating order), medians over the
 rounds. Each is a timeit statement, so the figure includes timeit's loop (~10 ns).
 
+The zero-copy CompletionTracker likewise, both implementations interleaved round by round:
+"file+absorb+complete one id" is ``s = t.sent(token, 4096); t.absorb(); t.complete(s, s)``
+per call (what one tracked send costs the tracker); "complete a range of 32 ids" times
+``t.complete(lo, lo + 31)`` over ranges of calls filed and taken in beforehand (untimed),
+per id (the error queue's completions arrive coalesced, 32 a typical range).
+
     python benchmarks/core_ops.py [--json] [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import threading
+import time
 import timeit
 from collections.abc import Callable
 from typing import Any
@@ -27,11 +35,14 @@ import pagefrag
 from pagefrag import MAX_SKB_FRAGS, FragDestructor, SkBuff
 from pagefrag._destructor import PyFragDestructor
 from pagefrag.bench.machine import machine
+from pagefrag.zerocopy.tracker import PyCompletionTracker
 
 try:
+    from pagefrag._speedups import CompletionTracker as CCompletionTracker
     from pagefrag._speedups import FragDestructor as CFragDestructor
 except ImportError:  # not built: only the pure-Python figures
     CFragDestructor = None
+    CCompletionTracker = None
 
 
 class LockedCounter:
@@ -97,6 +108,57 @@ def destructor_ops(rounds: int, number: int) -> list[dict[str, Any]]:
     return rows
 
 
+RANGE = 32  # ids per completion in the range figure
+RANGES = 500  # ranges completed per round and implementation
+
+
+def _complete_ranges_ns(cls: Any) -> float:
+    """ns per id of ``complete`` over RANGES ranges of RANGE ids, filed and taken in first
+    (untimed); the ranges completed in order, as the kernel reports them."""
+    t = cls(2**32 - RANGES * RANGE // 2)  # the ids wrap halfway through
+    t.filings.extend(zip(itertools.repeat(4096), t.ids, range(RANGES * RANGE)))
+    t.absorb()
+    first = t.next_id - RANGES * RANGE
+    complete = t.complete
+    los = [(first + k * RANGE) % 2**32 for k in range(RANGES)]
+    start = time.perf_counter()
+    for lo in los:
+        complete(lo, lo + RANGE - 1)
+    elapsed = time.perf_counter() - start
+    assert t.completions == RANGES * RANGE and not t.has_pending
+    return elapsed / (RANGES * RANGE) * 1e9
+
+
+def tracker_ops(rounds: int, number: int) -> list[dict[str, Any]]:
+    """Median ns of each tracker operation for each implementation, interleaved: each
+    round times both operations of both, the implementations in alternating order."""
+    impls: list[tuple[str, Any]] = [("python", PyCompletionTracker)]
+    if CCompletionTracker is not None:
+        impls.insert(0, ("compiled", CCompletionTracker))
+    stmt = "s = t.sent(tok, 4096); t.absorb(); t.complete(s, s)"
+    timers = {
+        impl: timeit.Timer(stmt, globals={"t": cls(), "tok": object()}) for impl, cls in impls
+    }
+    one: dict[str, list[float]] = {impl: [] for impl, _ in impls}
+    ranged: dict[str, list[float]] = {impl: [] for impl, _ in impls}
+    for r in range(rounds):
+        for impl, cls in impls if r % 2 == 0 else impls[::-1]:
+            one[impl].append(timers[impl].timeit(number) / number * 1e9)
+            ranged[impl].append(_complete_ranges_ns(cls))
+    rows = []
+    for name, samples in (
+        ("file+absorb+complete one id (per call)", one),
+        (f"complete a range of {RANGE} ids (per id)", ranged),
+    ):
+        row: dict[str, Any] = {"op": name}
+        for impl, _ in impls:
+            row[f"{impl}_ns"] = statistics.median(samples[impl])
+        if "compiled_ns" in row:
+            row["speedup"] = row["python_ns"] / row["compiled_ns"]
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true")
@@ -105,6 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     n = max(1, int(20_000 * args.scale))
     destructor_rows = destructor_ops(args.rounds, max(1, n * 5))
+    tracker_rows = tracker_ops(args.rounds, max(1, n))
 
     counter = LockedCounter()
 
@@ -167,6 +230,7 @@ def main() -> None:
         "machine": machine(),
         "implementation": pagefrag.implementation,
         "destructor": destructor_rows,
+        "tracker": tracker_rows,
         "baseline": "lock-guarded increment + decrement (two method calls)",
         "baseline_ns": base,
         "ops": [{"op": name, "ns": ns, "ratio": ns / base} for name, ns in rows],
@@ -184,6 +248,12 @@ def main() -> None:
         if row.get("target_met") is False:
             target += " MISSED"
         print(f"{row['op']:<46} {compiled:>9} {row['python_ns']:>9,.0f} {speedup:>8} {target:>8}")
+    print(f"CompletionTracker, both implementations, median of {args.rounds} interleaved rounds:")
+    print(f"{'operation':<46} {'compiled':>9} {'python':>9} {'speedup':>8}")
+    for row in tracker_rows:
+        compiled = f"{row['compiled_ns']:,.0f}" if "compiled_ns" in row else "n/a"
+        speedup = f"{row['speedup']:.1f}x" if "speedup" in row else ""
+        print(f"{row['op']:<46} {compiled:>9} {row['python_ns']:>9,.0f} {speedup:>8}")
     print(f"skb operations (implementation: {pagefrag.implementation}):")
     print(f"baseline: {result['baseline']}: {base:,.0f} ns")
     print(f"{'operation':<42} {'ns/op':>10} {'x baseline':>11}")

@@ -762,3 +762,425 @@ cdef class SendPath:
         if self.since_poll >= self.batch or self.tracker.early:
             self.poll()
         return n
+# ======================================================================================
+# CompletionTracker (issue 12): the compiled twin of
+# pagefrag.zerocopy.tracker.PyCompletionTracker (the reference, compared with this one
+# step by step by tests/test_speedups_tracker.py). Self-contained: nothing above uses it.
+# ======================================================================================
+
+import collections as _tr_collections
+import itertools as _tr_itertools
+
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.long cimport PyLong_AsUnsignedLongLongMask
+from cpython.number cimport PyNumber_Index
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from libc.stdlib cimport free as _tr_free, malloc as _tr_malloc
+from libc.string cimport memset as _tr_memset
+
+cdef unsigned long long _TR_U32 = 0xFFFFFFFF
+cdef long long _TR_HALF = 1 << 31
+cdef long long _TR_MAX_EARLY = 1024  # as the pure class: "from the future" at most
+cdef Py_ssize_t _TR_FIRST_CAP = 64  # ring slots to begin with (a power of two)
+# The token of an id the kernel gave a send call that failed (this class's own: it never
+# leaves the tracker), and the mark of a ring slot that holds no pending call.
+cdef object _TR_USED = object()
+cdef object _TR_EMPTY = object()
+
+
+cdef inline long long _tr_index(object n) except? -1:
+    # An integer (C conversion alone would truncate a float): what is not an int must
+    # have __index__, as for the pure class's ``operator.index``.
+    if type(n) is int:
+        return n
+    return PyNumber_Index(n)
+
+
+@cython.final
+@cython.auto_pickle(False)
+@cython.boundscheck(False)  # every ring index is masked to the ring's size
+cdef class CompletionTracker:
+    """Which zero-copy send calls are still pinned, and what each one holds.
+
+    The compiled twin of :class:`pagefrag.zerocopy.tracker.PyCompletionTracker`: the same
+    API, the same results and counters, the same concurrency contract (only
+    ``filings.extend``/``append`` may run concurrently with the other methods; the last
+    filing always stays in :attr:`filings`). See that class for the theory of operation.
+
+    What differs is inside. The pending calls live in a ring indexed by id from the
+    oldest one still pending (ids are dense and increasing): filing one is a store at the
+    end, completing one a store of the empty mark, with the counters C integers. The ring
+    spans every id from the oldest pending call to the newest filed one (16 bytes per id
+    of that span); it never shrinks, as a dict does not. Ids are C ``long long`` (a socket
+    would need 2**63 send calls to overflow them); compared with the kernel's modulo 2**32
+    as in the pure class. With integer ids and byte counts no method runs Python code (a
+    signal handler runs only between bytecodes, so no KeyboardInterrupt can land between
+    the removal of a pending call and the return of its token; a finalizer a collection
+    runs meanwhile cannot raise into it either), and ``complete`` makes its
+    result list before it empties any slot (a MemoryError leaves the calls pending).
+    Byte counts and ids must be integers (``__index__``; a float is a TypeError, where the
+    pure class would take a float filed by hand).
+    """
+
+    cdef readonly object filings  # collections.deque of (nbytes, sid, token)
+    cdef readonly object ids  # itertools.count: the next sid
+    cdef readonly dict early  # sid -> copied, completed before being filed
+    cdef public long long peak_pinned_bytes
+    cdef public long long completions
+    cdef public long long copied_completions
+    cdef public long long duplicates
+    cdef public long long ids_used_by_failed_sends
+    cdef public long long filed_calls
+    cdef public long long filed_bytes
+    cdef long long _absorbed  # every filing with a smaller sid has been taken in
+    cdef long long _pinned
+    cdef long long _failed
+    cdef bint _has_failed
+    cdef object _popleft  # filings.popleft, bound once
+    cdef object _append  # filings.append
+    # The ring: slot (_head + k) & (_cap - 1) is sid _base + k for k < _len, holding its
+    # token (its byte count in _nbytes) or _TR_EMPTY; every slot outside the window is
+    # _TR_EMPTY. _base + _len <= _absorbed, and the slot at _head is pending when _len.
+    cdef list _tokens
+    cdef long long *_nbytes
+    cdef Py_ssize_t _cap
+    cdef Py_ssize_t _head
+    cdef Py_ssize_t _len
+    cdef long long _base
+    cdef Py_ssize_t _npending
+    cdef object __weakref__
+
+    def __cinit__(self, *args, **kwargs):
+        self._nbytes = <long long *>_tr_malloc(_TR_FIRST_CAP * sizeof(long long))
+        if self._nbytes is NULL:
+            raise MemoryError()
+        _tr_memset(self._nbytes, 0, _TR_FIRST_CAP * sizeof(long long))
+        self._cap = _TR_FIRST_CAP
+        self._tokens = [_TR_EMPTY] * _TR_FIRST_CAP
+
+    def __dealloc__(self):
+        _tr_free(self._nbytes)
+
+    def __init__(self, first_id=0):
+        cdef Py_ssize_t k
+        first = first_id & 0xFFFFFFFF  # (the pure class's TypeError for a non-int)
+        self.filings = _tr_collections.deque()
+        self._popleft = self.filings.popleft
+        self._append = self.filings.append
+        self.ids = _tr_itertools.count(first)
+        self.early = {}
+        self._absorbed = first
+        self._pinned = 0
+        self._has_failed = False
+        self._failed = 0
+        self.peak_pinned_bytes = 0
+        self.completions = 0
+        self.copied_completions = 0
+        self.duplicates = 0
+        self.ids_used_by_failed_sends = 0
+        self.filed_calls = 0
+        self.filed_bytes = 0
+        for k in range(self._cap):  # (__init__ called again: nothing pending any more)
+            self._tokens[k] = _TR_EMPTY
+        self._head = 0
+        self._len = 0
+        self._base = first
+        self._npending = 0
+
+    @classmethod
+    def __class_getitem__(cls, item):
+        # CompletionTracker[Pin] at run time, as for the pure Generic class.
+        return _tr_generic_alias(cls, item)
+
+    # -- the ring ---------------------------------------------------------------------
+    @cython.wraparound(False)
+    cdef int _grow(self, Py_ssize_t need) except -1:
+        """Make room for ``need`` slots in order from index 0 (allocating first: on
+        failure nothing has changed)."""
+        cdef Py_ssize_t cap = self._cap, k, j, mask = self._cap - 1
+        cdef long long *nb
+        cdef list tokens
+        while cap < need:
+            if cap > (1 << 40):
+                raise MemoryError("completion tracker: too many ids pending")
+            cap *= 2
+        nb = <long long *>_tr_malloc(cap * sizeof(long long))
+        if nb is NULL:
+            raise MemoryError()
+        try:
+            tokens = [_TR_EMPTY] * cap
+        except BaseException:
+            _tr_free(nb)
+            raise
+        _tr_memset(nb, 0, cap * sizeof(long long))
+        for k in range(self._len):
+            j = (self._head + k) & mask
+            tokens[k] = self._tokens[j]
+            nb[k] = self._nbytes[j]
+        _tr_free(self._nbytes)
+        self._nbytes = nb
+        self._tokens = tokens
+        self._cap = cap
+        self._head = 0
+        return 0
+
+    @cython.wraparound(False)
+    cdef int _push(self, long long sid, object token, long long nbytes) except -1:
+        """File ``sid`` (>= every sid filed) as pending."""
+        cdef long long need
+        cdef Py_ssize_t j
+        if self._npending == 0:
+            self._len = 0
+            self._base = sid
+        need = sid - self._base + 1  # the window up to sid (a skipped id: an empty slot)
+        if need > self._cap:
+            self._grow(need)
+        j = (self._head + <Py_ssize_t>need - 1) & (self._cap - 1)
+        self._tokens[j] = token
+        self._nbytes[j] = nbytes
+        self._len = <Py_ssize_t>need
+        self._npending += 1
+        return 0
+
+    cdef inline long long _next(self) except? -1:
+        filings = self.filings
+        if filings:
+            return <long long>filings[-1][1] + 1
+        return self._absorbed
+
+    # -- the API ------------------------------------------------------------------------
+    @property
+    def next_id(self):
+        """The id the kernel will give the next successful zero-copy send call."""
+        return <unsigned long long>self._next() & _TR_U32
+
+    @property
+    def outstanding(self):
+        """Zero-copy send calls whose completion has not been taken in."""
+        return self._npending + self._next() - self._absorbed
+
+    @property
+    def has_pending(self):
+        """Whether any zero-copy send call has not completed (the cheap test of
+        :attr:`outstanding`)."""
+        return self._npending > 0 or self._next() > self._absorbed
+
+    @property
+    def pinned_bytes(self):
+        """Bytes of the calls still outstanding."""
+        cdef Py_ssize_t k
+        cdef long long total = self._pinned
+        filings = self.filings
+        for k in range(len(filings) - 1, -1, -1):  # by index: appends may run meanwhile
+            entry = filings[k]
+            if <long long>entry[1] < self._absorbed:
+                break
+            total += <long long>entry[0]
+        return total
+
+    def sent(self, token, nbytes):
+        """Record one send call the kernel accepted with ``MSG_ZEROCOPY``; returns its id."""
+        cdef long long n = _tr_index(nbytes)  # a TypeError before anything is filed
+        # The tuple is made before the id is drawn: an allocation that starts a
+        # collection (finalizers: another thread may file meanwhile) comes before.
+        entry = PyTuple_New(3)
+        Py_INCREF(nbytes)
+        PyTuple_SET_ITEM(entry, 0, nbytes)
+        Py_INCREF(token)
+        PyTuple_SET_ITEM(entry, 2, token)
+        sid = next(self.ids)
+        Py_INCREF(sid)
+        PyTuple_SET_ITEM(entry, 1, sid)
+        self._append(entry)
+        return <unsigned long long>(<long long>sid) & _TR_U32
+
+    def absorb(self):
+        """Take in what was filed since the last call. Returns the tokens of filings
+        whose completion had already come (:attr:`early`): they are released now."""
+        released = self._absorb()
+        return [] if released is None else released
+
+    cdef list _absorb(self):
+        """absorb(), returning None when nothing is released (no list made)."""
+        cdef list released = None
+        cdef long long sid, nbytes
+        cdef dict early = self.early
+        filings = self.filings
+        while filings:
+            entry = filings[0]
+            nbytes_o, sid_o, token = entry
+            sid = _tr_index(sid_o)
+            if sid >= self._absorbed:
+                nbytes = _tr_index(nbytes_o)
+                if early and sid_o in early:
+                    copied = early.pop(sid_o)
+                    if token is not _TR_USED:
+                        if released is None:
+                            released = []
+                        released.append(token)
+                        self.completions += 1
+                        if copied:
+                            self.copied_completions += 1
+                else:
+                    self._push(sid, token, nbytes)
+                    self._pinned += nbytes
+                    if self._pinned > self.peak_pinned_bytes:
+                        self.peak_pinned_bytes = self._pinned
+                self._absorbed = sid + 1
+                if token is not _TR_USED:
+                    self.filed_calls += 1
+                    self.filed_bytes += nbytes
+            if len(filings) == 1:
+                break  # the last filing stays: its filer may still read it back
+            self._popleft()
+        if early:
+            # Never filed (a call made behind the tracker's back): forget them, or every
+            # later filing would pay for a look.
+            stale = [s for s in early if s < self._absorbed]
+            for s in stale:
+                del early[s]
+            self.duplicates += len(stale)
+        return released
+
+    @cython.wraparound(False)
+    def complete(self, lo, hi, copied=False):
+        """Release the send calls in ``[lo, hi]`` (inclusive, wrapping at 2**32) and
+        return their tokens. Ids already completed (or before the first) are counted as
+        duplicates and otherwise ignored; ids not filed yet (ahead of the filings, within
+        half the id space) are remembered until they are."""
+        cdef unsigned long long ulo32, span
+        cdef long long nxt, ulo, uhi, start, sid, width, found = 0, done = 0
+        cdef long long first, last
+        cdef Py_ssize_t mask, j, k, n, pos
+        cdef bint is_copied
+        cdef list tokens, released, out
+        # Every argument converted before anything changes.
+        ulo32 = PyLong_AsUnsignedLongLongMask(lo) & _TR_U32
+        span = (PyLong_AsUnsignedLongLongMask(hi) - ulo32) & _TR_U32
+        is_copied = copied
+        released = self._absorb()
+        nxt = self._absorbed
+        ulo = nxt + (<long long>(((ulo32 - <unsigned long long>nxt) & _TR_U32) ^ _TR_HALF) - _TR_HALF)
+        uhi = ulo + <long long>span
+        if uhi >= nxt:  # ahead: read before the call that used it was filed
+            start = ulo if ulo > nxt else nxt
+            if uhi - start < _TR_MAX_EARLY:
+                for sid in range(start, uhi + 1):
+                    self.early[sid] = is_copied
+            else:
+                self.duplicates += uhi - start + 1
+            uhi = start - 1
+        if ulo > uhi:
+            return [] if released is None else released
+        width = uhi - ulo + 1
+        n = 0 if released is None else len(released)
+        if self._len:
+            first = ulo if ulo > self._base else self._base
+            last = self._base + self._len - 1
+            if uhi < last:
+                last = uhi
+            mask = self._cap - 1
+            tokens = self._tokens
+            # Two passes: count, make the list, then move the tokens into it. The
+            # second pass cannot fail (the list is made; a slot's old token is held by
+            # the list when it is emptied): no token leaves the ring without being returned.
+            for sid in range(first, last + 1):
+                if tokens[(self._head + <Py_ssize_t>(sid - self._base)) & mask] is not _TR_EMPTY:
+                    found += 1
+            out = PyList_New(n + found)
+            for k in range(n):
+                token = released[k]
+                Py_INCREF(token)
+                PyList_SET_ITEM(out, k, token)
+            pos = n
+            for sid in range(first, last + 1):
+                j = (self._head + <Py_ssize_t>(sid - self._base)) & mask
+                token = tokens[j]
+                if token is _TR_EMPTY:
+                    continue
+                Py_INCREF(token)
+                PyList_SET_ITEM(out, pos, token)
+                pos += 1
+                tokens[j] = _TR_EMPTY
+                self._npending -= 1
+                self._pinned -= self._nbytes[j]
+                if token is not _TR_USED:
+                    done += 1
+            self._trim()
+        else:
+            out = [] if released is None else released
+        self.duplicates += width - found
+        self.completions += done
+        if is_copied:
+            self.copied_completions += done
+        return out
+
+    @cython.wraparound(False)
+    cdef inline void _trim(self):
+        """Drop the completed ids at the front of the window."""
+        cdef Py_ssize_t mask = self._cap - 1
+        if self._npending == 0:
+            self._len = 0
+            return
+        tokens = self._tokens
+        while (<list>tokens)[self._head] is _TR_EMPTY:
+            self._head = (self._head + 1) & mask
+            self._base += 1
+            self._len -= 1
+
+    @cython.wraparound(False)
+    def pending_tokens(self):
+        """Tokens of every send call still pinned (for keeping them alive)."""
+        cdef Py_ssize_t k, mask = self._cap - 1
+        cdef list tokens = []
+        for k in range(self._len):
+            token = self._tokens[(self._head + k) & mask]
+            if token is not _TR_EMPTY and token is not _TR_USED:
+                tokens.append(token)
+        for entry in list(self.filings):
+            if entry[1] >= self._absorbed and entry[2] is not _TR_USED:
+                tokens.append(entry[2])
+        return tokens
+
+    def failed_send(self):
+        """A zero-copy send call failed. The kernel may still have used an id for it: a
+        UDP datagram dropped on the transmit path (``EPERM`` from a netfilter drop,
+        ``ENOBUFS`` from a full queue with ``IP_RECVERR``) returns an error *after* its
+        notification took the id, and that notification is already queued when the call
+        returns. Returns that id; read the error queue (its completion, if any, lands in
+        :attr:`early`), then call :meth:`settle_failed`."""
+        self._failed = self._next()
+        self._has_failed = True
+        return <unsigned long long>self._failed & _TR_U32
+
+    def settle_failed(self, sid):
+        """Resolve :meth:`failed_send`: True if the kernel used the id (its completion
+        was read): the id is then consumed here as the kernel did; False otherwise."""
+        cdef bint had = self._has_failed
+        cdef long long failed = self._failed
+        self._has_failed = False
+        if (
+            not had
+            or <unsigned long long>failed & _TR_U32 != PyLong_AsUnsignedLongLongMask(sid) & _TR_U32
+            or failed != self._next()
+        ):
+            raise RuntimeError("settle_failed must directly follow failed_send")
+        if failed not in self.early:
+            return False
+        # File an already-completed placeholder; the tuple made before the id is drawn.
+        entry = PyTuple_New(3)
+        zero = 0
+        Py_INCREF(zero)
+        PyTuple_SET_ITEM(entry, 0, zero)
+        Py_INCREF(_TR_USED)
+        PyTuple_SET_ITEM(entry, 2, _TR_USED)
+        nsid = next(self.ids)
+        Py_INCREF(nsid)
+        PyTuple_SET_ITEM(entry, 1, nsid)
+        self._append(entry)
+        self.ids_used_by_failed_sends += 1
+        return True
+
+
+from types import GenericAlias as _tr_generic_alias

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import collections
 import itertools
+import operator
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .._destructor import implementation
 
 __all__ = [
     "SO_EE_ORIGIN_ZEROCOPY",
@@ -34,6 +37,7 @@ __all__ = [
     "parse_extended_err",
     "completion_range",
     "CompletionTracker",
+    "PyCompletionTracker",
 ]
 
 SO_EE_ORIGIN_LOCAL = 1
@@ -173,7 +177,11 @@ class CompletionTracker(Generic[T]):
         return total
 
     def sent(self, token: T, nbytes: int) -> int:
-        """Record one send call the kernel accepted with ``MSG_ZEROCOPY``; returns its id."""
+        """Record one send call the kernel accepted with ``MSG_ZEROCOPY``; returns its id.
+
+        ``nbytes`` must be an integer (TypeError, nothing filed)."""
+        if type(nbytes) is not int:
+            operator.index(nbytes)  # the TypeError of a float (the compiled class's too)
         self.filings.extend(zip((nbytes,), self.ids, (token,)))  # noqa: B905
         return self.filings[-1][1] & _U32
 
@@ -218,10 +226,10 @@ class CompletionTracker(Generic[T]):
         return their tokens. Ids already completed (or before the first) are counted as
         duplicates and otherwise ignored; ids not filed yet (ahead of the filings, within
         half the id space) are remembered until they are."""
+        lo &= _U32  # non-integers raise here, before anything is taken in
+        span = (hi - lo) & _U32
         released = self.absorb()
         nxt = self._absorbed
-        lo &= _U32
-        span = (hi - lo) & _U32
         ulo = nxt + ((((lo - nxt) & _U32) ^ _HALF) - _HALF)  # nearest to nxt modulo 2**32
         uhi = ulo + span
         if uhi >= nxt:  # ahead: read before the call that used it was filed
@@ -285,3 +293,14 @@ class CompletionTracker(Generic[T]):
         self.filings.extend(zip((0,), self.ids, (_USED,)))  # noqa: B905
         self.ids_used_by_failed_sends += 1
         return True
+
+
+# The pure-Python class above is the reference implementation; the compiled one
+# (pagefrag._speedups, Cython) has the same API, results and concurrency contract and is
+# checked against it step by step (tests/test_speedups_tracker.py). Chosen with
+# FragDestructor (pagefrag._destructor: PAGEFRAG_PURE_PYTHON=1, or no build, means pure);
+# every user imports CompletionTracker from here.
+PyCompletionTracker = CompletionTracker
+
+if not TYPE_CHECKING and implementation == "compiled":
+    from .._speedups import CompletionTracker
