@@ -1,6 +1,9 @@
 """Mutation checks: each mutant plants a reference bug in a copy of ``src/`` and must
-make the tests named beside it fail (KILLED). Usage: ``python tests/mutate.py [N ...]``
-(all mutants, or those numbered). Not collected by pytest; a run takes a few minutes."""
+make the tests named beside it fail (KILLED). A mutant of a ``.py`` file runs with the
+pure-Python core (``PAGEFRAG_PURE_PYTHON=1``: the compiled twins would hide it); a mutant
+of ``_speedups.pyx`` rebuilds the extension in the copy and runs with it. Usage:
+``python tests/mutate.py [N ...]`` (all mutants, or those numbered). Not collected by
+pytest; a run takes a few minutes."""
 
 from __future__ import annotations
 
@@ -63,6 +66,27 @@ MUTANTS = [
         POISON[1:2],
     ),
     (
+        "compiled tracker: a completion releases one id too many",
+        "src/pagefrag/_speedups.pyx",
+        "            if uhi < last:\n                last = uhi\n",
+        "            if uhi < last:\n                last = uhi + 1\n",
+        POISON,
+    ),
+    (
+        "compiled pin: trim hands back the call's own reference",
+        "src/pagefrag/_speedups.pyx",
+        "        kept_refs.extend(taken)  # the extra one",
+        "        dropped.extend(taken)",
+        [*POISON, "tests/test_speedups_pin.py"],
+    ),
+    (
+        "compiled send: the destructor's reference is not taken",
+        "src/pagefrag/_speedups.pyx",
+        "                    _take_ref(destructor, self.eq)\n",
+        "                    pass\n",
+        ["tests/test_zerocopy_netns.py::test_poison_after_release_through_send_under_loss"],
+    ),
+    (
         "tracker: pins released when their filing is taken in",
         "src/pagefrag/zerocopy/tracker.py",
         "                elif sid not in pending:  # (an interrupted absorb may repeat a filing)",
@@ -91,11 +115,17 @@ def run(i: int, name: str, path: str, old: str, new: str, tests: list[str]) -> b
         if text.count(old) != 1:
             raise SystemExit(f"M{i} {name}: the code to mutate is not found once in {path}")
         f.write_text(text.replace(old, new))
+        env = {**os.environ, "PYTHONPATH": str(d / "src")}
         t0 = time.monotonic()
+        if path.endswith(".pyx"):  # a mutant of the compiled core: rebuild it
+            build = [sys.executable, "-m", "Cython.Build.Cythonize", "-i", "-3", "-q", str(f)]
+            subprocess.run(build, check=True, capture_output=True, timeout=600)
+        else:  # a mutant of the pure-Python reference: run it, not its compiled twin
+            env["PAGEFRAG_PURE_PYTHON"] = "1"
         r = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(d / "src")},
+            env=env,
             capture_output=True,
             text=True,
             timeout=1200,

@@ -52,6 +52,42 @@ def test_destroy_exception_goes_to_unraisablehook_and_still_counts_as_done(
     assert "destroy" in seen[0].err_msg
 
 
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_ctrl_c_inside_destroy_or_a_callback_is_raised_once_the_firing_is_complete(
+    monkeypatch: pytest.MonkeyPatch, interrupt: type[BaseException]
+) -> None:
+    # Fails on the old code: the interrupt went to sys.unraisablehook and unref()
+    # returned, so a Ctrl-C landing in a release callback was lost.
+    seen: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    calls: list[str] = []
+
+    def destroy(_: object) -> None:
+        calls.append("destroy")
+        raise interrupt()
+
+    d = FragDestructor(destroy)
+    d.add_done_callback(lambda _: calls.append("first"))
+    d.add_done_callback(lambda _: (calls.append("second"), sys.exit(3)))
+    d.add_done_callback(lambda _: calls.append("third"))
+    with pytest.raises(interrupt) as caught:
+        d.unref()
+    assert caught.value.args == ()  # the first interrupt wins: destroy's, not sys.exit(3)
+    assert d.done and d.wait(0) and calls == ["destroy", "first", "second", "third"]
+    assert seen == []  # nothing reported as unraisable
+    with pytest.raises(DestructorError):
+        d.unref()  # fired exactly once
+    late: list[str] = []
+
+    def late_cb(_: object) -> None:
+        late.append("late")
+        raise interrupt()
+
+    with pytest.raises(interrupt):
+        d.add_done_callback(late_cb)  # runs at once, in this thread
+    assert late == ["late"]
+
+
 def test_done_callback_runs_at_once_when_already_done() -> None:
     d = FragDestructor(None)
     d.unref()

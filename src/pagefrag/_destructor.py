@@ -28,6 +28,7 @@ from .errors import DestructorError
 __all__ = ["FragDestructor", "PyFragDestructor", "implementation", "report_unraisable"]
 
 DoneCallback = Callable[["FragDestructor"], object]
+_INTERRUPTS = (KeyboardInterrupt, SystemExit)
 
 
 class FragDestructor:
@@ -121,9 +122,15 @@ class FragDestructor:
         self._fire()
 
     def _fire(self) -> None:
+        # Ctrl-C or SystemExit inside destroy or a callback is raised again once the
+        # firing is complete (as asyncio's Handle does), never swallowed; any other
+        # exception goes to sys.unraisablehook.
+        interrupt: BaseException | None = None
         if self._destroy is not None:
             try:
                 self._destroy(self.data)
+            except _INTERRUPTS as exc:
+                interrupt = exc
             except BaseException as exc:
                 report_unraisable(exc, f"Exception ignored in destroy of {self!r}", self._destroy)
         with self._lock:
@@ -132,13 +139,22 @@ class FragDestructor:
             if self._event is not None:
                 self._event.set()
         for cb in callbacks:
-            self._run_callback(cb)
+            raised = self._run_callback(cb)
+            if interrupt is None:
+                interrupt = raised
+        if interrupt is not None:
+            raise interrupt
 
-    def _run_callback(self, cb: DoneCallback) -> None:
+    def _run_callback(self, cb: DoneCallback) -> BaseException | None:
+        """Run ``cb(self)``; returns a KeyboardInterrupt or SystemExit it raised (for
+        the caller to raise again), reports any other exception."""
         try:
             cb(self)
+        except _INTERRUPTS as exc:
+            return exc
         except BaseException as exc:
             report_unraisable(exc, f"Exception ignored in done callback of {self!r}", cb)
+        return None
 
     # -- state --------------------------------------------------------------------
     @property
@@ -176,7 +192,9 @@ class FragDestructor:
             if not self._done:
                 self._callbacks.append(fn)
                 return
-        self._run_callback(fn)
+        interrupt = self._run_callback(fn)
+        if interrupt is not None:
+            raise interrupt
 
     def remove_done_callback(self, fn: DoneCallback) -> bool:
         """Forget a callback that has not run yet; True if it was found."""

@@ -131,9 +131,15 @@ cdef class FragDestructor:
         self._fire()
 
     cdef _fire(self):
+        # Ctrl-C or SystemExit inside destroy or a callback is raised again once the
+        # firing is complete (as asyncio's Handle does), never swallowed; any other
+        # exception goes to sys.unraisablehook.
+        interrupt = None
         if self._destroy is not None:
             try:
                 self._destroy(self.data)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                interrupt = exc
             except BaseException as exc:
                 report_unraisable(exc, f"Exception ignored in destroy of {self!r}", self._destroy)
         # One atomic step (no allocation, no Python code): a callback added or an event
@@ -147,13 +153,21 @@ cdef class FragDestructor:
         if callbacks is not None:
             # Detached: nobody else can reach this list any more.
             for cb in callbacks:
-                self._run_callback(cb)
+                raised = self._run_callback(cb)
+                if interrupt is None:
+                    interrupt = raised
+        if interrupt is not None:
+            raise interrupt
 
     cdef _run_callback(self, cb):
+        # Returns a KeyboardInterrupt or SystemExit ``cb`` raised, for the caller to raise.
         try:
             cb(self)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            return exc
         except BaseException as exc:
             report_unraisable(exc, f"Exception ignored in done callback of {self!r}", cb)
+        return None
 
     # -- state --------------------------------------------------------------------
     @property
@@ -223,7 +237,9 @@ cdef class FragDestructor:
             if self._cbs is None and not self._done:
                 self._cbs = new
                 return
-        self._run_callback(fn)
+        interrupt = self._run_callback(fn)
+        if interrupt is not None:
+            raise interrupt
 
     def remove_done_callback(self, fn):
         """Forget a callback that has not run yet; True if it was found."""
