@@ -40,8 +40,8 @@ MUTANTS = [
     (
         "iov: pin takes no references",
         "src/pagefrag/zerocopy/_sender.py",
-        "            if destructor is not None or any(iov.owners):",
-        "            if False:",
+        "            if destructor is not None or any(iov.owners):\n                pin.take(",
+        "            if False:\n                pin.take(",
         POISON,
     ),
     (
