@@ -77,6 +77,9 @@ def test_bench_quick_writes_json_markdown_and_charts(tmp_path: Path) -> None:
         assert by_variant["bare MSG_ZEROCOPY"]["zerocopy_share"] == 1.0
         assert by_variant["bare MSG_ZEROCOPY"]["copied_share"] == 1.0
         assert by_variant["socket.send"]["zerocopy_share"] == 0.0
+        assert by_variant["pagefrag never"]["zerocopy_share"] == 0.0
+        for always in ("pagefrag always", "pagefrag.aio"):
+            assert by_variant[always]["zerocopy_share"] == 1.0, always
     md = (tmp_path / "results.md").read_text()
     assert "## TCP loopback" in md and "pagefrag ÷" in md and report["machine"] in md
     assert "### 4KiB, working set 256MiB" in md

@@ -229,6 +229,7 @@ def metrics(run: Run, wall: float, cpu: float) -> dict[str, float | None]:
     """One measurement's figures. Release latency: None where the variant reports none
     (the C anchor; pagefrag with no destructor)."""
     lat = sorted(run.latencies)
+    calls = run.messages if run.send_calls is None else run.send_calls
     return {
         "messages_per_s": run.messages / wall,
         "gbps": run.bytes / wall / 1e9,
@@ -237,7 +238,7 @@ def metrics(run: Run, wall: float, cpu: float) -> dict[str, float | None]:
         "release_p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6 if lat else None,
         # share of send calls made with MSG_ZEROCOPY; of those the kernel released, the
         # share it had copied (local delivery) instead of sending from the pages
-        "zerocopy_share": run.zerocopy_calls / run.messages if run.messages else None,
+        "zerocopy_share": run.zerocopy_calls / calls if calls else None,
         "copied_share": run.copied / run.completions if run.completions else None,
     }
 

@@ -52,6 +52,7 @@ class Run:
     bytes: int = 0
     messages: int = 0
     latencies: list[float] = field(default_factory=list)
+    send_calls: int | None = None  # send system calls, where not one per message
     zerocopy_calls: int = 0  # calls made with MSG_ZEROCOPY
     completions: int = 0  # of those, released by the kernel (ids)
     copied: int = 0  # of those, copied by the kernel (SO_EE_CODE_ZEROCOPY_COPIED)
@@ -262,6 +263,13 @@ def run_pagefrag_aio(sock: socket.socket, work: Work, seconds: float) -> Run:
             r.bytes += work.size
             r.messages += 1
         await writer.wait_released()
+        st = writer.transport.zerocopy_stats  # type: ignore[attr-defined]
+        r.send_calls, r.zerocopy_calls, r.completions, r.copied = (
+            st.sends,
+            st.zerocopy_sends,
+            st.completions,
+            st.copied_completions,
+        )
         writer.close()
         await writer.wait_closed()
         return r
