@@ -1,74 +1,92 @@
-"""Does tracking every page cost anything, and when does zero-copy pay?
+"""Does tracking every page cost anything, and when does zero-copy pay? Issue 12's
+throughput ratios, measured in one run against a C anchor.
 
-For 4 KiB, 64 KiB and 1 MiB sends over TCP loopback, TCP over veth (into another
-namespace) and UDP to a discarding peer (true zero-copy: the frames leave through veth
-and are dropped, never delivered locally), this measures in one run, on fresh
-connections, in shuffled interleaved rounds:
+Paths and sizes: UDP through veth to a discarding neighbour (true zero-copy: the frames
+leave and are dropped, never delivered locally; MTU 64000 on both ends) with 4 KiB,
+16 KiB and 60000 B datagrams; TCP over loopback and over veth into another namespace
+with 4 KiB, 64 KiB and 1 MiB sends. Every send takes the next slice of 256 MiB of
+distinct memory (``--hot``: the same cells again from one reused buffer, shown beside).
+The sender runs on core 0, the TCP receiver on core 1. Variants, each cell on a fresh
+connection, in a shuffled order each round, medians over the rounds:
 
-  socket.send          a bare ``socket.send`` loop (the copy baseline)
-  bare MSG_ZEROCOPY    a bare hand-written MSG_ZEROCOPY loop that only counts completions
-  pagefrag never       ZeroCopySocket(zerocopy="never")
-  pagefrag always      ZeroCopySocket(zerocopy="always")   (every page tracked and pinned)
-  pagefrag auto        ZeroCopySocket(zerocopy="auto")
+  C copy                      benchmarks/zc_anchor.c, a send() loop (compiled now, cc -O2)
+  C MSG_ZEROCOPY              the same with MSG_ZEROCOPY, completions read every 32 sends
+  socket.send                 a bare Python socket.send loop
+  bare MSG_ZEROCOPY           a bare Python MSG_ZEROCOPY loop (as the C one; no tracking)
+  pagefrag never/always/auto  ZeroCopySocket(zerocopy=...).send, a FragDestructor per send
+  pagefrag always, no destructor
 
-Every pagefrag send carries a destructor, whose firing gives the release latency. The
-machinery is pagefrag.bench (also behind ``pagefrag bench``).
+Ratios: pagefrag always / C MSG_ZEROCOPY and / C copy, auto / C MSG_ZEROCOPY, auto /
+socket.send (and more) in every cell, with issue 12's targets. The machinery is
+pagefrag.bench (also behind ``pagefrag bench``).
 
-    python benchmarks/zerocopy_send.py [--seconds 0.3] [--rounds 7] [--no-veth] [--json FILE]
+    python benchmarks/zerocopy_send.py [--seconds 0.3] [--rounds 7] [--hot] [--no-veth]
+        [--no-c] [--paths udp,tcp-loopback,tcp-veth] [--sizes 4KiB,60000B] [--json FILE]
 
-Needs root for the veth paths (they are left out otherwise, and said so).
+Needs root for the veth paths (they are left out otherwise, and said so); without a C
+compiler the C rows are left out, and said so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from pagefrag.bench.machine import machine
-from pagefrag.bench.matrix import run_matrix
+from pagefrag.bench.matrix import PATH_KEYS, SIZES, ZEROCOPY_SEND, cells_left, run_matrix
+from pagefrag.bench.report import build, table
+from pagefrag.bench.workset import COLD, HOT
 
-VARIANTS = [
-    "socket.send",
-    "bare MSG_ZEROCOPY",
-    "pagefrag never",
-    "pagefrag always",
-    "pagefrag auto",
-]
-SHORT = ["send", "bare-zc", "pf-never", "pf-always", "pf-auto"]
+
+def _names(known: list[str]) -> object:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in known for n in names):
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(known)}")
+        return names
+
+    return parse
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=0.3)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--no-veth", action="store_true")
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--seconds", type=float, default=0.3, help="per cell and round (0.3)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds, medians kept (7)")
+    parser.add_argument("--hot", action="store_true", help="also from one reused buffer")
+    parser.add_argument("--no-veth", action="store_true", help="TCP loopback only")
+    parser.add_argument("--no-c", action="store_true", help="leave out the C anchor")
+    parser.add_argument("--paths", type=_names(list(PATH_KEYS)), help="comma-separated")
+    parser.add_argument("--sizes", type=_names(list(SIZES)), help="comma-separated")
+    parser.add_argument("--json", metavar="FILE", help="write the whole report here")
     args = parser.parse_args()
-    data = run_matrix(args.seconds, args.rounds, veth=not args.no_veth, variants=VARIANTS)
-    report = {"machine": machine(), "seconds": args.seconds, "rounds": args.rounds, **data}
-    print(f"machine: {report['machine']}")
-    if data["left_out"]:
-        print(f"(veth paths left out: {data['left_out']})")
-    print(
-        f"{'path':<19} {'size':<6} "
-        + " ".join(f"{v:>9}" for v in SHORT)
-        + "  always/bare  auto/send"
+    if not (args.seconds > 0 and args.rounds > 0):
+        parser.error("--seconds and --rounds must be positive")
+    path_names = [PATH_KEYS[k] for k in args.paths] if args.paths else None
+    if not cells_left(path_names, args.sizes):
+        parser.error("no path has those sizes")
+
+    def progress(cell: str) -> None:
+        print(f"  {cell:<70}", end="\r", file=sys.stderr, flush=True)
+
+    data = run_matrix(
+        args.seconds,
+        args.rounds,
+        veth=not args.no_veth,
+        progress=progress,
+        variants=ZEROCOPY_SEND,
+        worksets=[COLD, HOT] if args.hot else [COLD],
+        path_names=path_names,
+        sizes=args.sizes,
+        c_anchor=not args.no_c,
     )
-    for path, by_size in data["results"].items():
-        for size, cells in by_size.items():
-            g = {v: cells[v]["gbps"] for v in VARIANTS}
-            print(
-                f"{path:<19} {size:<6} "
-                + " ".join(f"{g[v]:>9.2f}" for v in VARIANTS)
-                + f"  {g['pagefrag always'] / g['bare MSG_ZEROCOPY']:>11.2f}"
-                + f"  {g['pagefrag auto'] / g['socket.send']:>9.2f}"
-            )
-    print("(GB/s, medians; CPU s/GB and release latency in --json)")
+    print(" " * 74, end="\r", file=sys.stderr)
+    report = build(data, args.seconds, args.rounds)
+    print(table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,3 +1,5 @@
-"""The benchmark matrix behind ``pagefrag bench`` and ``benchmarks/``: pagefrag beside the
-anchors (plain ``socket.send``, a bare ``MSG_ZEROCOPY`` loop, asyncio streams, pyzmq's
-``send(copy=False, track=True)``), measured in one run on the same work."""
+"""The benchmark matrix behind ``pagefrag bench`` and ``benchmarks/zerocopy_send.py``:
+pagefrag beside the anchors (a C send loop, copying and ``MSG_ZEROCOPY``, compiled at run
+time; plain ``socket.send``; a bare ``MSG_ZEROCOPY`` loop; asyncio streams; pyzmq's
+``send(copy=False, track=True)``), measured in one run on the same work, sent from 256 MiB
+of distinct buffers."""

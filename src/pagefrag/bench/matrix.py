@@ -1,10 +1,17 @@
-"""The benchmark matrix: paths x sizes x variants, each cell on a fresh connection,
-rounds interleaved in a shuffled order, medians kept.
+"""The benchmark matrix: paths x sizes x working sets x variants, each measurement on a
+fresh connection, rounds interleaved (the variants of a cell in a shuffled order each
+round), medians kept.
 
 Paths: TCP over loopback; TCP over veth into another namespace; UDP through veth to a
-neighbour whose MAC nobody owns (the frames leave and are dropped: the only true
-zero-copy path on a single machine). The veth paths need root; without it they are
-left out and the report says so.
+neighbour whose MAC nobody owns (MTU 64000 on both ends: the frames leave and are
+dropped, the only true zero-copy path on a single machine). The veth paths need root;
+without it they are left out and the report says so. The sender (this process, and the
+C anchor it starts) runs on core 0, the receivers on core 1.
+
+Variants: :data:`VARIANTS` (name -> runner), plus the C anchor's two loops when a
+compiler is present (:func:`c_variants`). To add one, add an entry to
+:data:`VARIANTS` (and to :data:`ZEROCOPY_SEND` to run it by default in
+benchmarks/zerocopy_send.py); a ratio a target needs goes in ``report.RATIOS``.
 """
 
 from __future__ import annotations
@@ -19,36 +26,90 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path as FilePath
 from typing import Any
 
 from ..testing.netlab import RECEIVER_IP, NetLab, missing_tools
+from . import anchor
 from .runners import (
     Run,
+    Runner,
     run_asyncio_streams,
     run_bare_zerocopy,
+    run_c,
     run_pagefrag,
     run_pagefrag_aio,
     run_send,
     run_zmq,
 )
+from .workset import COLD, HOT, Work, work
 
-SIZES = {"4KiB": 4096, "64KiB": 65536, "1MiB": 1 << 20}
-UDP_MAX = 60_000  # the veth MTU is 64,000: larger datagrams would be fragmented (copied)
+SIZES = {"4KiB": 4096, "16KiB": 16384, "60000B": 60_000, "64KiB": 65536, "1MiB": 1 << 20}
+TCP_SIZES = ["4KiB", "64KiB", "1MiB"]
+# The veth MTU is 64,000: larger datagrams would be fragmented (copied).
+UDP_SIZES = ["4KiB", "16KiB", "60000B"]
+SENDER_CPU, RECEIVER_CPU = 0, 1
 
-# variant -> runner (pyzmq runs apart: it connects by endpoint, not over our socket)
-SOCKET_VARIANTS: dict[str, Callable[[socket.socket, bytearray, float], Run]] = {
-    "socket.send": run_send,
-    "bare MSG_ZEROCOPY": run_bare_zerocopy,
-    "pagefrag never": run_pagefrag("never"),
-    "pagefrag auto": run_pagefrag("auto"),
-    "pagefrag always": run_pagefrag("always"),
-    "asyncio streams": run_asyncio_streams,
-    "pagefrag.aio": run_pagefrag_aio,
+
+@dataclass(frozen=True)
+class Variant:
+    """A way of sending: its runner, its column label in the compact table, and on
+    which paths it runs (``any``, ``stream`` or ``datagram``)."""
+
+    run: Runner
+    short: str
+    on: str = "any"
+
+
+def _zmq_placeholder(sock: socket.socket, w: Work, seconds: float) -> Run:
+    raise AssertionError("pyzmq track connects by endpoint (run_matrix runs it apart)")
+
+
+# name -> variant, in the report's column order. The C anchor's loops come first, at run
+# time (c_variants), when a compiler is present.
+VARIANTS: dict[str, Variant] = {
+    "socket.send": Variant(run_send, "send"),
+    "bare MSG_ZEROCOPY": Variant(run_bare_zerocopy, "bare-zc"),
+    "pagefrag never": Variant(run_pagefrag("never"), "pf-never"),
+    "pagefrag always": Variant(run_pagefrag("always"), "pf-alw"),
+    "pagefrag auto": Variant(run_pagefrag("auto"), "pf-auto"),
+    "pagefrag always, no destructor": Variant(run_pagefrag("always", destructor=False), "alw-nod"),
+    "asyncio streams": Variant(run_asyncio_streams, "asyncio", on="stream"),
+    "pagefrag.aio": Variant(run_pagefrag_aio, "pf-aio", on="stream"),
+    "pyzmq track": Variant(_zmq_placeholder, "zmq", on="stream"),
 }
-STREAM_ONLY = {"asyncio streams", "pagefrag.aio", "pyzmq track"}
-ANCHORS = ["socket.send", "bare MSG_ZEROCOPY", "asyncio streams", "pyzmq track"]
-DEFAULT_VARIANTS = [v for v in (*SOCKET_VARIANTS, "pyzmq track") if v != "pagefrag never"]
-PAGEFRAG = ["pagefrag auto", "pagefrag always", "pagefrag.aio"]
+C_COPY, C_ZEROCOPY = "C copy", "C MSG_ZEROCOPY"
+C_VARIANTS = [C_COPY, C_ZEROCOPY]
+# What benchmarks/zerocopy_send.py runs by default (``pagefrag bench`` runs them all).
+ZEROCOPY_SEND = [
+    C_COPY,
+    C_ZEROCOPY,
+    "socket.send",
+    "bare MSG_ZEROCOPY",
+    "pagefrag never",
+    "pagefrag always",
+    "pagefrag auto",
+    "pagefrag always, no destructor",
+]
+
+
+C_SHORT = {C_COPY: "C-copy", C_ZEROCOPY: "C-zc"}
+
+
+def c_variants(binary: FilePath) -> dict[str, Variant]:
+    """The C anchor's loops (benchmarks/zc_anchor.c), built as ``binary``."""
+    return {
+        C_COPY: Variant(run_c(binary, "copy"), C_SHORT[C_COPY]),
+        C_ZEROCOPY: Variant(run_c(binary, "zerocopy"), C_SHORT[C_ZEROCOPY]),
+    }
+
+
+def all_variants() -> list[str]:
+    return [*C_VARIANTS, *VARIANTS]
+
+
+def short_name(variant: str) -> str:
+    return C_SHORT.get(variant) or VARIANTS[variant].short
 
 
 def _zmq_available() -> bool:
@@ -62,6 +123,7 @@ def _zmq_available() -> bool:
 @dataclass
 class Path:
     name: str
+    key: str  # for --paths
     connect: Callable[[], socket.socket]
     zmq_endpoint: str | None
     sizes: list[str]
@@ -70,9 +132,13 @@ class Path:
     inside: Callable[[], AbstractContextManager[None]] = nullcontext
 
 
-def _pin(pid: int, cpu: int) -> None:
-    if (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(pid, {cpu})
+PATH_KEYS = {"tcp-loopback": "TCP loopback", "tcp-veth": "TCP veth", "udp": "UDP true zero-copy"}
+PATH_SIZES = {"TCP loopback": TCP_SIZES, "TCP veth": TCP_SIZES, "UDP true zero-copy": UDP_SIZES}
+
+
+def cells_left(path_names: list[str] | None, sizes: list[str] | None) -> bool:
+    """Whether the filters leave any (path, size) cell to measure."""
+    return any(not sizes or set(sizes) & set(PATH_SIZES[p]) for p in path_names or PATH_SIZES)
 
 
 @contextmanager
@@ -83,7 +149,6 @@ def _child(argv: list[str]) -> Iterator[str]:
         line = proc.stdout.readline().strip()
         if not line:
             raise RuntimeError(f"{' '.join(argv)} did not start")
-        _pin(proc.pid, 1)  # the receiver on its own core: less noise
         yield line
     finally:
         proc.kill()
@@ -91,94 +156,157 @@ def _child(argv: list[str]) -> Iterator[str]:
 
 
 def _sink(prefix: list[str], host: str, zmq: bool = False) -> Any:
-    argv = [*prefix, sys.executable, "-m", "pagefrag.bench.sink", *(["--zmq"] if zmq else []), host]
-    return _child(argv)
+    argv = [*prefix, sys.executable, "-m", "pagefrag.bench.sink", "--cpu", str(RECEIVER_CPU)]
+    if (os.cpu_count() or 1) < 2:
+        argv[-2:] = []  # one core: nothing to pin apart
+    return _child([*argv, *(["--zmq"] if zmq else []), host])
 
 
 @contextmanager
-def paths(veth: bool) -> Iterator[tuple[list[Path], str | None]]:
-    """The paths to measure, and why the veth ones are left out (or None)."""
+def paths(
+    veth: bool, wanted: set[str], zmq: bool = True
+) -> Iterator[tuple[list[Path], str | None]]:
+    """The paths to measure (their names in ``wanted``), and why the veth ones are left
+    out (or None)."""
+    zmq = zmq and _zmq_available()
     with ExitStack() as stack:
         out: list[Path] = []
-        port = int(stack.enter_context(_sink([], "127.0.0.1")))
-        zmq_lo = stack.enter_context(_sink([], "127.0.0.1", zmq=True)) if _zmq_available() else None
-        out.append(
-            Path(
-                "TCP loopback",
-                lambda: socket.create_connection(("127.0.0.1", port)),
-                zmq_lo,
-                list(SIZES),
-                True,
+        if "TCP loopback" in wanted:
+            port = int(stack.enter_context(_sink([], "127.0.0.1")))
+            zmq_lo = stack.enter_context(_sink([], "127.0.0.1", zmq=True)) if zmq else None
+            out.append(
+                Path(
+                    "TCP loopback",
+                    "tcp-loopback",
+                    lambda: socket.create_connection(("127.0.0.1", port)),
+                    zmq_lo,
+                    TCP_SIZES,
+                    True,
+                )
             )
-        )
-        why = missing_tools() if veth else "not asked for (--no-veth)"
-        if why is None:
+        on_veth = wanted & {"TCP veth", "UDP true zero-copy"}
+        why = (missing_tools() if veth else "not asked for (--no-veth)") if on_veth else None
+        if on_veth and why is None:
             lab = stack.enter_context(NetLab())
             for ns, dev in ((lab.sender, lab.sender_if), (lab.receiver, lab.receiver_if)):
                 lab.ns(ns, "ip", "link", "set", dev, "mtu", "64000")
             target = lab.blackhole_neighbour()
-            inside = ["ip", "netns", "exec", lab.receiver]
-            vport = int(stack.enter_context(_sink(inside, RECEIVER_IP)))
-            zmq_veth = (
-                stack.enter_context(_sink(inside, RECEIVER_IP, zmq=True))
-                if _zmq_available()
-                else None
-            )
-
-            def tcp_veth() -> socket.socket:
-                s = lab.open_socket(lab.sender)
-                s.connect((RECEIVER_IP, vport))
-                return s
-
-            def udp_discard() -> socket.socket:
-                s = lab.open_socket(lab.sender, type=socket.SOCK_DGRAM)
-                s.connect((target, 9))
-                return s
-
-            out.append(
-                Path(
-                    "TCP veth",
-                    tcp_veth,
-                    zmq_veth,
-                    list(SIZES),
-                    True,
-                    lambda: lab.inside(lab.sender),
+            if "TCP veth" in wanted:
+                inside = ["ip", "netns", "exec", lab.receiver]
+                vport = int(stack.enter_context(_sink(inside, RECEIVER_IP)))
+                zmq_veth = (
+                    stack.enter_context(_sink(inside, RECEIVER_IP, zmq=True)) if zmq else None
                 )
-            )
-            out.append(Path("UDP true zero-copy", udp_discard, None, ["4KiB", "64KiB"], False))
+
+                def tcp_veth() -> socket.socket:
+                    s = lab.open_socket(lab.sender)
+                    s.connect((RECEIVER_IP, vport))
+                    return s
+
+                out.append(
+                    Path(
+                        "TCP veth",
+                        "tcp-veth",
+                        tcp_veth,
+                        zmq_veth,
+                        TCP_SIZES,
+                        True,
+                        lambda: lab.inside(lab.sender),
+                    )
+                )
+            if "UDP true zero-copy" in wanted:
+
+                def udp_discard() -> socket.socket:
+                    s = lab.open_socket(lab.sender, type=socket.SOCK_DGRAM)
+                    s.connect((target, 9))
+                    return s
+
+                out.append(Path("UDP true zero-copy", "udp", udp_discard, None, UDP_SIZES, False))
         yield out, why
 
 
-def _measure_cell(path: Path, variant: str, size: int, seconds: float) -> dict[str, float]:
-    buf = bytearray(os.urandom(size))
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    if variant == "pyzmq track":
-        assert path.zmq_endpoint is not None
-        with path.inside():
-            run = run_zmq(path.zmq_endpoint, buf, seconds)
-    else:
-        sock = path.connect()
-        try:
-            run = SOCKET_VARIANTS[variant](sock, buf, seconds)
-        finally:
-            sock.close()
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    lat = sorted(run.latencies) or [float("nan")]
+def metrics(run: Run, wall: float, cpu: float) -> dict[str, float | None]:
+    """One measurement's figures. Release latency: None where the variant reports none
+    (the C anchor; pagefrag with no destructor)."""
+    lat = sorted(run.latencies)
+    calls = run.messages if run.send_calls is None else run.send_calls
     return {
         "messages_per_s": run.messages / wall,
         "gbps": run.bytes / wall / 1e9,
-        "cpu_s_per_gb": cpu / (run.bytes / 1e9) if run.bytes else float("nan"),
-        "release_p50_us": lat[len(lat) // 2] * 1e6,
-        "release_p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6,
+        "cpu_s_per_gb": cpu / (run.bytes / 1e9) if run.bytes else None,
+        "release_p50_us": lat[len(lat) // 2] * 1e6 if lat else None,
+        "release_p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6 if lat else None,
+        # share of send calls made with MSG_ZEROCOPY; of those the kernel released, the
+        # share it had copied (local delivery) instead of sending from the pages
+        "zerocopy_share": run.zerocopy_calls / calls if calls else None,
+        "copied_share": run.copied / run.completions if run.completions else None,
     }
 
 
-def variants_for(path: Path, wanted: list[str]) -> list[str]:
-    return [
-        v
-        for v in wanted
-        if (path.stream or v not in STREAM_ONLY) and (v != "pyzmq track" or path.zmq_endpoint)
-    ]
+def _measure(path: Path, name: str, runner: Runner, w: Work, seconds: float) -> dict[str, Any]:
+    if name == "pyzmq track":
+        assert path.zmq_endpoint is not None
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        with path.inside():
+            run = run_zmq(path.zmq_endpoint, w, seconds)
+    else:
+        sock = path.connect()
+        try:
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            run = runner(sock, w, seconds)
+        finally:
+            sock.close()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    if run.wall is not None and run.cpu is not None:  # measured by the child itself
+        wall, cpu = run.wall, run.cpu
+    return metrics(run, wall, cpu)
+
+
+def runs_on(path: Path, name: str, variants: dict[str, Variant]) -> bool:
+    on = variants[name].on
+    if name == "pyzmq track" and not path.zmq_endpoint:
+        return False
+    return on == "any" or on == ("stream" if path.stream else "datagram")
+
+
+def _median(values: list[Any]) -> Any:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+@contextmanager
+def _exits_escape_destructors() -> Iterator[None]:
+    """A SIGTERM or Ctrl-C whose handler runs inside a destructor's ``destroy`` or done
+    callback raises SystemExit/KeyboardInterrupt there, and the destructor hands every
+    exception of its callbacks to ``sys.unraisablehook`` (it must not break the
+    completion path): the run went on, for as long as its cells last. While measuring,
+    the hook raises those two again, so the run stops and cleans up."""
+    previous = sys.unraisablehook
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, SystemExit | KeyboardInterrupt):
+            raise args.exc_value
+        previous(args)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+@contextmanager
+def _pinned(cpu: int) -> Iterator[None]:
+    """This thread (and the children it starts) on core ``cpu``; restored after."""
+    if (os.cpu_count() or 1) < 2:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def run_matrix(
@@ -187,27 +315,80 @@ def run_matrix(
     veth: bool,
     progress: Callable[[str], None] | None = None,
     variants: list[str] | None = None,
+    worksets: list[str] | None = None,
+    path_names: list[str] | None = None,
+    sizes: list[str] | None = None,
+    c_anchor: bool = True,
 ) -> dict[str, Any]:
-    """Measure every cell; returns ``{"results": {path: {size: {variant: metrics}}},
-    "left_out": ...}``."""
-    _pin(0, 0)
+    """Measure every cell. Returns ``{"results": {path: {size: {workset: {variant:
+    metrics}}}}, "left_out": {what: why}, "worksets": [...], "load": ...}``.
+
+    ``variants`` defaults to all (the C anchor's when it builds); ``worksets`` to
+    ``["256MiB"]`` (add ``"hot"`` for one reused buffer); ``path_names``/``sizes``
+    filter the paths and sizes."""
+    wanted = list(variants or all_variants())
+    unknown = [v for v in wanted if v not in all_variants()]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; known: {all_variants()}")
+    worksets = list(worksets or [COLD])
+    for ws in worksets:
+        if ws not in (COLD, HOT):
+            raise ValueError(f"unknown working set {ws!r}")
+    wanted_paths = set(path_names or PATH_KEYS.values())
+    left_out: dict[str, str] = {}
+    load_before = os.getloadavg()
     rng = random.Random(1)
-    samples: dict[tuple[str, str, str], list[dict[str, float]]] = {}
-    with paths(veth) as (ps, why):
+    samples: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    with ExitStack() as stack:
+        stack.enter_context(_exits_escape_destructors())
+        table = dict(VARIANTS)
+        if any(v in C_VARIANTS for v in wanted):
+            binary, why = (
+                stack.enter_context(anchor.built())
+                if c_anchor
+                else (None, "not asked for (--no-c)")
+            )
+            if binary is None:
+                left_out["C anchor"] = str(why)
+                wanted = [v for v in wanted if v not in C_VARIANTS]
+            else:
+                table = {**c_variants(binary), **table}
+        if "pyzmq track" in wanted and not _zmq_available():
+            left_out["pyzmq track"] = "pyzmq is not installed"
+        stack.enter_context(_pinned(SENDER_CPU))
+        ps, why = stack.enter_context(paths(veth, wanted_paths, zmq="pyzmq track" in wanted))
+        if why is not None:
+            left_out["veth paths"] = why
         for _ in range(rounds):
             for path in ps:
                 for size_name in path.sizes:
-                    size = SIZES[size_name] if path.stream else min(SIZES[size_name], UDP_MAX)
-                    order = variants_for(path, variants or DEFAULT_VARIANTS)
-                    rng.shuffle(order)
-                    for variant in order:
-                        if progress:
-                            progress(f"{path.name} {size_name} {variant}")
-                        cell = _measure_cell(path, variant, size, seconds)
-                        samples.setdefault((path.name, size_name, variant), []).append(cell)
-    results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    for (path_name, size_name, variant), runs in samples.items():
-        results.setdefault(path_name, {}).setdefault(size_name, {})[variant] = {
-            k: statistics.median(r[k] for r in runs) for k in runs[0]
-        }
-    return {"results": results, "left_out": why}
+                    if sizes and size_name not in sizes:
+                        continue
+                    for ws in worksets:
+                        w = work(SIZES[size_name], ws)
+                        order = [v for v in wanted if runs_on(path, v, table)]
+                        rng.shuffle(order)
+                        for name in order:
+                            if progress:
+                                progress(f"{path.name} {size_name} {ws} {name}")
+                            cell = _measure(path, name, table[name].run, w, seconds)
+                            samples.setdefault((path.name, size_name, ws, name), []).append(cell)
+    results: dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]] = {}
+    for (path_name, size_name, ws, name), runs in samples.items():
+        cell_results = results.setdefault(path_name, {}).setdefault(size_name, {})
+        cell_results.setdefault(ws, {})[name] = {k: _median([r[k] for r in runs]) for k in runs[0]}
+    # Report in the table's order: variants as listed, worksets as asked.
+    rank = {v: i for i, v in enumerate(all_variants())}
+    for by_size in results.values():
+        for by_ws in by_size.values():
+            for ws in list(by_ws):
+                by_ws[ws] = dict(sorted(by_ws[ws].items(), key=lambda kv: rank[kv[0]]))
+            ordered = {ws: by_ws[ws] for ws in worksets if ws in by_ws}
+            by_ws.clear()
+            by_ws.update(ordered)
+    return {
+        "results": results,
+        "left_out": left_out,
+        "worksets": worksets,
+        "load": {"before": list(load_before), "after": list(os.getloadavg())},
+    }

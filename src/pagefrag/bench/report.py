@@ -1,14 +1,17 @@
-"""Turn a matrix run into JSON, a Markdown page and PNG charts."""
+"""Turn a matrix run into a report: the ratios issue 12's targets need, a compact text
+table, JSON, a Markdown page and PNG charts."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .matrix import ANCHORS, PAGEFRAG
+from .machine import machine
+from .matrix import C_COPY, C_ZEROCOPY, all_variants, short_name
+from .workset import COLD
 
 LOOPBACK_NOTE = (
     "Loopback and veth into another namespace deliver locally, and local delivery copies "
@@ -19,20 +22,178 @@ LOOPBACK_NOTE = (
     "a single machine offers. pyzmq copies messages under 64 KiB even with copy=False, so "
     "its tracker is done at once for 4 KiB."
 )
+WORKSET_NOTE = (
+    "Working sets: `256MiB` sends cycle through 256 MiB of distinct memory (each send the "
+    "next slice of one buffer), so copies hit memory as in real programs; `hot` sends one "
+    "buffer again and again (it stays in the caches, which flatters copying)."
+)
+
+# Anchors a pagefrag variant is divided by in the Markdown page's "pagefrag ÷" tables.
+ANCHORS = [C_COPY, C_ZEROCOPY, "socket.send", "bare MSG_ZEROCOPY", "asyncio streams", "pyzmq track"]
 
 
-def ratios(cells: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+@dataclass(frozen=True)
+class Ratio:
+    """GB/s of ``num`` over GB/s of ``den`` in one cell; ``short`` labels its column."""
+
+    num: str
+    den: str
+    short: str
+
+
+# The ratios issue 12's targets are stated in (computed in every cell holding both).
+RATIOS: dict[str, Ratio] = {
+    r.num + " / " + r.den: r
+    for r in (
+        Ratio("pagefrag always", C_ZEROCOPY, "alw/Czc"),
+        Ratio("pagefrag always", C_COPY, "alw/Ccopy"),
+        Ratio("pagefrag auto", C_ZEROCOPY, "auto/Czc"),
+        Ratio("pagefrag auto", "socket.send", "auto/send"),
+        Ratio("pagefrag always, no destructor", C_ZEROCOPY, "nod/Czc"),
+        Ratio("bare MSG_ZEROCOPY", C_ZEROCOPY, "bare/Czc"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    ratio: str
+    path: str
+    size: str
+    workset: str
+    at_least: float
+
+
+UDP = "UDP true zero-copy"
+# Issue 12's throughput targets for ZeroCopySocket (compiled core), each with a
+# destructor per send on the pagefrag side.
+TARGETS = [
+    Target("pagefrag always / C MSG_ZEROCOPY", UDP, "60000B", COLD, 0.9),
+    Target("pagefrag always / C copy", UDP, "60000B", COLD, 1.6),
+    Target("pagefrag auto / C MSG_ZEROCOPY", UDP, "60000B", COLD, 0.9),
+    Target("pagefrag auto / socket.send", UDP, "4KiB", COLD, 0.95),
+]
+
+
+def cell_ratios(cells: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The :data:`RATIOS` computable in one cell (variant -> metrics)."""
+    out = {}
+    for name, r in RATIOS.items():
+        if r.num in cells and r.den in cells and cells[r.den]["gbps"]:
+            out[name] = cells[r.num]["gbps"] / cells[r.den]["gbps"]
+    return out
+
+
+def pagefrag_ratios(cells: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """pagefrag variant -> anchor -> throughput ratio."""
     out: dict[str, dict[str, float]] = {}
-    for pf in PAGEFRAG:
-        if pf not in cells:
-            continue
-        out[pf] = {
-            a: cells[pf]["gbps"] / cells[a]["gbps"]
-            for a in ANCHORS
-            if a in cells and cells[a]["gbps"]
-        }
+    for pf in cells:
+        if pf.startswith("pagefrag"):
+            out[pf] = {
+                a: cells[pf]["gbps"] / cells[a]["gbps"]
+                for a in ANCHORS
+                if a in cells and cells[a]["gbps"]
+            }
     return out
+
+
+def build(data: dict[str, Any], seconds: float, rounds: int) -> dict[str, Any]:
+    """The whole report of a :func:`~.matrix.run_matrix` result: machine, settings,
+    results, ratios per cell, and each target with its measured value."""
+    ratios: dict[str, Any] = {}
+    for path, by_size in data["results"].items():
+        for size, by_ws in by_size.items():
+            for ws, cells in by_ws.items():
+                ratios.setdefault(path, {}).setdefault(size, {})[ws] = cell_ratios(cells)
+    targets = []
+    for t in TARGETS:
+        value = ratios.get(t.path, {}).get(t.size, {}).get(t.workset, {}).get(t.ratio)
+        targets.append(
+            {
+                "ratio": t.ratio,
+                "cell": f"{t.path} {t.size} {t.workset}",
+                "at_least": t.at_least,
+                "value": value,
+                "met": None if value is None else value >= t.at_least,
+            }
+        )
+    return {
+        "machine": machine(),
+        "seconds": seconds,
+        "rounds": rounds,
+        **data,
+        "ratios": ratios,
+        "targets": targets,
+    }
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _rows(report: dict[str, Any]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    return [
+        (path, size, ws, cells)
+        for path, by_size in report["results"].items()
+        for size, by_ws in by_size.items()
+        for ws, cells in by_ws.items()
+    ]
+
+
+def table(report: dict[str, Any]) -> str:
+    """The compact text table: GB/s per variant, then the ratios, one row per cell."""
+    rows = _rows(report)
+    present = {v for *_, cells in rows for v in cells}
+    variants = [v for v in all_variants() if v in present]
+    ratio_names = [n for n in RATIOS if any(n in _ratios_of(report, r) for r in rows)]
+    head = f"{'path':<19} {'size':<6} {'set':<6}"
+    lines = [
+        f"machine: {report['machine']}",
+        f"{report['rounds']} rounds x {report['seconds']} s per cell, medians; load average "
+        f"{_load(report, 'before')} before, {_load(report, 'after')} after",
+    ]
+    lines += [f"left out: {what} ({why})" for what, why in report.get("left_out", {}).items()]
+    lines += ["", "GB/s", head + "".join(f"{short_name(v):>9}" for v in variants)]
+    for path, size, ws, cells in rows:
+        lines.append(
+            f"{path:<19} {size:<6} {ws:<6}"
+            + "".join(f"{cells[v]['gbps']:>9.2f}" if v in cells else f"{'-':>9}" for v in variants)
+        )
+    lines += ["", "ratios (GB/s over GB/s)", head + "".join(f"{_rs(n):>10}" for n in ratio_names)]
+    for row in rows:
+        rs = _ratios_of(report, row)
+        lines.append(
+            f"{row[0]:<19} {row[1]:<6} {row[2]:<6}"
+            + "".join(f"{rs[n]:>10.2f}" if n in rs else f"{'-':>10}" for n in ratio_names)
+        )
+    lines += ["", "targets (issue 12)"]
+    for t in report["targets"]:
+        value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
+        verdict = "" if t["met"] is None else ("  met" if t["met"] else "  MISSED")
+        lines.append(f"  {t['ratio']} >= {t['at_least']} ({t['cell']}): {value}{verdict}")
+    lines.append("(CPU s/GB, release latency p50/p99, zero-copy shares: in --json)")
+    return "\n".join(lines)
+
+
+def _rs(name: str) -> str:
+    return RATIOS[name].short
+
+
+def _load(report: dict[str, Any], when: str) -> str:
+    load = report.get("load", {}).get(when)
+    return "?" if not load else " ".join(f"{x:.2f}" for x in load)
+
+
+def _ratios_of(report: dict[str, Any], row: tuple[str, str, str, Any]) -> dict[str, float]:
+    path, size, ws, _ = row
+    found: dict[str, float] = report["ratios"].get(path, {}).get(size, {}).get(ws, {})
+    return found
 
 
 def markdown(report: dict[str, Any], charts: list[str] | None = None) -> str:
@@ -40,7 +201,8 @@ def markdown(report: dict[str, Any], charts: list[str] | None = None) -> str:
     lines = [
         "# pagefrag bench",
         "",
-        "Generated by `pagefrag bench`: pagefrag beside plain `socket.send`, a bare "
+        "Generated by `pagefrag bench`: pagefrag beside a C send loop (copying and "
+        "`MSG_ZEROCOPY`, benchmarks/zc_anchor.c), plain `socket.send`, a bare Python "
         "`MSG_ZEROCOPY` loop, asyncio streams and pyzmq `send(copy=False, track=True)` "
         "(waiting on its `MessageTracker`), on the same work in the same run. Release "
         "latency is the time from the send until the program may reuse the buffer: for "
@@ -48,53 +210,68 @@ def markdown(report: dict[str, Any], charts: list[str] | None = None) -> str:
         "`socket.send` and asyncio the call's return (they copy).",
         "",
         f"Machine: {report['machine']}. {report['rounds']} rounds of {report['seconds']} s per "
-        "cell, interleaved in a shuffled order, medians; sender and receiver on their own cores.",
+        "cell, interleaved in a shuffled order, medians; sender and receiver on their own "
+        f"cores. Load average {_load(report, 'before')} before the run, "
+        f"{_load(report, 'after')} after.",
+        "",
+        WORKSET_NOTE,
         "",
     ]
-    if report.get("left_out"):
-        lines += [f"Left out: the veth paths ({report['left_out']}).", ""]
+    for what, why in report.get("left_out", {}).items():
+        lines += [f"Left out: {what} ({why}).", ""]
+    lines += [
+        "## Targets (issue 12)",
+        "",
+        "| ratio | cell | target | measured |",
+        "|---|---|---:|---:|",
+    ]
+    for t in report["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        verdict = "" if t["met"] is None else (" met" if t["met"] else " missed")
+        lines.append(f"| {t['ratio']} | {t['cell']} | ≥ {t['at_least']} | {value}{verdict} |")
+    lines.append("")
     for path, by_size in report["results"].items():
         lines += [f"## {path}", ""]
-        for size, cells in by_size.items():
-            lines += [
-                f"### {size}",
-                "",
-                "| variant | messages/s | GB/s | CPU s/GB | release p50 µs | release p99 µs |",
-                "|---|---:|---:|---:|---:|---:|",
-            ]
-            for v, m in sorted(cells.items(), key=lambda kv: -kv[1]["gbps"]):
-                lines.append(
-                    f"| {v} | {m['messages_per_s']:,.0f} | {m['gbps']:.2f} | "
-                    f"{m['cpu_s_per_gb']:.3f} | {_num(m['release_p50_us'])} | "
-                    f"{_num(m['release_p99_us'])} |"
-                )
-            rs = ratios(cells)
-            if rs:
-                anchors = [a for a in ANCHORS if any(a in r for r in rs.values())]
+        for size, by_ws in by_size.items():
+            for ws, cells in by_ws.items():
                 lines += [
+                    f"### {size}, working set {ws}",
                     "",
-                    "| pagefrag ÷ | " + " | ".join(anchors) + " |",
-                    "|---|" + "---:|" * len(anchors),
+                    "| variant | messages/s | GB/s | CPU s/GB | release p50 µs | "
+                    "release p99 µs | zero-copy calls | kernel copied |",
+                    "|---|---:|---:|---:|---:|---:|---:|---:|",
                 ]
-                for pf, r in rs.items():
+                for v, m in sorted(cells.items(), key=lambda kv: -kv[1]["gbps"]):
+                    cpu = "-" if m["cpu_s_per_gb"] is None else f"{m['cpu_s_per_gb']:.3f}"
                     lines.append(
-                        f"| {pf} | "
-                        + " | ".join(f"{r[a]:.2f}" if a in r else "-" for a in anchors)
-                        + " |"
+                        f"| {v} | {m['messages_per_s']:,.0f} | {m['gbps']:.2f} | {cpu} | "
+                        f"{_num(m['release_p50_us'])} | {_num(m['release_p99_us'])} | "
+                        f"{_share(m['zerocopy_share'])} | {_share(m['copied_share'])} |"
                     )
-            lines.append("")
+                rs = pagefrag_ratios(cells)
+                anchors = [a for a in ANCHORS if any(a in r for r in rs.values())]
+                if anchors:
+                    lines += [
+                        "",
+                        "| pagefrag ÷ | " + " | ".join(anchors) + " |",
+                        "|---|" + "---:|" * len(anchors),
+                    ]
+                    for pf, r in rs.items():
+                        lines.append(
+                            f"| {pf} | "
+                            + " | ".join(f"{r[a]:.2f}" if a in r else "-" for a in anchors)
+                            + " |"
+                        )
+                lines.append("")
     lines += ["## What loopback can and cannot show", "", LOOPBACK_NOTE, ""]
     if charts:
         lines += ["## Charts", ""] + [f"![{Path(c).stem}]({c})" for c in charts] + [""]
     return "\n".join(lines)
 
 
-def _num(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x:,.0f}" if x >= 10 else f"{x:.1f}"
-
-
 def charts(report: dict[str, Any], out: Path) -> list[Path]:
-    """One throughput chart and one release-latency chart per path."""
+    """One throughput chart and one release-latency chart per path (a group of bars per
+    size and working set)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,23 +279,28 @@ def charts(report: dict[str, Any], out: Path) -> list[Path]:
 
     files = []
     for path, by_size in report["results"].items():
-        variants = sorted({v for cells in by_size.values() for v in cells})
+        groups = [(s, ws, cells) for s, by_ws in by_size.items() for ws, cells in by_ws.items()]
+        present = {v for *_, cells in groups for v in cells}
+        variants = [v for v in all_variants() if v in present]
         for metric, label, log in (
             ("gbps", "GB/s", False),
             ("release_p50_us", "release latency p50 (µs, log)", True),
         ):
-            fig, ax = plt.subplots(figsize=(10, 4.5))
+            fig, ax = plt.subplots(figsize=(12, 4.5))
             width = 0.8 / len(variants)
             for i, v in enumerate(variants):
-                xs = [k + i * width for k in range(len(by_size))]
-                ys = [by_size[s].get(v, {}).get(metric, float("nan")) for s in by_size]
+                xs = [k + i * width for k in range(len(groups))]
+                ys = [(cells.get(v, {}).get(metric) or float("nan")) for _, _, cells in groups]
                 ax.bar(xs, ys, width, label=v)
-            ax.set_xticks([k + 0.4 - width / 2 for k in range(len(by_size))], list(by_size))
+            ax.set_xticks(
+                [k + 0.4 - width / 2 for k in range(len(groups))],
+                [f"{s}\n{ws}" for s, ws, _ in groups],
+            )
             ax.set_ylabel(label)
             if log:
                 ax.set_yscale("log")
             ax.set_title(f"{path}: {label}")
-            ax.legend(fontsize=8, ncol=2)
+            ax.legend(fontsize=7, ncol=2)
             fig.tight_layout()
             name = out / f"{path.lower().replace(' ', '-')}-{metric}.png"
             fig.savefig(name, dpi=100)

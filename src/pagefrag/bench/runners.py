@@ -1,14 +1,29 @@
-"""One runner per way of sending: each sends ``buf`` over a connected socket for
-``seconds`` and returns what it sent and, per message, how long until the sender could
-reuse the buffer (its *release latency*)."""
+"""One runner per way of sending: each sends the slices of a :class:`~.workset.Work`
+in turn over a connected socket for ``seconds`` and returns what it did, with a sample
+of *release latencies* (how long until the sender could reuse a buffer).
+
+The loops are kept as tight as a program's own would be: the clock is read once per
+:data:`BATCH` sends, and one send in each batch is timed (for copying sends, the call;
+for zero-copy, until its completion). Every pagefrag send with a destructor creates a
+:class:`FragDestructor` whose ``destroy`` is a Python function (:func:`_released`, or
+:func:`_stamp` for the timed one), drops the caller's reference after the send, and is
+fired by the kernel's completion (or at once when the send copied).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import json
+import select
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import cycle, islice
+from pathlib import Path
 from typing import Any
 
 from .._destructor import FragDestructor
@@ -20,118 +35,201 @@ from ..zerocopy._syscalls import (
     MSG_ZEROCOPY,
     SO_ZEROCOPY,
 )
+from .workset import Work
 
 now = time.perf_counter
-
-
-def _stamp(latencies: list[float], start: float) -> Callable[[object], None]:
-    """A callback that records the time since ``start``."""
-
-    def record(_: object) -> None:
-        latencies.append(now() - start)
-
-    return record
+SO_EE_ORIGIN_ZEROCOPY = 5
+BATCH = 32  # sends between clock reads and (zero-copy loops) completion reads
+DRAIN_LIMIT = 30.0  # seconds a runner waits for its last completions
+_U32 = 0xFFFFFFFF
 
 
 @dataclass
 class Run:
-    """What one runner did."""
+    """What one runner did. ``cpu``/``wall`` are set by runners that measure
+    themselves (the C anchor, another process); otherwise the caller times the call."""
 
     bytes: int = 0
     messages: int = 0
     latencies: list[float] = field(default_factory=list)
+    send_calls: int | None = None  # send system calls, where not one per message
+    zerocopy_calls: int = 0  # calls made with MSG_ZEROCOPY
+    completions: int = 0  # of those, released by the kernel (ids)
+    copied: int = 0  # of those, copied by the kernel (SO_EE_CODE_ZEROCOPY_COPIED)
+    cpu: float | None = None
+    wall: float | None = None
 
 
-def run_send(sock: socket.socket, buf: bytearray, seconds: float) -> Run:
+Runner = Callable[[socket.socket, Work, float], Run]
+
+
+def _released(data: object) -> None:
+    """The ``destroy`` of an untimed send: the buffer is the benchmark's own, so there
+    is nothing to give back (a program would return it to its pool here)."""
+
+
+def _stamp(data: tuple[list[float], float]) -> None:
+    """The ``destroy`` of a timed send: record the time since the send began."""
+    latencies, start = data
+    latencies.append(now() - start)
+
+
+def run_send(sock: socket.socket, work: Work, seconds: float) -> Run:
     """Plain ``socket.send``: the bytes are copied, so the buffer is free on return."""
     r = Run()
-    view = memoryview(buf)
+    lat = r.latencies
+    send = sock.send
+    views = cycle(work.views)
+    nbytes = calls = 0
     end = now() + seconds
-    while now() < end:
+    while True:
         t = now()
-        r.bytes += sock.send(view)
-        r.latencies.append(now() - t)
-        r.messages += 1
+        nbytes += send(next(views))
+        lat.append(now() - t)
+        for view in islice(views, BATCH - 1):
+            nbytes += send(view)
+        calls += BATCH
+        if now() >= end:
+            break
+    r.bytes, r.messages = nbytes, calls
     return r
 
 
-def run_bare_zerocopy(sock: socket.socket, buf: bytearray, seconds: float) -> Run:
-    """A hand-written ``MSG_ZEROCOPY`` loop that only counts completions (no tracking
-    of what is pinned, no safety): the floor of what zero-copy costs from Python."""
-    sock.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
-    r = Run()
-    sent_at: list[float] = []
-    done = 0
-    view = memoryview(buf)
+class _Completions:
+    """The bare loop's error-queue reader: counts released ids, and the latency of the
+    timed sends among them. Knows nothing of what is pinned (no safety)."""
 
-    def drain() -> int:
-        n = 0
+    def __init__(self, sock: socket.socket, run: Run) -> None:
+        self.sock = sock
+        self.run = run
+        self.timed: dict[int, float] = {}  # id -> send time, until completed
+
+    def read(self) -> None:
+        recvmsg, r, timed = self.sock.recvmsg, self.run, self.timed
         while True:
             try:
-                _, anc, _, _ = sock.recvmsg(0, ERRQUEUE_ANCBUF, MSG_ERRQUEUE | MSG_DONTWAIT)
+                _, anc, _, _ = recvmsg(0, ERRQUEUE_ANCBUF, MSG_ERRQUEUE | MSG_DONTWAIT)
             except BlockingIOError:
-                return n
+                return
             t = now()
             for _, _, data in anc:
-                lo = int.from_bytes(data[8:12], "little")
-                hi = int.from_bytes(data[12:16], "little")
-                for sid in range(lo, hi + 1):
-                    if sid < len(sent_at):
-                        r.latencies.append(t - sent_at[sid])
-                n += ((hi - lo) & 0xFFFFFFFF) + 1
+                # struct sock_extended_err: errno, origin, type, code, pad, info, data
+                if data[4] != SO_EE_ORIGIN_ZEROCOPY:
+                    continue
+                lo = int.from_bytes(data[8:12], "little")  # ee_info
+                hi = int.from_bytes(data[12:16], "little")  # ee_data
+                n = ((hi - lo) & _U32) + 1
+                r.completions += n
+                if data[6] & 1:  # ee_code: SO_EE_CODE_ZEROCOPY_COPIED
+                    r.copied += n
+                for sid in [s for s in timed if (s - lo) & _U32 < n]:
+                    r.latencies.append(t - timed.pop(sid))
 
+    def wait(self, timeout: float) -> None:
+        """Wait until the error queue holds something (POLLERR), then read it."""
+        p = select.poll()
+        p.register(self.sock, 0)  # POLLERR is always reported
+        p.poll(timeout * 1000)
+        self.read()
+
+
+def run_bare_zerocopy(sock: socket.socket, work: Work, seconds: float) -> Run:
+    """A hand-written ``MSG_ZEROCOPY`` loop as the C anchor's: completions read every
+    :data:`BATCH` sends, ENOBUFS answered by reading completions and retrying, all of
+    them drained at the end; it tracks nothing (no safety): the floor of what
+    zero-copy costs from Python."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
+    r = Run()
+    eq = _Completions(sock, r)
+    send = sock.send
+    views = cycle(work.views)
+    nbytes = calls = 0
     end = now() + seconds
-    while now() < end:
-        for _ in range(16):
-            try:
-                t = now()
-                r.bytes += sock.send(view, MSG_ZEROCOPY)
-                sent_at.append(t)
-                r.messages += 1
-            except OSError:  # ENOBUFS: read completions, go on
-                break
-        done += drain()
-    limit = time.monotonic() + 30
-    while done < r.messages and time.monotonic() < limit:
-        time.sleep(0.0002)
-        done += drain()
+    while True:
+        eq.timed[calls & _U32] = now()  # each accepted call takes the next id, from 0
+        for view in islice(views, BATCH):
+            while True:
+                try:
+                    nbytes += send(view, MSG_ZEROCOPY)
+                    break
+                except OSError as exc:
+                    # optmem or locked pages: wait for releases, then the same slice
+                    if exc.errno != errno.ENOBUFS or now() > end + DRAIN_LIMIT:
+                        raise
+                    eq.wait(0.1)
+        calls += BATCH
+        eq.read()
+        if now() >= end:
+            break
+    r.bytes, r.messages, r.zerocopy_calls = nbytes, calls, calls
+    limit = time.monotonic() + DRAIN_LIMIT
+    while r.completions < calls and time.monotonic() < limit:
+        eq.wait(0.1)
     return r
 
 
-def run_pagefrag(mode: str) -> Callable[[socket.socket, bytearray, float], Run]:
-    """``ZeroCopySocket.send`` with a destructor per message, fired by the completion."""
+def run_pagefrag(mode: str, destructor: bool = True) -> Runner:
+    """``ZeroCopySocket(zerocopy=mode).send``, with a :class:`FragDestructor` per send
+    (fired by the kernel's completion) or, ``destructor=False``, none."""
 
-    def run(sock: socket.socket, buf: bytearray, seconds: float) -> Run:
+    def run(sock: socket.socket, work: Work, seconds: float) -> Run:
         zs = ZeroCopySocket(sock, zerocopy=mode)
         r = Run()
         lat = r.latencies
-        end = now() + seconds
-        while now() < end:
-            t = now()
-            d = FragDestructor(_stamp(lat, t))
-            r.bytes += zs.send(buf, destructor=d)
-            d.unref()
-            r.messages += 1
-        zs.flush(timeout=30)
+        send = zs.send
+        views = cycle(work.views)
+        nbytes = calls = 0
+        done = False
+        try:
+            end = now() + seconds
+            while True:
+                if destructor:
+                    d = FragDestructor(_stamp, (lat, now()))
+                    nbytes += send(next(views), destructor=d)
+                    d.unref()
+                    for view in islice(views, BATCH - 1):
+                        d = FragDestructor(_released)
+                        nbytes += send(view, destructor=d)
+                        d.unref()
+                else:
+                    for view in islice(views, BATCH):
+                        nbytes += send(view)
+                calls += BATCH
+                if now() >= end:
+                    break
+            zs.flush(timeout=DRAIN_LIMIT)
+            done = True
+            stats = zs.stats
+        finally:
+            if not done:
+                # Interrupted (an error, SIGTERM, Ctrl-C): do not wait for the kernel;
+                # the buffer lives as long as the process.
+                with contextlib.suppress(Exception):
+                    zs.abort(timeout=1)
+        zs.close(timeout=1)
+        r.bytes, r.messages = nbytes, calls
+        r.zerocopy_calls = stats.zerocopy_sends
+        r.completions, r.copied = stats.completions, stats.copied_completions
         return r
 
     return run
 
 
-def run_asyncio_streams(sock: socket.socket, buf: bytearray, seconds: float) -> Run:
+def run_asyncio_streams(sock: socket.socket, work: Work, seconds: float) -> Run:
     """asyncio streams: ``write(); await drain()``; the bytes are copied into the
     transport's buffer, so the release latency is the time until ``drain()`` returns."""
 
     async def main() -> Run:
         r = Run()
         _, writer = await asyncio.open_connection(sock=sock)
+        views = cycle(work.views)
         end = now() + seconds
         while now() < end:
             t = now()
-            writer.write(buf)
+            writer.write(next(views))
             await writer.drain()
             r.latencies.append(now() - t)
-            r.bytes += len(buf)
+            r.bytes += work.size
             r.messages += 1
         writer.close()
         await writer.wait_closed()
@@ -140,7 +238,14 @@ def run_asyncio_streams(sock: socket.socket, buf: bytearray, seconds: float) -> 
     return asyncio.run(main())
 
 
-def run_pagefrag_aio(sock: socket.socket, buf: bytearray, seconds: float) -> Run:
+def _stamp_handle(latencies: list[float], start: float) -> Callable[[object], None]:
+    def record(_: object) -> None:
+        latencies.append(now() - start)
+
+    return record
+
+
+def run_pagefrag_aio(sock: socket.socket, work: Work, seconds: float) -> Run:
     """pagefrag.aio: ``write_zerocopy(); await drain()`` (the buffer by reference, as the
     other pagefrag rows); the handle fires on the kernel's release."""
     from ..aio import open_connection
@@ -149,15 +254,22 @@ def run_pagefrag_aio(sock: socket.socket, buf: bytearray, seconds: float) -> Run
         r = Run()
         _, writer = await open_connection(sock=sock, zerocopy="always")
         lat = r.latencies
+        views = cycle(work.views)
         end = now() + seconds
         while now() < end:
-            t = now()
-            handle = writer.write_zerocopy(buf)
-            handle.add_done_callback(_stamp(lat, t))
+            handle = writer.write_zerocopy(next(views))
+            handle.add_done_callback(_stamp_handle(lat, now()))
             await writer.drain()
-            r.bytes += len(buf)
+            r.bytes += work.size
             r.messages += 1
         await writer.wait_released()
+        st = writer.transport.zerocopy_stats  # type: ignore[attr-defined]
+        r.send_calls, r.zerocopy_calls, r.completions, r.copied = (
+            st.sends,
+            st.zerocopy_sends,
+            st.completions,
+            st.copied_completions,
+        )
         writer.close()
         await writer.wait_closed()
         return r
@@ -165,7 +277,7 @@ def run_pagefrag_aio(sock: socket.socket, buf: bytearray, seconds: float) -> Run
     return asyncio.run(main())
 
 
-def run_zmq(endpoint: str, buf: bytearray, seconds: float) -> Run:
+def run_zmq(endpoint: str, work: Work, seconds: float) -> Run:
     """pyzmq ``send(copy=False, track=True)``, each message's ``MessageTracker`` waited
     on: the closest guarantee a Python library offers (libzmq dropped the buffer)."""
     import zmq
@@ -174,24 +286,58 @@ def run_zmq(endpoint: str, buf: bytearray, seconds: float) -> Run:
     # the caller's network namespace.
     ctx: Any = zmq.Context()
     push: Any = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 5000)
-    push.setsockopt(zmq.SNDTIMEO, 10_000)  # never wait forever for a peer
-    push.connect(endpoint)
-    r = Run()
-    window: list[tuple[float, Any]] = []
-    end = now() + seconds
-    while now() < end:
-        t = now()
-        window.append((t, push.send(buf, copy=False, track=True)))
-        r.bytes += len(buf)
-        r.messages += 1
-        while window and (len(window) > 64 or window[0][1].done):
-            t0, tracker = window.pop(0)
+    finished = False
+    try:
+        push.setsockopt(zmq.LINGER, 5000)
+        push.setsockopt(zmq.SNDTIMEO, 10_000)  # never wait forever for a peer
+        push.connect(endpoint)
+        r = Run()
+        views = cycle(work.views)
+        window: list[tuple[float, Any]] = []
+        end = now() + seconds
+        while now() < end:
+            t = now()
+            window.append((t, push.send(next(views), copy=False, track=True)))
+            r.bytes += work.size
+            r.messages += 1
+            while window and (len(window) > 64 or window[0][1].done):
+                t0, tracker = window.pop(0)
+                tracker.wait()
+                r.latencies.append(now() - t0)
+        for t0, tracker in window:
             tracker.wait()
             r.latencies.append(now() - t0)
-    for t0, tracker in window:
-        tracker.wait()
-        r.latencies.append(now() - t0)
-    push.close()
-    ctx.term()
-    return r
+        finished = True
+        return r
+    finally:
+        # Interrupted (SIGTERM, Ctrl-C): drop what is queued instead of lingering.
+        push.close(linger=None if finished else 0)
+        ctx.term()
+
+
+def run_c(binary: Path, mode: str) -> Runner:
+    """The C anchor (benchmarks/zc_anchor.c, built by :mod:`.anchor`) in a child
+    process, on the caller's socket (inherited): ``mode`` ``copy`` or ``zerocopy``.
+    The child measures its own wall and CPU time; it runs on the caller's core."""
+
+    def run(sock: socket.socket, work: Work, seconds: float) -> Run:
+        fd = sock.fileno()
+        argv = [str(binary), f"fd:{fd}", str(work.size), str(work.workset), str(seconds), mode]
+        # subprocess.run kills the child if anything (SIGTERM, Ctrl-C) interrupts the wait.
+        out = subprocess.run(
+            argv, pass_fds=(fd,), capture_output=True, text=True, timeout=seconds + 60
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"{binary.name} {mode}: {out.stderr.strip()}")
+        d = json.loads(out.stdout.strip().splitlines()[-1])
+        return Run(
+            bytes=d["bytes"],
+            messages=d["calls"],
+            zerocopy_calls=d["zerocopy_calls"],
+            completions=d["completions"],
+            copied=d["copied"],
+            cpu=d["cpu_s"],
+            wall=d["wall_s"],
+        )
+
+    return run

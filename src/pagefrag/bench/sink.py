@@ -1,12 +1,16 @@
 """Receivers in their own process: a TCP sink that accepts connections and discards what
 they send, and a pyzmq PULL sink.
 
-    python -m pagefrag.bench.sink HOST          -> prints the TCP port, serves until killed
-    python -m pagefrag.bench.sink --zmq HOST    -> prints the zmq endpoint
+    python -m pagefrag.bench.sink [--cpu N] HOST        -> prints the TCP port, serves until killed
+    python -m pagefrag.bench.sink [--cpu N] --zmq HOST  -> prints the zmq endpoint
+
+``--cpu N`` pins the sink (all its threads) to core N before it starts serving, so the
+receiver never competes with the sender for its core.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -40,10 +44,15 @@ def zmq_sink(host: str) -> None:
 
 
 def main() -> None:
-    if sys.argv[1] == "--zmq":
-        zmq_sink(sys.argv[2])
+    args = sys.argv[1:]
+    if args[:1] == ["--cpu"]:
+        # Before any thread exists: every thread started later inherits it.
+        os.sched_setaffinity(0, {int(args[1])})
+        args = args[2:]
+    if args[0] == "--zmq":
+        zmq_sink(args[1])
     else:
-        tcp_sink(sys.argv[1])
+        tcp_sink(args[0])
 
 
 if __name__ == "__main__":
