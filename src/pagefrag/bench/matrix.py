@@ -275,27 +275,6 @@ def _median(values: list[Any]) -> Any:
 
 
 @contextmanager
-def _exits_escape_destructors() -> Iterator[None]:
-    """A SIGTERM or Ctrl-C whose handler runs inside a destructor's ``destroy`` or done
-    callback raises SystemExit/KeyboardInterrupt there, and the destructor hands every
-    exception of its callbacks to ``sys.unraisablehook`` (it must not break the
-    completion path): the run went on, for as long as its cells last. While measuring,
-    the hook raises those two again, so the run stops and cleans up."""
-    previous = sys.unraisablehook
-
-    def hook(args: Any) -> None:
-        if isinstance(args.exc_value, SystemExit | KeyboardInterrupt):
-            raise args.exc_value
-        previous(args)
-
-    sys.unraisablehook = hook
-    try:
-        yield
-    finally:
-        sys.unraisablehook = previous
-
-
-@contextmanager
 def _pinned(cpu: int) -> Iterator[None]:
     """This thread (and the children it starts) on core ``cpu``; restored after."""
     if (os.cpu_count() or 1) < 2:
@@ -340,7 +319,6 @@ def run_matrix(
     rng = random.Random(1)
     samples: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     with ExitStack() as stack:
-        stack.enter_context(_exits_escape_destructors())
         table = dict(VARIANTS)
         if any(v in C_VARIANTS for v in wanted):
             binary, why = (
