@@ -39,6 +39,7 @@ from .runners import (
     run_c,
     run_pagefrag,
     run_pagefrag_aio,
+    run_pagefrag_many,
     run_send,
     run_zmq,
 )
@@ -74,6 +75,7 @@ VARIANTS: dict[str, Variant] = {
     "pagefrag always": Variant(run_pagefrag("always"), "pf-alw"),
     "pagefrag auto": Variant(run_pagefrag("auto"), "pf-auto"),
     "pagefrag always, no destructor": Variant(run_pagefrag("always", destructor=False), "alw-nod"),
+    "pagefrag auto, send_many": Variant(run_pagefrag_many("auto"), "pf-many"),
     "asyncio streams": Variant(run_asyncio_streams, "asyncio", on="stream"),
     "pagefrag.aio": Variant(run_pagefrag_aio, "pf-aio", on="stream"),
     "pyzmq track": Variant(_zmq_placeholder, "zmq", on="stream"),
@@ -90,6 +92,7 @@ ZEROCOPY_SEND = [
     "pagefrag always",
     "pagefrag auto",
     "pagefrag always, no destructor",
+    "pagefrag auto, send_many",
 ]
 
 

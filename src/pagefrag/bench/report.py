@@ -51,6 +51,7 @@ RATIOS: dict[str, Ratio] = {
         Ratio("pagefrag auto", "socket.send", "auto/send"),
         Ratio("pagefrag always, no destructor", C_ZEROCOPY, "nod/Czc"),
         Ratio("bare MSG_ZEROCOPY", C_ZEROCOPY, "bare/Czc"),
+        Ratio("pagefrag auto, send_many", C_COPY, "many/Ccopy"),
     )
 }
 
@@ -72,6 +73,7 @@ TARGETS = [
     Target("pagefrag always / C copy", UDP, "60000B", COLD, 1.6),
     Target("pagefrag auto / C MSG_ZEROCOPY", UDP, "60000B", COLD, 0.9),
     Target("pagefrag auto / socket.send", UDP, "4KiB", COLD, 0.95),
+    Target("pagefrag auto, send_many / C copy", UDP, "4KiB", COLD, 1.0),
 ]
 
 
@@ -165,12 +167,12 @@ def table(report: dict[str, Any]) -> str:
             f"{path:<19} {size:<6} {ws:<6}"
             + "".join(f"{cells[v]['gbps']:>9.2f}" if v in cells else f"{'-':>9}" for v in variants)
         )
-    lines += ["", "ratios (GB/s over GB/s)", head + "".join(f"{_rs(n):>10}" for n in ratio_names)]
+    lines += ["", "ratios (GB/s over GB/s)", head + "".join(f"{_rs(n):>11}" for n in ratio_names)]
     for row in rows:
         rs = _ratios_of(report, row)
         lines.append(
             f"{row[0]:<19} {row[1]:<6} {row[2]:<6}"
-            + "".join(f"{rs[n]:>10.2f}" if n in rs else f"{'-':>10}" for n in ratio_names)
+            + "".join(f"{rs[n]:>11.2f}" if n in rs else f"{'-':>11}" for n in ratio_names)
         )
     lines += ["", "targets (issue 12)"]
     for t in report["targets"]:

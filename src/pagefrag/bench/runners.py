@@ -245,6 +245,47 @@ def _stamp_handle(latencies: list[float], start: float) -> Callable[[object], No
     return record
 
 
+def run_pagefrag_many(mode: str) -> Runner:
+    """``ZeroCopySocket(zerocopy=mode).send_many`` of batches of 32 slices, a
+    :class:`FragDestructor` per item (datagrams: one ``sendmmsg`` per batch with the
+    compiled core; a stream: one iovec)."""
+
+    def run(sock: socket.socket, work: Work, seconds: float) -> Run:
+        zs = ZeroCopySocket(sock, zerocopy=mode)
+        r = Run()
+        lat = r.latencies
+        views = cycle(work.views)
+        nbytes = calls = 0
+        done = False
+        try:
+            end = now() + seconds
+            while True:
+                items = list(islice(views, BATCH))
+                ds = [FragDestructor(_stamp, (lat, now()))]
+                ds += [FragDestructor(_released) for _ in range(BATCH - 1)]
+                zs.send_many(items, destructors=ds)
+                for d in ds:
+                    d.unref()
+                nbytes += BATCH * work.size
+                calls += BATCH
+                if now() >= end:
+                    break
+            zs.flush(timeout=DRAIN_LIMIT)
+            done = True
+            stats = zs.stats
+        finally:
+            if not done:
+                with contextlib.suppress(Exception):
+                    zs.abort(timeout=1)
+        zs.close(timeout=1)
+        r.bytes, r.messages = nbytes, calls
+        r.zerocopy_calls = stats.zerocopy_sends
+        r.completions, r.copied = stats.completions, stats.copied_completions
+        return r
+
+    return run
+
+
 def run_pagefrag_aio(sock: socket.socket, work: Work, seconds: float) -> Run:
     """pagefrag.aio: ``write_zerocopy(); await drain()`` (the buffer by reference, as the
     other pagefrag rows); the handle fires on the kernel's release."""

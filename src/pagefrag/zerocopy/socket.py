@@ -132,7 +132,7 @@ class ZeroCopySocket:
         zerocopy: str = "auto",
         min_zerocopy_size: int = DEFAULT_MIN_ZEROCOPY_SIZE,
         enobufs_timeout: float = 30.0,
-        completion_batch: int = 16,
+        completion_batch: int = 32,
         close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         if not isinstance(sock, socket.socket):
