@@ -188,7 +188,9 @@ def test_true_zero_copy_datagrams_are_not_copied(lab: NetLab, fired: Fired) -> N
     tx.connect((target, 9))
     zs = ZeroCopySocket(tx, zerocopy="auto")
     big = bytearray(64 * 60000)
-    items = [memoryview(big)[i * 60000 : (i + 1) * 60000] for i in range(64)]
+    # Runs: 60000 B items go zero-copy, 2000 B ones (below the copy threshold) copied.
+    sizes = [2000 if i % 5 in (1, 2) else 60000 for i in range(64)]
+    items = [memoryview(big)[i * 60000 : i * 60000 + n] for i, n in enumerate(sizes)]
     ds = [fired.make(i) for i in range(len(items))]
     assert zs.send_many(items, destructors=ds) == len(items)
     for d in ds:
@@ -196,7 +198,8 @@ def test_true_zero_copy_datagrams_are_not_copied(lab: NetLab, fired: Fired) -> N
     zs.close(timeout=10)
     assert fired.once_each(range(len(items)))
     stats = zs.stats
-    assert stats.zerocopy_sends == stats.completions == len(items)
+    assert stats.sends == len(items) and stats.bytes_sent == sum(sizes)
+    assert stats.zerocopy_sends == stats.completions == sizes.count(60000)
     assert stats.copied_completions == 0
 
 
@@ -236,3 +239,117 @@ def test_a_dropped_datagram_in_a_batch_keeps_the_ids_right(lab: NetLab, fired: F
 
 def test_the_implementation_in_use_is_named() -> None:
     assert implementation in ("compiled", "python")
+
+
+def test_a_probe_answered_inside_a_copied_run_goes_out_zero_copy(
+    udp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """auto towards loopback starts copying and probes now and then. A probe falling due
+    inside a copied run is sent zero-copy right after it (before: it waited for the next
+    run, which asked again in PROBING, was copied, and auto stayed PROBING for good)."""
+    tx, rx = udp_pair
+    zs = ZeroCopySocket(tx, zerocopy="auto")
+    policy = zs._policy
+    policy.probe_every = 5  # a probe every 5 sends that ask
+    for _ in range(4):
+        assert zs.send_many([bytes(20000)] * 12) == 12
+        _datagrams(rx, 12)
+        zs.flush(timeout=10)
+    assert zs.stats.zerocopy_sends >= 4  # the probes went out
+    assert policy.state.name != "PROBING" or zs.outstanding  # answered, or in flight
+    zs.close(timeout=10)
+
+
+@pytest.mark.skipif(
+    implementation == "compiled",
+    reason="the compiled core files a batch in one C step: no interrupt lands between two",
+)
+def test_ctrl_c_between_two_datagrams_of_a_batch_keeps_the_filed_ones_pinned(
+    udp_pair: tuple[socket.socket, socket.socket], fired: Fired
+) -> None:
+    # Fails on the previous commit: the handler released the datagrams already filed
+    # (their destructors' pin references dropped before their completions).
+    tx, rx = udp_pair
+    zs = ZeroCopySocket(tx, zerocopy="always")
+    real_file = zs._tx.file
+    calls = []
+
+    def file_then_interrupt(pin: object, flags: int) -> int:
+        n = real_file(pin, flags)  # type: ignore[arg-type]
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C landing right after the second filing
+        return n
+
+    zs._tx.file = file_then_interrupt  # type: ignore[method-assign]
+    ds = [fired.make(i) for i in range(3)]
+    with pytest.raises(KeyboardInterrupt) as caught:
+        zs.send_many([bytes(20000)] * 3, destructors=ds)
+    assert caught.value.items_sent == 2  # type: ignore[attr-defined]
+    del caught
+    for d in ds:
+        d.unref()
+    # Filed datagrams keep their pin's reference until their completion; the third
+    # was never handed over, so its destructor fired at once.
+    assert fired.counts == {2: 1}
+    del zs._tx.file
+    zs.close(timeout=10)
+    assert fired.once_each(range(3))
+    assert zs.stats.zerocopy_sends == zs.stats.completions == 2
+    assert len(_datagrams(rx, 2)) == 2
+
+
+def test_an_interrupt_raised_by_one_destructor_does_not_strand_the_others() -> None:
+    # Fails on the previous commit: the release loop stopped at the interrupt, and the
+    # references after it, already detached, were dropped by nobody.
+    from pagefrag import SkBuff
+    from pagefrag._iov import Pin, Unrefs
+
+    def interrupt(_: object) -> None:
+        raise KeyboardInterrupt
+
+    for release in ("skb", "pin", "unrefs"):
+        d1, d2, d3 = FragDestructor(interrupt), FragDestructor(), FragDestructor()
+        if release == "skb":
+            skb = SkBuff()
+            for d in (d1, d2, d3):
+                skb.add_frag(bytearray(8), 0, 8, d)
+                d.unref()
+            with pytest.raises(KeyboardInterrupt):
+                skb.free()
+        elif release == "pin":
+            pin = Pin([memoryview(b"a"), memoryview(b"b"), memoryview(b"c")], [d1, d2, d3])
+            pin.take("holder")
+            for d in (d1, d2, d3):
+                d.unref()
+            with pytest.raises(KeyboardInterrupt):
+                pin.release("holder")
+        else:
+            u = Unrefs()
+            u.extend([d1, d2, d3])
+            with pytest.raises(KeyboardInterrupt):
+                u.run("holder")
+        assert (d1.done, d2.done, d3.done) == (True, True, True), release
+
+
+def test_a_socket_timeout_bounds_a_zero_copy_send(
+    tcp_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # Fails on the previous commit with the compiled core: the system call went to the
+    # descriptor (non-blocking under a timeout): BlockingIOError at once from send(), and
+    # sendall() waited for good.
+    client, server = tcp_pair
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    client.settimeout(0.3)
+    zs = ZeroCopySocket(client, zerocopy="always")
+    buf = bytearray(1 << 20)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        for _ in range(200):  # the peer does not read: the send buffer fills
+            zs.send(buf)
+    with pytest.raises(TimeoutError):
+        zs.sendall(buf)
+    assert time.monotonic() - t0 < 30
+    rx = Receiver(server)
+    zs.close(timeout=30)
+    rx.join()

@@ -17,18 +17,35 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex
+from collections.abc import Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex, TypeVar
 
 from . import leaks
 from ._buffers import as_timeout
 from ._unraisable import await_done, report_unraisable
 from .errors import DestructorError
 
-__all__ = ["FragDestructor", "PyFragDestructor", "implementation", "report_unraisable"]
+__all__ = ["FragDestructor", "PyFragDestructor", "each", "implementation", "report_unraisable"]
 
 DoneCallback = Callable[["FragDestructor"], object]
 _INTERRUPTS = (KeyboardInterrupt, SystemExit)
+T = TypeVar("T")
+
+
+def each(fn: Callable[[T], object], items: Iterable[T]) -> None:
+    """``fn(item)`` for every item, also when one raises ``KeyboardInterrupt`` or
+    ``SystemExit`` (a destructor raises them again after firing, or a signal lands):
+    the first is raised once every item had its turn, so a loop that drops references
+    already detached never leaves some to nobody. Any other exception stops at once."""
+    interrupt: BaseException | None = None
+    for item in items:
+        try:
+            fn(item)
+        except _INTERRUPTS as exc:
+            if interrupt is None:
+                interrupt = exc
+    if interrupt is not None:
+        raise interrupt
 
 
 class FragDestructor:

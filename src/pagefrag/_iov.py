@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
 from ._buffers import byte_view
-from ._destructor import FragDestructor, implementation
+from ._destructor import FragDestructor, each, implementation
 from ._skbuff import Frag, SkBuff
 from .pool import PoolBuffer
 
@@ -284,8 +284,7 @@ class Pin:
         Refs: -1 on each held."""
         refs, self.refs = self.refs, None
         self.views = self.owners = None
-        for d in refs or ():
-            d.unref(holder=holder)
+        unref_all(refs or (), holder)
 
     @property
     def released(self) -> bool:
@@ -301,9 +300,8 @@ class Pin:
 def unref_all(refs: Iterable[FragDestructor], holder: object) -> None:
     """Drop one reference of ``holder`` on each. Kernel: ``skb_frag_destructor_unref``.
 
-    Refs: -1 on each."""
-    for d in refs:
-        d.unref(holder=holder)
+    Refs: -1 on each, also when one raises an interrupt (raised after the last)."""
+    each(lambda d: d.unref(holder=holder), refs)
 
 
 class Unrefs:
@@ -336,12 +334,18 @@ class Unrefs:
     def run(self, holder: object) -> None:
         """Drop every queued reference. Refs: -1 on each."""
         queue = self.queue
+        interrupt: BaseException | None = None
         while queue:
             try:
                 d = queue.popleft()
             except IndexError:  # another thread took the last one
-                return
-            d.unref(holder=holder)
+                break
+            try:
+                d.unref(holder=holder)
+            except (KeyboardInterrupt, SystemExit) as exc:  # raised after the last
+                interrupt = interrupt or exc
+        if interrupt is not None:
+            raise interrupt
 
 
 # The pure-Python Pin and Unrefs above are the reference; the compiled twins

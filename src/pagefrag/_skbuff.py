@@ -34,7 +34,7 @@ from types import TracebackType
 
 from . import leaks
 from ._buffers import as_index, byte_view
-from ._destructor import FragDestructor
+from ._destructor import FragDestructor, each
 from .errors import (
     DestructorError,
     DoubleFreeError,
@@ -199,8 +199,7 @@ class _SharedInfo:
                 return
             frags, self.frags = self.frags, []
             self.head = b""
-        for f in frags:
-            _frag_unref(f, self)
+        each(lambda f: _frag_unref(f, self), frags)
 
     def __repr__(self) -> str:
         return f"<frags of SkBuff#{self.owner_id}>"
@@ -471,16 +470,14 @@ class SkBuff:
         keep = _frag_range(old, eat, total)
         sh.frags = keep
         dropped = len(old) - len(keep)
-        for f in old[:dropped]:
-            _frag_unref(f, sh)
+        each(lambda f: _frag_unref(f, sh), old[:dropped])
 
     def _drop_back(self, sh: _SharedInfo, keep_bytes: int) -> None:
         """Keep only the first ``keep_bytes`` frag bytes; frags beyond are released."""
         old = sh.frags
         keep = _frag_range(old, 0, keep_bytes)
         sh.frags = keep
-        for f in old[len(keep) :]:
-            _frag_unref(f, sh)
+        each(lambda f: _frag_unref(f, sh), old[len(keep) :])
 
     def linearize(self) -> None:
         """Kernel ``skb_linearize``: copy every frag into the head.

@@ -374,12 +374,19 @@ cdef class Unrefs:
     def run(self, holder):
         """Drop every queued reference. Refs: -1 on each."""
         queue = self.queue
+        interrupt = None
         while queue:
             try:
                 d = queue.popleft()
             except IndexError:  # another thread took the last one
-                return
-            _drop_ref(d, holder)
+                break
+            try:
+                _drop_ref(d, holder)
+            except (KeyboardInterrupt, SystemExit) as exc:  # raised after the last
+                if interrupt is None:
+                    interrupt = exc
+        if interrupt is not None:
+            raise interrupt
 
 
 @cython.freelist(64)
@@ -460,8 +467,15 @@ cdef class Pin:
         Refs: -1 on each held."""
         refs = self.refs
         self.refs = self.views = self.owners = None
+        interrupt = None
         for d in refs or ():
-            _drop_ref(d, holder)
+            try:
+                _drop_ref(d, holder)
+            except (KeyboardInterrupt, SystemExit) as exc:  # raised after the last
+                if interrupt is None:
+                    interrupt = exc
+        if interrupt is not None:
+            raise interrupt
 
     @property
     def released(self):
@@ -684,9 +698,35 @@ cdef class SendPath:
 
         Refs: none (the pin holds them)."""
         views = pin.views
+        if not self._raw(views):
+            # CPython's socket methods (a timeout waits for writability; any buffer),
+            # the call and the filing still one C step, as in the pure twin.
+            if len(views) == 1:
+                sent = map(self.sock.send, views, (flags,))
+            else:
+                sent = map(self.sock.sendmsg, (views,), ((),), (flags,))
+            self._filings.extend(zip(sent, self._ids, (pin,)))
+            return self._filings[-1][0]
         n = _call(self._fileno, views, flags)
         self._filings.append((n, next(self._ids), pin))
         return n
+
+    cdef bint _all_raw(self, list messages) except -1:
+        for views in messages:
+            if not self._raw(views):
+                return False
+        return True
+
+    cdef bint _raw(self, views) except -1:
+        """Whether ``views`` may be sent by the system call itself: memoryviews, on a
+        socket without a timeout (with one, CPython's methods wait for writability)."""
+        timeout = self._gettimeout()
+        if timeout is not None and timeout != 0.0:
+            return False
+        for v in views:
+            if type(v) is not memoryview:
+                return False
+        return True
 
     cpdef Py_ssize_t file_many(self, list pins, int flags) except -2:
         """The datagrams of ``pins`` (at most 1024) in one ``sendmmsg``, and the filing of
@@ -699,7 +739,19 @@ cdef class SendPath:
         cdef Py_ssize_t lens[1024]
         if count > 1024:
             raise ValueError("file_many sends at most 1024 datagrams per call")
-        k = _call_many(self._fileno, [p.views for p in pins], flags, lens)
+        messages = [p.views for p in pins]
+        if not self._all_raw(messages):
+            k = 0  # one call each, as the pure twin
+            for pin in pins:
+                try:
+                    self.file(pin, flags)
+                except OSError:
+                    if not k:
+                        raise
+                    break  # as sendmmsg: the error of a later datagram is not reported
+                k += 1
+            return k
+        k = _call_many(self._fileno, messages, flags, lens)
         filings = self._filings
         ids = self._ids
         for i in range(k):
@@ -715,6 +767,22 @@ cdef class SendPath:
         cdef Py_ssize_t lens[1024]
         if count > 1024:
             raise ValueError("copied_many sends at most 1024 datagrams per call")
+        if not self._all_raw(messages):
+            k = 0  # one call each, as the pure twin
+            for views in messages:
+                try:
+                    if len(views) == 1:
+                        n = self.sock.send(views[0], flags)
+                    else:
+                        n = self.sock.sendmsg(views, (), flags)
+                except OSError:
+                    if not k:
+                        raise
+                    break
+                self.copied_sends += 1
+                self.copied_bytes += n
+                k += 1
+            return k
         k = _call_many(self._fileno, messages, flags, lens)
         self.copied_sends += k
         for i in range(k):

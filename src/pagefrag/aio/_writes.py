@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import collections
 
-from .._destructor import FragDestructor
+from .._destructor import FragDestructor, each
 from .._iov import Data, IoVec, Pin, check_destructor
 from ..zerocopy._syscalls import IOV_MAX
 
@@ -191,8 +191,7 @@ class WriteQueue:
         fires once the kernel has released the part it took)."""
         queue, self.queue = self.queue, collections.deque()
         self.unsent = 0
-        for w in queue:
-            self._release(w)
+        each(self._release, queue)  # every write, also if a handle raises an interrupt
 
     def _release(self, w: _Write) -> None:
         if w.hold is not None:

@@ -9,6 +9,7 @@ call-and-file step is in :mod:`.socket`; the error queue, which holds every pin,
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import threading
@@ -23,7 +24,7 @@ from ._syscalls import IOV_MAX, MSG_ZEROCOPY
 from .policy import Mode, ZeroCopyPolicy
 from .tracker import CompletionTracker
 
-__all__ = ["PySendPath", "SendPath", "Sender", "ZeroCopyStats"]
+__all__ = ["PySendPath", "SendPath", "Sender", "ZeroCopyStats", "count_sent"]
 
 _NO_ANCDATA = ((),)
 _FLAT = (bytes, bytearray)
@@ -48,6 +49,13 @@ class ZeroCopyStats:
     """``auto`` calls refused with ENOBUFS (optmem or locked pages) and sent copied."""
     duplicates: int = 0
     """Completion ids that matched no outstanding call (a healthy socket: 0)."""
+
+
+def count_sent(exc: BaseException, items: int) -> None:
+    """Add ``items`` to ``exc.items_sent``: how many items of a batch had been sent when
+    ``exc`` was raised (an interrupt between two of them, an error)."""
+    with contextlib.suppress(AttributeError):  # (an exception class with __slots__)
+        exc.items_sent = getattr(exc, "items_sent", 0) + items  # type: ignore[attr-defined]
 
 
 class PySendPath:
@@ -281,6 +289,7 @@ class Sender(SendPath):
         now = time.monotonic()
         policy = self.policy
         zerocopy = None
+        probe = False  # the item after the run was answered "zero-copy" (a probe)
         run: list[IoVec] = []
         for iov in iovs[:MMSG_MAX]:
             nbytes = iov.nbytes
@@ -288,14 +297,45 @@ class Sender(SendPath):
             if zerocopy is None:
                 zerocopy = wants
             elif wants is not zerocopy:
+                # Only a copying policy's probe can answer "zero-copy" inside a copied
+                # run; that answer moved it to PROBING, and is kept: the item goes next.
+                probe = wants
                 break
             run.append(iov)
+        k = self._send_run(run, destructors, bool(zerocopy), flags, deadline, now)
+        if probe:
+            if k < len(run):
+                policy.unsent(now)  # the probe does not go out now (PROBE_FAILED)
+                return k
+            try:
+                k += self._send_run(iovs[k : k + 1], destructors[k:], True, flags, deadline, now)
+            except Exception:
+                pass  # as sendmmsg: a later datagram's error is met when it is sent again
+            except BaseException as exc:
+                count_sent(exc, k)
+                raise
+        return k
+
+    def _send_run(
+        self,
+        run: list[IoVec],
+        destructors: list[FragDestructor | None],
+        zerocopy: bool,
+        flags: int,
+        deadline: float | None,
+        now: float,
+    ) -> int:
+        """One batch call of the datagrams ``run``, all copied or all zero-copy (pinned,
+        filed with their ids); returns how many were sent (the first one's error is
+        raised, after ENOBUFS handling as for one send)."""
         if not zerocopy:
             k = self.copied_many([iov.views for iov in run], flags)
             self.after_send()
             return k
+        tracker = self.tracker
         pins = [Pin(iov.views[:], iov.owners[:]) for iov in run]
         taken = 0
+        first_id = tracker.next_id
         try:
             # Taken before the kernel sees the pages, so none can fire while it reads them.
             for pin, iov, destructor in zip(pins, run, destructors, strict=False):
@@ -303,21 +343,29 @@ class Sender(SendPath):
                     pin.take(self.eq, destructor)
                 taken += 1
             k = self.file_many(pins, flags | MSG_ZEROCOPY)
+            if k < len(pins):
+                # A datagram the kernel refused after taking the id of its notification
+                # (see CompletionTracker.failed_send) must not shift every later id:
+                # settled before anything else runs.
+                self.eq.settle_failed_send()
         except BaseException as exc:
-            for pin in pins[1:taken]:
-                pin.release(self.eq)  # never handed over: only the first is retried
-            if not taken:
+            # Filed pins are the kernel's (an interrupt may land between two filings of
+            # the pure core): how many were is told by the ids they took, not by the
+            # filings, which another thread's drain may have taken in meanwhile.
+            filed = (tracker.next_id - first_id) & 0xFFFFFFFF
+            for pin in pins[max(filed, 1) : taken]:
+                pin.release(self.eq)  # never handed over
+            if filed or not taken:
+                if filed and isinstance(exc, Exception):
+                    return filed  # as sendmmsg: a later datagram's error is not reported
+                count_sent(exc, filed)
                 raise
-            self.unfiled(pins[0], exc, run[0].nbytes, flags, deadline, now)
+            self.unfiled(pins[0], exc, run[0].nbytes, flags, deadline, now)  # ENOBUFS...
             return 1
         for pin in pins[k:]:
             pin.release(self.eq)  # not taken by the kernel this time
-        if k < len(pins):
-            # A datagram the kernel refused after taking the id of its notification
-            # (see CompletionTracker.failed_send) must not shift every later id.
-            self.eq.settle_failed_send()
         self.since_poll += k  # after_send(), inlined
-        if self.since_poll >= self.batch or self.tracker.early:
+        if self.since_poll >= self.batch or tracker.early:
             self.poll()
         return k
 

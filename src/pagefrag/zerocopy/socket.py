@@ -73,7 +73,7 @@ from ..errors import (
 )
 from ._deadline import acquire_within, deadline_after
 from ._errqueue import ErrorQueue, queued_error
-from ._sender import MMSG_MAX, Sender, ZeroCopyStats
+from ._sender import MMSG_MAX, Sender, ZeroCopyStats, count_sent
 from ._syscalls import (
     IOV_MAX,
     MSG_DONTWAIT,
@@ -237,8 +237,10 @@ class ZeroCopySocket:
         ``destructors[i]``, if given, is held until the kernel has released every page of
         ``items[i]``; on a stream that item must be plain memory (a Frag, SkBuff or
         PoolBuffer brings destructors of its own: ``ValueError``). Bad input raises
-        before anything is sent. A datagram that fails raises its error with
-        ``items_sent`` set on the exception: the items before it were sent. Kernel:
+        before anything is sent. An error (or an interrupt) raised midway carries
+        ``items_sent``: the items before it were sent. As with ``sendmmsg``, a datagram
+        refused after others in its batch is tried again as the first of the next batch,
+        and its error raised only if it fails then too. Kernel:
         ``sendmmsg``/``sendmsg`` with ``MSG_ZEROCOPY``.
 
         Refs: as :meth:`send`, for each datagram or call."""
@@ -286,8 +288,8 @@ class ZeroCopySocket:
                         done += self._tx.call_many(iovs[done:end], ds[done:end], flags, deadline)
                     except BlockingIOError:
                         self._eq.wait_writable(deadline)
-            except Exception as exc:
-                exc.items_sent = done  # type: ignore[attr-defined]  # what to send again
+            except BaseException as exc:
+                count_sent(exc, done)  # the caller learns what to send again
                 raise
         return done
 
