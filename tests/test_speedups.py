@@ -487,3 +487,35 @@ def test_compiled_remove_done_callback_finds_it_when_the_list_shifts_during_eq()
     assert d.remove_done_callback(target) is True
     assert d._callbacks == [b]
     d.unref()
+
+
+@pytest.mark.parametrize(
+    ("module", "warning"),
+    [
+        ("API = 1\nclass FragDestructor: pass\n", "built from other sources"),
+        ("raise ImportError('undefined symbol: __pyx_something')\n", "does not load"),
+    ],
+    ids=["stale", "broken"],
+)
+def test_a_stale_or_broken_build_is_not_used_and_says_so(
+    tmp_path: Any, module: str, warning: str
+) -> None:
+    # Before: a build left from older sources was imported as the compiled core (the
+    # import of pagefrag then failed on a name it lacks), a broken one passed in silence.
+    pkg = tmp_path / "pagefrag"
+    shutil.copytree(
+        os.path.join(SRC, "pagefrag"), pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__")
+    )
+    (pkg / "_speedups.py").write_text(module)
+    env = {k: v for k, v in os.environ.items() if k != "PAGEFRAG_PURE_PYTHON"}
+    env["PYTHONPATH"] = str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", "import pagefrag; print(pagefrag.implementation)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "python"
+    assert out.stderr.count(warning) == 1, out.stderr

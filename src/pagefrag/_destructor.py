@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, NoReturn, SupportsIndex, TypeVar
 
@@ -243,11 +244,37 @@ class FragDestructor:
 # ``isinstance(x, FragDestructor)`` and the ``type(d) is FragDestructor`` fast path true.
 PyFragDestructor = FragDestructor
 
+SPEEDUPS_API = 2
+"""The version of the compiled core's contents this source expects (its ``API``): a
+build left from older sources (an editable checkout not rebuilt) is not used."""
+
+
+def _compiled() -> Any:
+    """The compiled core, or None (with one warning when one exists but cannot serve)."""
+    try:
+        from . import _speedups
+    except ImportError as exc:
+        if exc.name != f"{__package__}._speedups":  # built, but it does not load
+            warnings.warn(
+                f"pagefrag: the compiled core does not load ({exc}); using the pure-Python core",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None  # not built (no compiler at install): the pure core
+    if getattr(_speedups, "API", None) != SPEEDUPS_API:
+        warnings.warn(
+            "pagefrag: the compiled core was built from other sources (rebuild it: "
+            "pip install -e .); using the pure-Python core",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return _speedups
+
+
 implementation = "python"
 if not TYPE_CHECKING and os.environ.get("PAGEFRAG_PURE_PYTHON", "") in ("", "0"):
-    try:
-        from ._speedups import FragDestructor
-    except ImportError:  # not built (no compiler at install): the pure core
-        pass
-    else:
+    _core = _compiled()
+    if _core is not None:
+        FragDestructor = _core.FragDestructor
         implementation = "compiled"

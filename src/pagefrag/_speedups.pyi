@@ -10,6 +10,8 @@ from typing import Any, Generic, TypeVar
 
 from . import leaks
 
+API: int
+
 class FragDestructor:
     data: Any
     name: str | None

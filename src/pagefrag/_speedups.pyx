@@ -26,6 +26,8 @@ from pagefrag._buffers import as_timeout
 from pagefrag._unraisable import await_done, report_unraisable
 from pagefrag.errors import DestructorError
 
+API = 2  # what pagefrag._destructor.SPEEDUPS_API expects: raise both when contents change
+
 # leaks.enabled read straight from the module's dict (set_level rebinds it there): one
 # dict lookup per creation instead of a module attribute lookup (measured: ~12 % of
 # create+ref+unref+fire).
