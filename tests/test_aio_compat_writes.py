@@ -424,11 +424,12 @@ def _next_send_polls(writer: Any) -> None:
     """Make the writer's next send call read the error queue, where the completion of an
     earlier zero-copy write waits: sleep without giving the loop a turn (so it does not
     read the completion itself), then make small writes until the kernel bridge's poll
-    cadence (every 16 sends; internal, read from ``_tx.since_poll``) is one call away."""
+    cadence (every ``completion_batch`` sends; internal, read from ``_tx.since_poll`` and
+    ``_tx.batch``) is one call away."""
     time.sleep(0.1)  # a loopback completion takes microseconds; the loop does not run
     sender = writer.transport._zs._tx
-    for _ in range(64):
-        if sender.since_poll % 16 == 15:
+    for _ in range(4 * sender.batch):
+        if sender.since_poll % sender.batch == sender.batch - 1:
             return
         writer.write(b"f")
     raise AssertionError("the poll cadence was not reached")
