@@ -61,8 +61,8 @@ MUTANTS = [
     (
         "aio: the write queue drops its references at once",
         "src/pagefrag/aio/_writes.py",
-        "            hold.take(holder)\n",
-        "            hold.take(holder)\n            hold.release(holder)\n",
+        "                    hold.take(holder)\n",
+        "                    hold.take(holder)\n                    hold.release(holder)\n",
         POISON[1:2],
     ),
     (
@@ -114,7 +114,10 @@ def run(i: int, name: str, path: str, old: str, new: str, tests: list[str]) -> b
         text = f.read_text()
         if text.count(old) != 1:
             raise SystemExit(f"M{i} {name}: the code to mutate is not found once in {path}")
-        f.write_text(text.replace(old, new))
+        mutated = text.replace(old, new)
+        if path.endswith(".py"):
+            compile(mutated, path, "exec")  # a mutant that does not parse kills nothing
+        f.write_text(mutated)
         env = {**os.environ, "PYTHONPATH": str(d / "src")}
         t0 = time.monotonic()
         if path.endswith(".pyx"):  # a mutant of the compiled core: rebuild it
