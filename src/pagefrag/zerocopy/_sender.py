@@ -14,6 +14,7 @@ import errno
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -150,6 +151,24 @@ class PySendPath:
             self.copied_bytes += n
             self.since_poll += 1  # the next call that polls reads what is due
             return n
+
+    def flat_copies(self, items: Sequence[object]) -> bool:
+        """Whether every item is ``bytes`` or a ``bytearray`` the policy copies without
+        asking (the compiled twin also takes 1-D byte memoryviews, on a socket without a
+        timeout): then :meth:`copied_flat` sends them.
+
+        Refs: none."""
+        copy_below = self.policy.copy_below
+        return all(type(x) in _FLAT and len(x) < copy_below for x in items)  # type: ignore[arg-type]
+
+    def copied_flat(self, items: Sequence[object], start: int, flags: int) -> int:
+        """Datagrams ``items[start:start + MMSG_MAX]`` (accepted by :meth:`flat_copies`)
+        copied; returns how many the kernel took (OSError when none). The compiled twin
+        makes one ``sendmmsg`` straight from their buffers.
+
+        Refs: none."""
+        batch = items[start : start + MMSG_MAX]
+        return self.copied_many([[memoryview(x)] for x in batch], flags)  # type: ignore[arg-type]
 
     def send(self, data: object, destructor: FragDestructor | None) -> int:
         """:meth:`send_flat` under the send lock, unless the socket is :attr:`blocked` or

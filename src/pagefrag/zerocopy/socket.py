@@ -62,6 +62,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 from .._buffers import as_timeout
 from .._destructor import FragDestructor
@@ -246,16 +247,22 @@ class ZeroCopySocket:
         Refs: as :meth:`send`, for each datagram or call."""
         if isinstance(items, (bytes, bytearray, memoryview)):
             raise TypeError("send_many takes a sequence of items, not one buffer: use send()")
-        iovs = [IoVec.of(item) for item in items]
+        items = list(items)
         if destructors is None:
-            ds: list[FragDestructor | None] = [None] * len(iovs)
+            ds: list[FragDestructor | None] = [None] * len(items)
         else:
             ds = list(destructors)
-            if len(ds) != len(iovs):
-                raise ValueError(f"{len(ds)} destructors for {len(iovs)} items")
+            if len(ds) != len(items):
+                raise ValueError(f"{len(ds)} destructors for {len(items)} items")
             for d in ds:
-                check_destructor(d)
+                if d is not None and type(d) is not FragDestructor:
+                    check_destructor(d)
         deadline = deadline_after(timeout)
+        if not self._stream and self._tx.flat_copies(items):
+            # The hot path: plain buffers the policy copies (destructors are not held for
+            # copies: the kernel copied the bytes before the call returned).
+            return self._send_batches(items, ds, deadline, flat=True)
+        iovs = [IoVec.of(item) for item in items]
         if self._stream:
             views: list[memoryview] = []
             owners: list[FragDestructor | None] = []
@@ -276,16 +283,33 @@ class ZeroCopySocket:
                 raise ValueError(
                     f"a datagram of {len(iov.views)} pieces: one sendmsg takes at most {IOV_MAX}"
                 )
+        return self._send_batches(iovs, ds, deadline, flat=False)
+
+    def _send_batches(
+        self,
+        items: list[Any],
+        ds: list[FragDestructor | None],
+        deadline: float | None,
+        *,
+        flat: bool,
+    ) -> int:
+        """Datagrams in batches under the send lock, until all are sent: ``items`` are
+        plain buffers to copy (``flat``) or iovecs. Returns how many."""
         flags = MSG_DONTWAIT if deadline is not None else 0
+        tx = self._tx
         done = 0
         with self._send_lock:
             try:
-                while done < len(iovs):
+                while done < len(items):
                     if self._blocked or self._eq.errors:
                         self._refuse()
                     try:
-                        end = done + MMSG_MAX
-                        done += self._tx.call_many(iovs[done:end], ds[done:end], flags, deadline)
+                        if flat:
+                            done += tx.copied_flat(items, done, flags)
+                            tx.after_send()
+                        else:
+                            end = done + MMSG_MAX
+                            done += tx.call_many(items[done:end], ds[done:end], flags, deadline)
                     except BlockingIOError:
                         self._eq.wait_writable(deadline)
             except BaseException as exc:
