@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +22,10 @@ except ImportError:  # pragma: no cover - uvloop is in the test extras on Linux
     uvloop = None
 
 from pagefrag import FragDestructor, aio
+from pagefrag.testing.netlab import NetLab
+from pagefrag.zerocopy import ZeroCopySocket, tcp_info
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
 class Receiver:
@@ -128,3 +137,72 @@ def run_on(loop: str, coro: Awaitable[Any], timeout: float = 60) -> Any:
     if loop == "uvloop":
         return uvloop.run(asyncio.wait_for(coro, timeout))
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def python_in_child(code: str, *, pure: bool, path: str = SRC) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter importing pagefrag from ``path`` (the pure
+    core if ``pure``, else whichever it selects); raises if it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "PAGEFRAG_PURE_PYTHON"}
+    if pure:
+        env["PAGEFRAG_PURE_PYTHON"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
+    argv = [sys.executable, "-c", code]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True)
+
+
+Items = list[tuple[bytearray, FragDestructor]]
+
+
+def poison_run(
+    lab: NetLab,
+    send: Callable[[ZeroCopySocket, Items], None],
+    *,
+    buf_size: int,
+    pool_size: int,
+    total: int,
+    batch: int = 1,
+) -> ZeroCopySocket:
+    """The seed's bug, caught or not: ``total`` bytes of counters go out through ``send``
+    (``batch`` buffers at a time, each with its destructor) from a pool whose buffers are
+    poisoned and reused the moment their destructor fires, under 2 % loss, so TCP
+    retransmits from those very pages. Asserts that not one poison byte reached the
+    receiver, that the loss caused retransmits and that every destructor fired once;
+    returns the closed socket (for its stats)."""
+    lab.add_loss(2)
+    client, server = lab.tcp_pair()
+    rx = VerifyingReceiver(server)
+    zs = ZeroCopySocket(client, zerocopy="always")
+    pool = [bytearray(buf_size) for _ in range(pool_size)]
+    free: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(pool_size):
+        free.put(i)
+    fired = Fired()
+
+    def release(idx: int) -> None:
+        pool[idx][:] = bytes([POISON]) * buf_size  # the owner reuses the memory at once
+        free.put(idx)
+
+    deadline = time.monotonic() + 120
+    n = 0
+    for offset in range(0, total, buf_size * batch):
+        items: Items = []
+        for k in range(batch):
+            while free.empty():
+                assert time.monotonic() < deadline, "no buffer came back"
+                zs.poll_completions(timeout=0.2)
+            idx = free.get()
+            np.frombuffer(pool[idx], dtype=np.uint8)[:] = counters(offset + k * buf_size, buf_size)
+            items.append((pool[idx], fired.make(n, then=lambda idx=idx: release(idx))))
+            n += 1
+        send(zs, items)
+        for _, d in items:
+            d.unref()
+    retransmits = tcp_info(client).total_retrans
+    zs.close(timeout=60)
+    rx.join(60)
+    assert lab.dropped() > 0, "the loss rule dropped nothing"
+    assert retransmits > 0, "2 % loss must cause TCP retransmits"
+    assert rx.received == total
+    assert rx.poison_bytes == 0 and rx.bad_bytes == 0
+    assert fired.once_each(range(n))
+    return zs

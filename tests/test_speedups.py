@@ -13,13 +13,13 @@ import importlib.util
 import os
 import re
 import shutil
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import python_in_child
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -46,19 +46,9 @@ needs_compiled = pytest.mark.skipif(
 
 
 def implementation_in_child(pure: bool) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "PAGEFRAG_PURE_PYTHON"}
-    if pure:
-        env["PAGEFRAG_PURE_PYTHON"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
-    out = subprocess.run(
-        [sys.executable, "-c", "import pagefrag; print(pagefrag.implementation)"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return out.stdout.strip()
+    return python_in_child(
+        "import pagefrag; print(pagefrag.implementation)", pure=pure
+    ).stdout.strip()
 
 
 # -- selection ------------------------------------------------------------------------------
@@ -507,15 +497,8 @@ def test_a_stale_or_broken_build_is_not_used_and_says_so(
         os.path.join(SRC, "pagefrag"), pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__")
     )
     (pkg / "_speedups.py").write_text(module)
-    env = {k: v for k, v in os.environ.items() if k != "PAGEFRAG_PURE_PYTHON"}
-    env["PYTHONPATH"] = str(tmp_path)
-    out = subprocess.run(
-        [sys.executable, "-c", "import pagefrag; print(pagefrag.implementation)"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+    out = python_in_child(
+        "import pagefrag; print(pagefrag.implementation)", pure=False, path=str(tmp_path)
     )
     assert out.stdout.strip() == "python"
     assert out.stderr.count(warning) == 1, out.stderr

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers import python_in_child
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -51,23 +50,11 @@ BOTH = [PyCompletionTracker] + ([CTracker] if CTracker is not None else [])
 
 # -- selection ------------------------------------------------------------------------------
 def tracker_in_child(pure: bool) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "PAGEFRAG_PURE_PYTHON"}
-    if pure:
-        env["PAGEFRAG_PURE_PYTHON"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
     code = (
         "import pagefrag.zerocopy.tracker as t; "
         "print(t.CompletionTracker.__module__, t.PyCompletionTracker.__module__)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return out.stdout.strip()
+    return python_in_child(code, pure=pure).stdout.strip()
 
 
 def test_the_tracker_follows_the_selected_implementation() -> None:

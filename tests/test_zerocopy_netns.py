@@ -5,58 +5,28 @@ namespaces and deletes them, also on failure."""
 from __future__ import annotations
 
 import fcntl
-import queue
 import socket
 import struct
 import termios
 import time
 
-import numpy as np
 import pytest
-from helpers import POISON, Fired, Receiver, VerifyingReceiver, counters
+from helpers import Fired, Receiver, poison_run
 
 from pagefrag import FragDestructor
 from pagefrag.testing.netlab import NetLab
-from pagefrag.zerocopy import ZeroCopySocket, tcp_info
+from pagefrag.zerocopy import ZeroCopySocket
 
 
 def test_poison_after_release_under_loss(lab: NetLab) -> None:
-    """The seed's bug, caught or not: a buffer is poisoned and reused the moment its
-    destructor fires; with 2 % loss TCP retransmits from those very pages. Not one
-    poison byte may reach the receiver."""
-    lab.add_loss(2)
-    client, server = lab.tcp_pair()
-    rx = VerifyingReceiver(server)
-    zs = ZeroCopySocket(client, zerocopy="always")
-    buf_size, pool_size, total = 1 << 20, 6, 64 << 20
-    pool = [bytearray(buf_size) for _ in range(pool_size)]
-    free: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for i in range(pool_size):
-        free.put(i)
-    fired = Fired()
+    """The seed's bug through ``sendall``: not one poison byte may reach the receiver."""
+    total, buf_size = 64 << 20, 1 << 20
 
-    def release(idx: int) -> None:
-        pool[idx][:] = bytes([POISON]) * buf_size  # the owner reuses the memory at once
-        free.put(idx)
+    def send(zs: ZeroCopySocket, items: list[tuple[bytearray, FragDestructor]]) -> None:
+        for buf, d in items:
+            zs.sendall(buf, destructor=d, timeout=60)
 
-    deadline = time.monotonic() + 120
-    for n, offset in enumerate(range(0, total, buf_size)):
-        while free.empty():
-            assert time.monotonic() < deadline, "no buffer came back"
-            zs.poll_completions(timeout=0.2)
-        idx = free.get()
-        np.frombuffer(pool[idx], dtype=np.uint8)[:] = counters(offset, buf_size)
-        d = fired.make(n, then=lambda idx=idx: release(idx))
-        zs.sendall(pool[idx], destructor=d, timeout=60)
-        d.unref()
-    retransmits = tcp_info(client).total_retrans
-    zs.close(timeout=60)
-    rx.join(60)
-    assert lab.dropped() > 0, "the loss rule dropped nothing"
-    assert rx.received == total
-    assert rx.poison_bytes == 0 and rx.bad_bytes == 0
-    assert retransmits > 0, "2 % loss must cause TCP retransmits"
-    assert fired.once_each(range(total // buf_size))
+    zs = poison_run(lab, send, buf_size=buf_size, pool_size=6, total=total)
     assert zs.stats.completions == zs.stats.zerocopy_sends >= total // buf_size
 
 
@@ -145,45 +115,17 @@ def test_close_with_data_in_flight_flushes_first(lab: NetLab) -> None:
 
 def test_poison_after_release_through_send_under_loss(lab: NetLab) -> None:
     """The seed's bug through ``send`` (the compiled core's one-call path: a plain buffer,
-    its destructor's reference, the system call and the filing in C): each buffer is
-    poisoned and reused the moment its destructor fires, under 2 % loss."""
-    lab.add_loss(2)
-    client, server = lab.tcp_pair()
-    rx = VerifyingReceiver(server)
-    zs = ZeroCopySocket(client, zerocopy="always")
-    buf_size, pool_size, total = 1 << 18, 8, 32 << 20
-    pool = [bytearray(buf_size) for _ in range(pool_size)]
-    free: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for i in range(pool_size):
-        free.put(i)
-    fired = Fired()
+    its destructor's reference, the system call and the filing in C)."""
 
-    def release(idx: int) -> None:
-        pool[idx][:] = bytes([POISON]) * buf_size  # the owner reuses the memory at once
-        free.put(idx)
+    def send(zs: ZeroCopySocket, items: list[tuple[bytearray, FragDestructor]]) -> None:
+        deadline = time.monotonic() + 60
+        for buf, d in items:
+            view, sent = memoryview(buf), 0
+            while sent < len(buf):  # send() takes what fits: the rest goes as a view
+                assert time.monotonic() < deadline, "the send did not finish"
+                sent += zs.send(view[sent:], destructor=d)
 
-    deadline = time.monotonic() + 120
-    for n, offset in enumerate(range(0, total, buf_size)):
-        while free.empty():
-            assert time.monotonic() < deadline, "no buffer came back"
-            zs.poll_completions(timeout=0.2)
-        idx = free.get()
-        np.frombuffer(pool[idx], dtype=np.uint8)[:] = counters(offset, buf_size)
-        d = fired.make(n, then=lambda idx=idx: release(idx))
-        view, sent = memoryview(pool[idx]), 0
-        while sent < buf_size:  # send() takes what fits: the rest goes as a view
-            assert time.monotonic() < deadline, "the send did not finish"
-            sent += zs.send(view[sent:], destructor=d)
-        del view
-        d.unref()
-    retransmits = tcp_info(client).total_retrans
-    zs.close(timeout=60)
-    rx.join(60)
-    assert lab.dropped() > 0, "the loss rule dropped nothing"
-    assert retransmits > 0, "2 % loss must cause TCP retransmits"
-    assert rx.received == total
-    assert rx.poison_bytes == 0 and rx.bad_bytes == 0
-    assert fired.once_each(range(total // buf_size))
+    poison_run(lab, send, buf_size=1 << 18, pool_size=8, total=32 << 20)
 
 
 def test_a_failed_datagram_send_that_used_an_id_keeps_accounting_right(

@@ -1140,8 +1140,13 @@ cdef class CompletionTracker:
     def sent(self, token, nbytes):
         """Record one send call the kernel accepted with ``MSG_ZEROCOPY``; returns its id."""
         cdef long long n = _tr_index(nbytes)  # a TypeError before anything is filed
-        # The tuple is made before the id is drawn: an allocation that starts a
-        # collection (finalizers: another thread may file meanwhile) comes before.
+        sid = self._file(nbytes, token)
+        return <unsigned long long>(<long long>sid) & _TR_U32
+
+    cdef object _file(self, object nbytes, object token):
+        """File ``(nbytes, the next id, token)``; returns the id. The tuple is made
+        before the id is drawn: an allocation that starts a collection (finalizers:
+        another thread may file meanwhile) comes before."""
         entry = PyTuple_New(3)
         Py_INCREF(nbytes)
         PyTuple_SET_ITEM(entry, 0, nbytes)
@@ -1151,7 +1156,7 @@ cdef class CompletionTracker:
         Py_INCREF(sid)
         PyTuple_SET_ITEM(entry, 1, sid)
         self._append(entry)
-        return <unsigned long long>(<long long>sid) & _TR_U32
+        return sid
 
     def absorb(self):
         """Take in what was filed since the last call. Returns the tokens of filings
@@ -1326,17 +1331,7 @@ cdef class CompletionTracker:
             raise RuntimeError("settle_failed must directly follow failed_send")
         if failed not in self.early:
             return False
-        # File an already-completed placeholder; the tuple made before the id is drawn.
-        entry = PyTuple_New(3)
-        zero = 0
-        Py_INCREF(zero)
-        PyTuple_SET_ITEM(entry, 0, zero)
-        Py_INCREF(_TR_USED)
-        PyTuple_SET_ITEM(entry, 2, _TR_USED)
-        nsid = next(self.ids)
-        Py_INCREF(nsid)
-        PyTuple_SET_ITEM(entry, 1, nsid)
-        self._append(entry)
+        self._file(0, _TR_USED)  # an already-completed placeholder
         self.ids_used_by_failed_sends += 1
         return True
 

@@ -20,7 +20,7 @@ import select
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import cycle, islice
 from pathlib import Path
@@ -168,32 +168,55 @@ def run_bare_zerocopy(sock: socket.socket, work: Work, seconds: float) -> Run:
     return r
 
 
-def run_pagefrag(mode: str, destructor: bool = True) -> Runner:
-    """``ZeroCopySocket(zerocopy=mode).send``, with a :class:`FragDestructor` per send
-    (fired by the kernel's completion) or, ``destructor=False``, none."""
+Batch = Callable[[ZeroCopySocket, Iterator[memoryview], list[float]], int]
+"""Sends one batch of :data:`BATCH` slices from the cycle; returns the bytes taken."""
+
+
+def _sends(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]) -> int:
+    nbytes = 0
+    send = zs.send
+    d = FragDestructor(_stamp, (lat, now()))
+    nbytes += send(next(views), destructor=d)
+    d.unref()
+    for view in islice(views, BATCH - 1):
+        d = FragDestructor(_released)
+        nbytes += send(view, destructor=d)
+        d.unref()
+    return nbytes
+
+
+def _sends_bare(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]) -> int:
+    nbytes = 0
+    send = zs.send
+    for view in islice(views, BATCH):
+        nbytes += send(view)
+    return nbytes
+
+
+def _send_many(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]) -> int:
+    items = list(islice(views, BATCH))
+    ds = [FragDestructor(_stamp, (lat, now()))]
+    ds += [FragDestructor(_released) for _ in range(BATCH - 1)]
+    zs.send_many(items, destructors=ds)
+    for d in ds:
+        d.unref()
+    return sum(map(len, items))
+
+
+def _zerocopy_socket(mode: str, batch: Batch) -> Runner:
+    """A runner: ``ZeroCopySocket(zerocopy=mode)``, ``batch`` until the time is up, then
+    every completion read (or, interrupted, an abort that does not wait)."""
 
     def run(sock: socket.socket, work: Work, seconds: float) -> Run:
         zs = ZeroCopySocket(sock, zerocopy=mode)
         r = Run()
-        lat = r.latencies
-        send = zs.send
         views = cycle(work.views)
         nbytes = calls = 0
         done = False
         try:
             end = now() + seconds
             while True:
-                if destructor:
-                    d = FragDestructor(_stamp, (lat, now()))
-                    nbytes += send(next(views), destructor=d)
-                    d.unref()
-                    for view in islice(views, BATCH - 1):
-                        d = FragDestructor(_released)
-                        nbytes += send(view, destructor=d)
-                        d.unref()
-                else:
-                    for view in islice(views, BATCH):
-                        nbytes += send(view)
+                nbytes += batch(zs, views, r.latencies)
                 calls += BATCH
                 if now() >= end:
                     break
@@ -213,6 +236,19 @@ def run_pagefrag(mode: str, destructor: bool = True) -> Runner:
         return r
 
     return run
+
+
+def run_pagefrag(mode: str, destructor: bool = True) -> Runner:
+    """``ZeroCopySocket(zerocopy=mode).send``, with a :class:`FragDestructor` per send
+    (fired by the kernel's completion) or, ``destructor=False``, none."""
+    return _zerocopy_socket(mode, _sends if destructor else _sends_bare)
+
+
+def run_pagefrag_many(mode: str) -> Runner:
+    """``ZeroCopySocket(zerocopy=mode).send_many`` of batches of 32 slices, a
+    :class:`FragDestructor` per item (datagrams: one ``sendmmsg`` per batch with the
+    compiled core; a stream: one iovec)."""
+    return _zerocopy_socket(mode, _send_many)
 
 
 def run_asyncio_streams(sock: socket.socket, work: Work, seconds: float) -> Run:
@@ -243,47 +279,6 @@ def _stamp_handle(latencies: list[float], start: float) -> Callable[[object], No
         latencies.append(now() - start)
 
     return record
-
-
-def run_pagefrag_many(mode: str) -> Runner:
-    """``ZeroCopySocket(zerocopy=mode).send_many`` of batches of 32 slices, a
-    :class:`FragDestructor` per item (datagrams: one ``sendmmsg`` per batch with the
-    compiled core; a stream: one iovec)."""
-
-    def run(sock: socket.socket, work: Work, seconds: float) -> Run:
-        zs = ZeroCopySocket(sock, zerocopy=mode)
-        r = Run()
-        lat = r.latencies
-        views = cycle(work.views)
-        nbytes = calls = 0
-        done = False
-        try:
-            end = now() + seconds
-            while True:
-                items = list(islice(views, BATCH))
-                ds = [FragDestructor(_stamp, (lat, now()))]
-                ds += [FragDestructor(_released) for _ in range(BATCH - 1)]
-                zs.send_many(items, destructors=ds)
-                for d in ds:
-                    d.unref()
-                nbytes += BATCH * work.size
-                calls += BATCH
-                if now() >= end:
-                    break
-            zs.flush(timeout=DRAIN_LIMIT)
-            done = True
-            stats = zs.stats
-        finally:
-            if not done:
-                with contextlib.suppress(Exception):
-                    zs.abort(timeout=1)
-        zs.close(timeout=1)
-        r.bytes, r.messages = nbytes, calls
-        r.zerocopy_calls = stats.zerocopy_sends
-        r.completions, r.copied = stats.completions, stats.copied_completions
-        return r
-
-    return run
 
 
 def run_pagefrag_aio(sock: socket.socket, work: Work, seconds: float) -> Run:

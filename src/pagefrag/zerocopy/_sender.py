@@ -196,24 +196,26 @@ class PySendPath:
             n: int = self.sock.send(data)  # type: ignore[arg-type]
             self.copied_sends += 1
             self.copied_bytes += n
-        elif nbytes and nbytes >= policy.zerocopy_from:
-            pin = Pin([memoryview(data)])  # type: ignore[arg-type]  # bound before it holds
-            try:
-                if destructor is not None:
-                    pin.take(self.eq, destructor)
-                n = self.file(pin, MSG_ZEROCOPY)
-            except BaseException as exc:
-                return self.unfiled(pin, exc, nbytes, 0, None, None)
-            if n < nbytes and pin.refs:
-                self.eq.trim(pin, n)
-        else:
-            return -1
-        self.since_poll += 1
-        if self.since_poll >= self.batch or self.tracker.early:
-            self.poll()
-        return n
+            self.after_send()
+            return n
+        if not nbytes or nbytes < policy.zerocopy_from:
+            return -1  # the policy must be asked (a probe may be due)
+        pin = Pin([memoryview(data)])  # type: ignore[arg-type]  # bound before it holds
+        try:
+            if destructor is not None:
+                pin.take(self.eq, destructor)
+            n = self.file(pin, MSG_ZEROCOPY)
+        except BaseException as exc:
+            return self.unfiled(pin, exc, nbytes, 0, None, None)
+        return self.filed(pin, n, nbytes)
 
-    # Provided by Sender.
+    # Provided by Sender (one copy for both cores).
+    def after_send(self) -> None:
+        raise NotImplementedError
+
+    def filed(self, pin: Pin, n: int, nbytes: int) -> int:
+        raise NotImplementedError
+
     def unfiled(
         self,
         pin: Pin,
