@@ -244,7 +244,7 @@ class FragDestructor:
 # ``isinstance(x, FragDestructor)`` and the ``type(d) is FragDestructor`` fast path true.
 PyFragDestructor = FragDestructor
 
-SPEEDUPS_API = 2
+SPEEDUPS_API = 3
 """The version of the compiled core's contents this source expects (its ``API``): a
 build left from older sources (an editable checkout not rebuilt) is not used."""
 

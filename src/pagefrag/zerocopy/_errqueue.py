@@ -22,8 +22,10 @@ import select
 import socket
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from .._destructor import implementation
 from .._iov import Pin, Unrefs, unref_all
 from ..errors import CompletionTimeoutError, QueuedSocketError, SendBufferError
 from ._deadline import deadline_after, remaining_until
@@ -38,6 +40,10 @@ from .policy import ZeroCopyPolicy
 from .tracker import CompletionTracker, ErrQueueMessage, completion_range, parse_extended_err
 
 __all__ = ["ErrorQueue", "queued_error"]
+
+read_errqueue: Callable[[Callable[[], int], collections.deque[Any]], int] | None = None
+if not TYPE_CHECKING and implementation == "compiled":
+    from .._speedups import read_errqueue
 
 # Arguments of the error-queue reads: map(recvmsg, ...) reads until EAGAIN, in C.
 _RECV_ARGS = (
@@ -69,7 +75,7 @@ class ErrorQueue:
         self.unrefs = Unrefs()
         self.lock = threading.Lock()
         self.errors: collections.deque[ErrQueueMessage] = collections.deque()
-        self._received: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._received: collections.deque[Any] = collections.deque()
         self._twin: socket.socket | None = None
 
     def drain(self, blocking: bool = True) -> int:
@@ -144,20 +150,30 @@ class ErrorQueue:
         released = self._release(tracker.absorb())
         received = self._received
         sock = self.sock
-        # A socket with a timeout would wait for *data* before an error-queue read:
-        # read through a twin descriptor without one (changing the timeout of the
-        # shared socket would disturb a concurrent sender).
-        reader = sock if not sock.gettimeout() else self._timeoutless()
-        with contextlib.suppress(BlockingIOError, InterruptedError):  # until it is empty
-            received.extend(map(reader.recvmsg, *_RECV_ARGS))
+        if read_errqueue is not None:
+            # The compiled reader: recvmsg in C, completions parsed as they are read.
+            read_errqueue(sock.fileno, received)
+        else:
+            # A socket with a timeout would wait for *data* before an error-queue read:
+            # read through a twin descriptor without one (changing the timeout of the
+            # shared socket would disturb a concurrent sender).
+            reader = sock if not sock.gettimeout() else self._timeoutless()
+            with contextlib.suppress(BlockingIOError, InterruptedError):  # until empty
+                received.extend(map(reader.recvmsg, *_RECV_ARGS))
         while received:
-            for level, kind, payload in received[0][1]:
-                if (level, kind) in RECVERR_CMSGS:
-                    done = completion_range(payload)
-                    if done is None:  # a socket error (ICMP, local): for the caller
-                        self.errors.append(parse_extended_err(payload))  # type: ignore[arg-type]
-                    else:
-                        released += self._completed(*done)
+            item = received[0]
+            if type(item) is bytes:  # the compiled reader's socket error
+                self.errors.append(parse_extended_err(item))  # type: ignore[arg-type]
+            elif len(item) == 3:  # the compiled reader's completion
+                released += self._completed(*item)
+            else:  # a recvmsg result: its control messages
+                for level, kind, payload in item[1]:
+                    if (level, kind) in RECVERR_CMSGS:
+                        done = completion_range(payload)
+                        if done is None:  # a socket error (ICMP, local): for the caller
+                            self.errors.append(parse_extended_err(payload))  # type: ignore[arg-type]
+                        else:
+                            released += self._completed(*done)
             received.popleft()
         return released + self._release(tracker.absorb())
 
