@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,11 +263,15 @@ def sweep_child(variant: str, port: int, count: int) -> None:
     print(json.dumps(asyncio.run(_sweep_client(variant, port, count))))
 
 
-def run_sweep(counts: list[int], rounds: int, json_file: str | None) -> None:
-    """The connection sweep: variants interleaved within each round, medians."""
-    sink = subprocess.Popen(
-        [sys.executable, __file__, "--sweep-sink"], stdout=subprocess.PIPE, text=True
-    )
+Children = Callable[[int, int], Iterator[tuple[tuple[str, str], list[str], float]]]
+
+
+def _sampled(
+    sink_argv: list[str], rounds: int, children: Children
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Start the sink (``python *sink_argv``, on core 1; it prints its port), run every
+    child ``children(port, round)`` names, round after round, and return the medians."""
+    sink = subprocess.Popen([sys.executable, *sink_argv], stdout=subprocess.PIPE, text=True)
     samples: Samples = {}
     try:
         assert sink.stdout is not None
@@ -274,17 +279,24 @@ def run_sweep(counts: list[int], rounds: int, json_file: str | None) -> None:
         if (os.cpu_count() or 1) > 1:
             os.sched_setaffinity(sink.pid, {1})
         for r in range(rounds):
-            for count in counts:
-                # Alternate which variant goes first, round by round.
-                order = SWEEP_VARIANTS if r % 2 == 0 else SWEEP_VARIANTS[::-1]
-                for variant in order:
-                    argv = ("--sweep-child", variant, str(port), str(count))
-                    sample = _run_child(*argv, timeout=600)
-                    samples.setdefault((str(count), variant), []).append(sample)
+            for key, argv, timeout in children(port, r):
+                samples.setdefault(key, []).append(_run_child(*argv, timeout=timeout))
     finally:
         sink.kill()
         sink.wait()
-    results = _medians(samples)
+    return _medians(samples)
+
+
+def run_sweep(counts: list[int], rounds: int, json_file: str | None) -> None:
+    """The connection sweep: variants interleaved within each round, medians."""
+    def children(port: int, r: int) -> Iterator[tuple[tuple[str, str], list[str], float]]:
+        for count in counts:
+            # Alternate which variant goes first, round by round.
+            for variant in SWEEP_VARIANTS if r % 2 == 0 else SWEEP_VARIANTS[::-1]:
+                argv = ["--sweep-child", variant, str(port), str(count)]
+                yield (str(count), variant), argv, 600
+
+    results = _sampled([__file__, "--sweep-sink"], rounds, children)
     report: dict[str, Any] = {
         "machine": machine(),
         "rounds": rounds,
@@ -343,29 +355,14 @@ def main() -> None:
         v, port, size, secs = args.child
         child(v, int(port), int(size), float(secs))
         return
-    sink = subprocess.Popen(
-        [sys.executable, "-m", "pagefrag.bench.sink", "127.0.0.1"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert sink.stdout is not None
-        port = int(sink.stdout.readline())
-        if (os.cpu_count() or 1) > 1:
-            os.sched_setaffinity(sink.pid, {1})
-        samples: Samples = {}
-        for _ in range(args.rounds):
-            for size_name, size in {**SMALL_SIZES, **SIZES}.items():
-                small = size_name in SMALL_SIZES
-                for variant in _small_variants() if small else _variants():
-                    sample = _run_child(
-                        "--child", variant, str(port), str(size), str(args.seconds), timeout=120
-                    )
-                    samples.setdefault((size_name, variant), []).append(sample)
-    finally:
-        sink.kill()
-        sink.wait()
-    results = _medians(samples)
+    def children(port: int, r: int) -> Iterator[tuple[tuple[str, str], list[str], float]]:
+        for size_name, size in {**SMALL_SIZES, **SIZES}.items():
+            small = size_name in SMALL_SIZES
+            for variant in _small_variants() if small else _variants():
+                argv = ["--child", variant, str(port), str(size), str(args.seconds)]
+                yield (size_name, variant), argv, 120
+
+    results = _sampled(["-m", "pagefrag.bench.sink", "127.0.0.1"], args.rounds, children)
     report: dict[str, Any] = {
         "machine": machine(),
         "seconds": args.seconds,
