@@ -1,4 +1,4 @@
-"""Build the optional compiled core, pagefrag._speedups (Cython).
+"""Build the optional compiled core, pagefrag._speedups and pagefrag._uring (Cython).
 
 If it cannot be built (no compiler, no Python headers), the install goes on with the
 pure-Python core and says so once, as aiohttp and yarl do; ``PAGEFRAG_PURE_PYTHON=1`` in
@@ -51,17 +51,25 @@ def extensions() -> list[Extension]:
     Nothing here may fail the install: the pure-Python core always remains."""
     if os.environ.get("PAGEFRAG_PURE_PYTHON", "") not in ("", "0"):
         return []
-    pyx, c = "src/pagefrag/_speedups.pyx", "src/pagefrag/_speedups.c"
-    if not os.path.exists(pyx):
-        if os.path.exists(c):
-            return [Extension("pagefrag._speedups", [c], optional=True)]
-        OptionalBuildExt._fallback_once(FileNotFoundError(pyx))
+    names = ("_speedups", "_uring")
+    pyx = [f"src/pagefrag/{name}.pyx" for name in names]
+    if not all(map(os.path.exists, pyx)):
+        c = [p[:-4] + ".c" for p in pyx]
+        if all(map(os.path.exists, c)):
+            return [
+                Extension(f"pagefrag.{name}", [src], optional=True)
+                for name, src in zip(names, c, strict=True)
+            ]
+        OptionalBuildExt._fallback_once(FileNotFoundError(pyx[0]))
         return []
     try:
         from Cython.Build import cythonize
 
         return cythonize(
-            [Extension("pagefrag._speedups", [pyx], optional=True)],
+            [
+                Extension(f"pagefrag.{name}", [src], optional=True)
+                for name, src in zip(names, pyx, strict=True)
+            ],
             compiler_directives={"language_level": "3"},
         )
     except Exception as exc:  # no Cython, or it failed: the pure core

@@ -74,9 +74,9 @@ from ..errors import (
 )
 from ._deadline import acquire_within, deadline_after
 from ._errqueue import ErrorQueue, queued_error
+from ._items import batch_destructors, datagram_iovecs, stream_iovec
 from ._sender import MMSG_MAX, Sender, ZeroCopyStats, count_sent
 from ._syscalls import (
-    IOV_MAX,
     MSG_DONTWAIT,
     check_connected_inet,
     disconnect,
@@ -245,45 +245,16 @@ class ZeroCopySocket:
         ``sendmmsg``/``sendmsg`` with ``MSG_ZEROCOPY``.
 
         Refs: as :meth:`send`, for each datagram or call."""
-        if isinstance(items, (bytes, bytearray, memoryview)):
-            raise TypeError("send_many takes a sequence of items, not one buffer: use send()")
-        items = list(items)
-        if destructors is None:
-            ds: list[FragDestructor | None] = [None] * len(items)
-        else:
-            ds = list(destructors)
-            if len(ds) != len(items):
-                raise ValueError(f"{len(ds)} destructors for {len(items)} items")
-            for d in ds:
-                if d is not None and type(d) is not FragDestructor:
-                    check_destructor(d)
+        items, ds = batch_destructors(items, destructors)
         deadline = deadline_after(timeout)
         if not self._stream and self._tx.flat_copies(items):
             # The hot path: plain buffers the policy copies (destructors are not held for
             # copies: the kernel copied the bytes before the call returned).
             return self._send_batches(items, ds, deadline, flat=True)
-        iovs = [IoVec.of(item) for item in items]
         if self._stream:
-            views: list[memoryview] = []
-            owners: list[FragDestructor | None] = []
-            for iov, d in zip(iovs, ds, strict=True):
-                if d is not None:
-                    if any(iov.owners):
-                        raise ValueError(
-                            "on a stream, an item with destructors of its own (Frag, SkBuff, "
-                            "PoolBuffer) cannot carry another: send it with sendall()"
-                        )
-                    iov.owners = [d] * len(iov.views)
-                views += iov.views
-                owners += iov.owners
-            self._sendall(IoVec(views, owners), None, deadline)
-            return len(iovs)
-        for iov in iovs:
-            if len(iov.views) > IOV_MAX:
-                raise ValueError(
-                    f"a datagram of {len(iov.views)} pieces: one sendmsg takes at most {IOV_MAX}"
-                )
-        return self._send_batches(iovs, ds, deadline, flat=False)
+            self._sendall(stream_iovec(items, ds), None, deadline)
+            return len(items)
+        return self._send_batches(datagram_iovecs(items), ds, deadline, flat=False)
 
     def _send_batches(
         self,

@@ -1,0 +1,957 @@
+# cython: language_level=3, embedsignature=True, binding=False
+"""The io_uring ring of pagefrag (Cython, on the raw system calls; no liburing).
+
+Kernel counterpart: ``io_uring_setup(2)``, ``io_uring_enter(2)``, ``io_uring_register(2)``
+and the zero-copy sends ``IORING_OP_SEND_ZC`` / ``IORING_OP_SENDMSG_ZC`` (Linux 6.0).
+A zero-copy request yields two completions with the same ``user_data``: the *result*
+(bytes taken or ``-errno``; ``IORING_CQE_F_MORE`` set when a notification will follow)
+and the *notification* (``IORING_CQE_F_NOTIF``) once the kernel has dropped its last
+reference to the pages. With ``IORING_SEND_ZC_REPORT_USAGE`` the notification's ``res``
+has ``IORING_NOTIF_USAGE_ZC_COPIED`` set when the kernel copied after all.
+
+Theory of operation. Every request holds one :class:`~pagefrag._iov.Pin` (its views and
+one reference per destructor, taken by the caller in the core) in the ring's table under
+its ``user_data``. The pin is released when the notification is reaped — or at the result
+when no notification will come (no ``F_MORE``: the kernel never took the pages; and the
+copying ``IORING_OP_SEND``, whose pages are copied before its result). Nothing else
+releases a pin: an interrupted wait, a timeout, a closed socket leave it in the table.
+
+Concurrency (CPython with a GIL): every change to the rings and the table is made here in
+C while holding the GIL, with no Python code in between, so it is atomic with respect to
+other threads; only the waits (``io_uring_enter`` with ``GETEVENTS``) release the GIL,
+and they neither submit nor reap. Pins are released (destructors run) after the ring
+state is final, from a list, in the thread that reaped them.
+
+Fork: the ring's memory is mapped ``MADV_DONTFORK``; the child's copy of a :class:`Ring`
+is marked inert by ``pagefrag.uring`` (at fork) and refuses everything.
+"""
+
+from libc.stdint cimport uint64_t, uint32_t, int32_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+
+cimport cython
+
+import errno as _errno
+import time as _time
+
+from pagefrag._unraisable import report_unraisable
+
+API = 1  # what pagefrag.uring expects
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <string.h>
+    #include <stdlib.h>
+    #include <time.h>
+    #include <unistd.h>
+    #include <sys/mman.h>
+    #include <sys/socket.h>
+    #include <sys/syscall.h>
+    #include <sys/uio.h>
+    #include <linux/io_uring.h>
+
+    typedef struct {
+        int fd;
+        unsigned *sq_head, *sq_tail, *sq_mask, *sq_flags, *sq_array, sq_entries;
+        unsigned *cq_head, *cq_tail, *cq_mask, *cq_overflow, cq_entries;
+        struct io_uring_sqe *sqes;
+        struct io_uring_cqe *cqes;
+        void *sq_ptr, *cq_ptr;
+        size_t sq_sz, cq_sz, sqes_sz;
+        unsigned sqe_tail;   /* SQEs prepared; *sq_tail: published to the kernel */
+        unsigned features;
+    } pf_ring;
+
+    typedef struct {
+        struct msghdr msg;
+        struct iovec iov[];
+    } pf_msg;
+
+    static long pf_sys_setup(unsigned entries, struct io_uring_params *p) {
+        long r = syscall(__NR_io_uring_setup, entries, p);
+        return r < 0 ? -errno : r;
+    }
+    static long pf_sys_enter(int fd, unsigned to_submit, unsigned min_complete,
+                             unsigned flags, void *arg, size_t argsz) {
+        long r = syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, arg, argsz);
+        return r < 0 ? -errno : r;
+    }
+    static long pf_sys_register(int fd, unsigned op, void *arg, unsigned nr) {
+        long r = syscall(__NR_io_uring_register, fd, op, arg, nr);
+        return r < 0 ? -errno : r;
+    }
+
+    static void pf_ring_unmap(pf_ring *r) {
+        if (r->sqes && r->sqes != MAP_FAILED) munmap(r->sqes, r->sqes_sz);
+        if (r->cq_ptr && r->cq_ptr != MAP_FAILED && r->cq_ptr != r->sq_ptr)
+            munmap(r->cq_ptr, r->cq_sz);
+        if (r->sq_ptr && r->sq_ptr != MAP_FAILED) munmap(r->sq_ptr, r->sq_sz);
+        r->sqes = NULL; r->cq_ptr = r->sq_ptr = NULL;
+    }
+
+    /* 0, or -errno. The mappings are MADV_DONTFORK: a child never shares them. */
+    static int pf_ring_init(pf_ring *r, unsigned entries, unsigned cq_entries) {
+        struct io_uring_params p;
+        unsigned i;
+        long fd;
+        memset(r, 0, sizeof *r);
+        memset(&p, 0, sizeof p);
+        p.flags = IORING_SETUP_CLAMP;
+        if (cq_entries) { p.flags |= IORING_SETUP_CQSIZE; p.cq_entries = cq_entries; }
+        fd = pf_sys_setup(entries, &p);
+        if (fd < 0) return (int)fd;
+        r->fd = (int)fd;
+        r->features = p.features;
+        r->sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+        r->cq_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+        if (p.features & IORING_FEAT_SINGLE_MMAP) {
+            if (r->cq_sz > r->sq_sz) r->sq_sz = r->cq_sz;
+            r->cq_sz = r->sq_sz;
+        }
+        r->sq_ptr = mmap(0, r->sq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                         r->fd, IORING_OFF_SQ_RING);
+        if (r->sq_ptr == MAP_FAILED) goto fail;
+        if (p.features & IORING_FEAT_SINGLE_MMAP) r->cq_ptr = r->sq_ptr;
+        else {
+            r->cq_ptr = mmap(0, r->cq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                             r->fd, IORING_OFF_CQ_RING);
+            if (r->cq_ptr == MAP_FAILED) goto fail;
+        }
+        r->sqes_sz = p.sq_entries * sizeof(struct io_uring_sqe);
+        r->sqes = mmap(0, r->sqes_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                       r->fd, IORING_OFF_SQES);
+        if (r->sqes == MAP_FAILED) goto fail;
+        madvise(r->sq_ptr, r->sq_sz, MADV_DONTFORK);
+        if (r->cq_ptr != r->sq_ptr) madvise(r->cq_ptr, r->cq_sz, MADV_DONTFORK);
+        madvise(r->sqes, r->sqes_sz, MADV_DONTFORK);
+        r->sq_head = (unsigned *)((char *)r->sq_ptr + p.sq_off.head);
+        r->sq_tail = (unsigned *)((char *)r->sq_ptr + p.sq_off.tail);
+        r->sq_mask = (unsigned *)((char *)r->sq_ptr + p.sq_off.ring_mask);
+        r->sq_flags = (unsigned *)((char *)r->sq_ptr + p.sq_off.flags);
+        r->sq_array = (unsigned *)((char *)r->sq_ptr + p.sq_off.array);
+        r->sq_entries = p.sq_entries;
+        r->cq_head = (unsigned *)((char *)r->cq_ptr + p.cq_off.head);
+        r->cq_tail = (unsigned *)((char *)r->cq_ptr + p.cq_off.tail);
+        r->cq_mask = (unsigned *)((char *)r->cq_ptr + p.cq_off.ring_mask);
+        r->cq_overflow = (unsigned *)((char *)r->cq_ptr + p.cq_off.overflow);
+        r->cqes = (struct io_uring_cqe *)((char *)r->cq_ptr + p.cq_off.cqes);
+        r->cq_entries = p.cq_entries;
+        /* SQE i always sits in slot i: the array is the identity, set once. */
+        for (i = 0; i < r->sq_entries; i++) r->sq_array[i] = i;
+        r->sqe_tail = *r->sq_tail;
+        return 0;
+    fail:
+        {
+            int err = errno;
+            pf_ring_unmap(r);
+            close(r->fd);
+            r->fd = -1;
+            return -err;
+        }
+    }
+
+    static void pf_ring_exit(pf_ring *r) {
+        pf_ring_unmap(r);
+        if (r->fd >= 0) close(r->fd);
+        r->fd = -1;
+    }
+
+    static unsigned pf_sq_ready(pf_ring *r) {  /* published, not yet taken by the kernel */
+        return *r->sq_tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+    }
+    static void pf_publish(pf_ring *r) {
+        __atomic_store_n(r->sq_tail, r->sqe_tail, __ATOMIC_RELEASE);
+    }
+
+    /* A zeroed SQE, or NULL when every slot is prepared or not yet taken by the kernel. */
+    static struct io_uring_sqe *pf_get_sqe(pf_ring *r) {
+        unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+        struct io_uring_sqe *sqe;
+        if (r->sqe_tail - head >= r->sq_entries) return NULL;
+        sqe = &r->sqes[r->sqe_tail & *r->sq_mask];
+        memset(sqe, 0, sizeof *sqe);
+        return sqe;
+    }
+    static void pf_commit_sqe(pf_ring *r) { r->sqe_tail++; }
+
+    static void pf_prep_send(struct io_uring_sqe *sqe, int op, int fd, const void *addr,
+                             unsigned len, int msg_flags, uint64_t ud, unsigned zc_flags,
+                             int buf_index, unsigned sqe_flags) {
+        sqe->opcode = (unsigned char)op;
+        sqe->fd = fd;
+        sqe->addr = (uint64_t)(uintptr_t)addr;
+        sqe->len = len;
+        sqe->msg_flags = (unsigned)msg_flags;
+        sqe->user_data = ud;
+        sqe->ioprio = (unsigned short)zc_flags;
+        sqe->flags = (unsigned char)sqe_flags;
+        if (buf_index >= 0) {
+            sqe->ioprio |= IORING_RECVSEND_FIXED_BUF;
+            sqe->buf_index = (unsigned short)buf_index;
+        }
+    }
+    static void pf_prep_cancel(struct io_uring_sqe *sqe, int fd, uint64_t target,
+                               uint64_t ud) {
+        sqe->opcode = IORING_OP_ASYNC_CANCEL;
+        sqe->user_data = ud;
+        if (fd >= 0) {
+            sqe->fd = fd;
+            sqe->cancel_flags = IORING_ASYNC_CANCEL_FD | IORING_ASYNC_CANCEL_ALL;
+        } else {
+            sqe->fd = -1;
+            sqe->addr = target;
+        }
+    }
+
+    /* The next CQE (copied out), or 0 when the CQ ring is empty. */
+    static int pf_peek(pf_ring *r, uint64_t *ud, int32_t *res, uint32_t *flags) {
+        unsigned head = *r->cq_head;
+        struct io_uring_cqe *cqe;
+        if (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) return 0;
+        cqe = &r->cqes[head & *r->cq_mask];
+        *ud = cqe->user_data; *res = cqe->res; *flags = cqe->flags;
+        __atomic_store_n(r->cq_head, head + 1, __ATOMIC_RELEASE);
+        return 1;
+    }
+    static int pf_cq_overflowed(pf_ring *r) {
+        return (__atomic_load_n(r->sq_flags, __ATOMIC_ACQUIRE) & IORING_SQ_CQ_OVERFLOW) != 0;
+    }
+
+    /* Wait (GIL released by the caller) for at least one CQE, at most timeout_ns. */
+    static long pf_wait(int fd, long long timeout_ns) {
+        struct __kernel_timespec ts;
+        struct io_uring_getevents_arg arg;
+        memset(&arg, 0, sizeof arg);
+        ts.tv_sec = timeout_ns / 1000000000LL;
+        ts.tv_nsec = timeout_ns % 1000000000LL;
+        arg.ts = (uint64_t)(uintptr_t)&ts;
+        return pf_sys_enter(fd, 0, 1, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG,
+                            &arg, sizeof arg);
+    }
+
+    /* 1 if the kernel supports opcode op (IORING_REGISTER_PROBE), 0 if not, -errno. */
+    static int pf_probe_op(int fd, int op) {
+        size_t sz = sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op);
+        struct io_uring_probe *probe = calloc(1, sz);
+        long r;
+        int ok;
+        if (!probe) return -ENOMEM;
+        r = pf_sys_register(fd, IORING_REGISTER_PROBE, probe, 256);
+        if (r < 0) { free(probe); return (int)r; }
+        ok = op <= probe->last_op && (probe->ops[op].flags & IO_URING_OP_SUPPORTED);
+        free(probe);
+        return ok;
+    }
+
+    static long pf_register_sparse(int fd, unsigned nr) {
+        struct io_uring_rsrc_register reg;
+        memset(&reg, 0, sizeof reg);
+        reg.nr = nr;
+        reg.flags = IORING_RSRC_REGISTER_SPARSE;
+        return pf_sys_register(fd, IORING_REGISTER_BUFFERS2, &reg, sizeof reg);
+    }
+    /* Fill (or, with base NULL, empty) fixed-buffer slot `slot`. */
+    static long pf_update_buffer(int fd, unsigned slot, void *base, size_t len) {
+        struct iovec iov;
+        struct io_uring_rsrc_update2 up;
+        iov.iov_base = base; iov.iov_len = base ? len : 0;
+        memset(&up, 0, sizeof up);
+        up.offset = slot;
+        up.data = (uint64_t)(uintptr_t)&iov;
+        up.nr = 1;
+        return pf_sys_register(fd, IORING_REGISTER_BUFFERS_UPDATE, &up, sizeof up);
+    }
+    static long pf_register_eventfd(int fd, int efd) {
+        return pf_sys_register(fd, IORING_REGISTER_EVENTFD, &efd, 1);
+    }
+    static long pf_unregister_eventfd(int fd) {
+        return pf_sys_register(fd, IORING_UNREGISTER_EVENTFD, NULL, 0);
+    }
+
+    static pf_msg *pf_msg_new(Py_ssize_t n) {
+        pf_msg *m = calloc(1, sizeof(pf_msg) + (size_t)n * sizeof(struct iovec));
+        if (m) { m->msg.msg_iov = m->iov; m->msg.msg_iovlen = (size_t)n; }
+        return m;
+    }
+    """
+    ctypedef struct pf_ring:
+        int fd
+        unsigned sq_entries
+        unsigned cq_entries
+        unsigned features
+        unsigned *cq_overflow
+
+    struct io_uring_sqe:
+        pass
+
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+    ctypedef struct pf_msg:
+        iovec iov[1]
+
+    long pf_sys_enter(int fd, unsigned to_submit, unsigned min_complete, unsigned flags,
+                      void *arg, size_t argsz) nogil
+    int pf_ring_init(pf_ring *r, unsigned entries, unsigned cq_entries) nogil
+    void pf_ring_exit(pf_ring *r) nogil
+    unsigned pf_sq_ready(pf_ring *r) nogil
+    void pf_publish(pf_ring *r) nogil
+    io_uring_sqe *pf_get_sqe(pf_ring *r) nogil
+    void pf_commit_sqe(pf_ring *r) nogil
+    void pf_prep_send(io_uring_sqe *sqe, int op, int fd, const void *addr, unsigned len,
+                      int msg_flags, uint64_t ud, unsigned zc_flags, int buf_index,
+                      unsigned sqe_flags) nogil
+    void pf_prep_cancel(io_uring_sqe *sqe, int fd, uint64_t target, uint64_t ud) nogil
+    int pf_peek(pf_ring *r, uint64_t *ud, int32_t *res, uint32_t *flags) nogil
+    int pf_cq_overflowed(pf_ring *r) nogil
+    long pf_wait(int fd, long long timeout_ns) nogil
+    int pf_probe_op(int fd, int op) nogil
+    long pf_register_sparse(int fd, unsigned nr) nogil
+    long pf_update_buffer(int fd, unsigned slot, void *base, size_t len) nogil
+    long pf_register_eventfd(int fd, int efd) nogil
+    long pf_unregister_eventfd(int fd) nogil
+    pf_msg *pf_msg_new(Py_ssize_t n) nogil
+
+    int IORING_OP_SEND, IORING_OP_SENDMSG, IORING_OP_SEND_ZC, IORING_OP_SENDMSG_ZC
+    unsigned IORING_SEND_ZC_REPORT_USAGE, IORING_NOTIF_USAGE_ZC_COPIED
+    unsigned IORING_CQE_F_MORE, IORING_CQE_F_NOTIF, IORING_ENTER_GETEVENTS
+    unsigned IORING_FEAT_NODROP, IORING_FEAT_EXT_ARG, IOSQE_IO_LINK
+    int MSG_NOSIGNAL
+
+
+SEND_ZC_SUPPORTED_OPS = ("IORING_OP_SEND_ZC", "IORING_OP_SENDMSG_ZC")
+MAX_FIXED_BUFFERS = 16384  # IORING_MAX_REG_BUFFERS
+_INTERNAL = 1ULL << 63  # user_data of requests the ring makes itself (cancels)
+cdef long long _SLICE_NS = 50 * 1000 * 1000  # a wait re-checks its request this often
+# Rings with requests in flight: never collected, since their table holds the pins of
+# pages the kernel may still read (the table, its requests and their channels form a
+# cycle the garbage collector could otherwise break).
+cdef set _BUSY = set()
+
+
+@cython.freelist(256)
+@cython.final
+cdef class Request:
+    """One send request in the ring's table: what it pins until the kernel is done."""
+
+    cdef readonly Channel channel
+    cdef object pin  # released on the notification (or the result, without F_MORE)
+    cdef pf_msg *msg  # SENDMSG's header: kept until the result
+    cdef readonly Py_ssize_t nbytes
+    cdef readonly long long result
+    cdef readonly bint done_result  # the result CQE was reaped
+    cdef readonly bint more  # ... and said a notification follows
+    cdef bint notified
+    cdef readonly bint zerocopy
+    cdef readonly uint64_t user_data
+
+    def __dealloc__(self):
+        if self.msg is not NULL:
+            free(self.msg)
+
+
+@cython.final
+cdef class Channel:
+    """One socket's sends on a ring: its counters, and whose references its pins hold.
+
+    Kernel counterpart: none (the per-socket state of ``ZeroCopySocket``'s tracker);
+    the kernel keeps a ring's requests, not a socket's."""
+
+    cdef readonly Ring ring
+    cdef readonly int fd
+    cdef readonly bint stream
+    cdef readonly object holder
+    cdef readonly Py_ssize_t outstanding  # zero-copy requests not yet notified
+    cdef readonly Py_ssize_t in_flight  # requests whose result is not reaped yet
+    cdef readonly Py_ssize_t pinned_bytes, peak_pinned_bytes
+    cdef readonly long long sends, zerocopy_sends, bytes_sent
+    cdef readonly long long completions, copied_completions
+    cdef long long fresh_zc, fresh_copied  # notified since take_fresh()
+    cdef readonly object last_request
+    cdef public object on_result  # called with each Request whose result was reaped
+
+    def __init__(self, Ring ring not None, int fd, bint stream, holder=None):
+        ring._check()
+        self.ring = ring
+        self.fd = fd
+        self.stream = stream
+        self.holder = self if holder is None else holder
+
+    def take_fresh(self):
+        """(zero-copy, copied) notifications since the last call, for the policy."""
+        result = (self.fresh_zc, self.fresh_copied)
+        self.fresh_zc = self.fresh_copied = 0
+        return result
+
+    def submit_one(self, pin, views, bint zerocopy, int msg_flags, bint link=False):
+        """Prepare one send of ``views`` (a list of byte memoryviews) holding ``pin``
+        and return its :class:`Request` (not yet submitted: :meth:`Ring.submit`).
+        Zero-copy: ``SEND_ZC`` (from a fixed buffer when the memory lies in one) or
+        ``SENDMSG_ZC``; otherwise the copying ``SEND``/``SENDMSG``. ``link``: the next
+        request of this batch runs only if this one sends everything.
+
+        Refs: the request holds ``pin`` until the kernel is done with its pages."""
+        return self.ring._prepare(self, pin, views, zerocopy, msg_flags, link)
+
+    def wait_result(self, Request req not None, deadline):
+        """Reap until ``req``'s result is in; ``deadline`` (monotonic seconds, or None)
+        bounds it: False when it passed first. Kernel: ``io_uring_enter(GETEVENTS)``.
+
+        Refs: drops those of every request completed meanwhile (destructors may run)."""
+        return self.ring._wait_for(req, deadline)
+
+    def wait_all(self, deadline):
+        """Reap until no request of this channel holds pages; False if ``deadline``
+        passed first. Refs: as :meth:`wait_result`."""
+        return self.ring._wait_channel(self, deadline, False)
+
+    def wait_idle(self, deadline):
+        """Reap until no request of this channel awaits its result (the stream may take
+        the next one); False if ``deadline`` passed first. Refs: as :meth:`wait_result`."""
+        return self.ring._wait_channel(self, deadline, True)
+
+    def pending_pins(self):
+        """The pins of this channel's requests still in the ring (to keep them alive)."""
+        return [r.pin for r in self.ring._table.values()
+                if (<Request>r).channel is self and (<Request>r).pin is not None]
+
+
+@cython.final
+cdef class Ring:
+    """An io_uring instance: submission and completion rings, the table of requests in
+    flight, and the fixed (registered) buffers. Kernel: ``io_uring_setup``.
+
+    ``entries``: submission slots; ``cq_entries``: completion slots (0: twice that). A
+    full completion ring loses nothing (``IORING_FEAT_NODROP``: the kernel keeps the
+    overflow and hands it over when there is room)."""
+
+    cdef object __weakref__
+    cdef pf_ring r
+    cdef bint opened
+    cdef readonly bint forked
+    cdef dict _table
+    cdef list _releases
+    cdef uint64_t _next_ud
+    cdef readonly long long overflow_flushes
+    # fixed buffers: sorted by start address
+    cdef Py_ssize_t nfixed
+    cdef Py_ssize_t fixed_cap
+    cdef size_t *fixed_lo
+    cdef size_t *fixed_hi
+    cdef int *fixed_slot
+    cdef object _fixed_views  # slot -> memoryview kept exported while registered
+    cdef list _free_slots
+    cdef bint sparse
+
+    def __cinit__(self):
+        self.r.fd = -1
+
+    def __init__(self, unsigned entries=256, unsigned cq_entries=0):
+        cdef int rc
+        if entries == 0:
+            raise ValueError("a ring needs at least one submission entry")
+        rc = pf_ring_init(&self.r, entries, cq_entries)
+        if rc < 0:
+            raise OSError(-rc, f"io_uring_setup: {_errno.errorcode.get(-rc, -rc)}")
+        self.opened = True
+        self._table = {}
+        self._releases = []
+        self._next_ud = 1
+        self._fixed_views = {}
+        self._free_slots = []
+        if not (self.r.features & IORING_FEAT_NODROP) or not (self.r.features & IORING_FEAT_EXT_ARG):
+            self._teardown()
+            raise OSError(_errno.EOPNOTSUPP, "io_uring without NODROP/EXT_ARG (Linux < 5.11)")
+        rc = pf_probe_op(self.r.fd, IORING_OP_SEND_ZC)
+        if rc <= 0 or pf_probe_op(self.r.fd, IORING_OP_SENDMSG_ZC) <= 0:
+            self._teardown()
+            raise OSError(_errno.EOPNOTSUPP, "io_uring without SEND_ZC (Linux < 6.0)")
+
+    def __dealloc__(self):
+        # Only a ring with nothing in flight is ever collected (pagefrag.uring keeps
+        # the others); the table's pins die with it otherwise, so never unmap early.
+        if self.opened and not self.forked:
+            pf_ring_exit(&self.r)
+        free(self.fixed_lo)
+        free(self.fixed_hi)
+        free(self.fixed_slot)
+
+    cdef _teardown(self):
+        pf_ring_exit(&self.r)
+        self.opened = False
+
+    cdef int _check(self) except -1:
+        if self.forked:
+            raise OSError(_errno.EBADF, "this io_uring belongs to the parent process")
+        if not self.opened:
+            raise OSError(_errno.EBADF, "the io_uring is closed")
+        return 0
+
+    def fileno(self):
+        """The ring's descriptor (readable when completions are ready: an event loop
+        watches it)."""
+        self._check()
+        return self.r.fd
+
+    @property
+    def closed(self):
+        return not self.opened
+
+    @property
+    def sq_entries(self):
+        return self.r.sq_entries
+
+    @property
+    def cq_entries(self):
+        return self.r.cq_entries
+
+    @property
+    def in_flight(self):
+        """Requests in the table: a result or a notification still to come."""
+        return len(self._table)
+
+    @property
+    def cq_overflow(self):
+        """Completions the kernel had to keep aside because the ring was full (they are
+        delivered later, none is lost)."""
+        return self.r.cq_overflow[0] if self.opened and not self.forked else 0
+
+    def after_fork_in_child(self):
+        """The child's copy: never touch the parent's ring (its memory is not mapped
+        here) and never release the parent's pins."""
+        self.forked = True
+        self._table = {}
+        self._releases = []
+
+    def close(self):
+        """Close the ring. Refuses (``OSError(EBUSY)``) while requests are in flight:
+        their pages would never be reported released. Kernel: ``close()``."""
+        if self.forked:
+            if self.r.fd >= 0:
+                import os
+                os.close(self.r.fd)
+                self.r.fd = -1
+            self.opened = False
+            return
+        if not self.opened:
+            return
+        self.reap()
+        if self._table:
+            raise OSError(_errno.EBUSY, f"{len(self._table)} requests still in flight")
+        self._teardown()
+
+    # -- fixed buffers ---------------------------------------------------------------
+    def register_buffer(self, view):
+        """Register ``view`` (a writable, contiguous buffer) as a fixed buffer and
+        return its slot; sends of memory inside it then use it
+        (``IORING_RECVSEND_FIXED_BUF``): its pages were pinned once, here. Kernel:
+        ``IORING_REGISTER_BUFFERS2`` (sparse) + ``IORING_REGISTER_BUFFERS_UPDATE``.
+
+        Refs: none (the ring keeps an export of ``view`` until unregistered)."""
+        cdef Py_buffer b
+        cdef long rc
+        cdef Py_ssize_t i, slot
+        self._check()
+        mv = memoryview(view)
+        if not mv.contiguous or mv.nbytes == 0:
+            raise ValueError("a fixed buffer must be contiguous and not empty")
+        if mv.readonly:
+            raise ValueError("io_uring registers writable memory only")
+        if not self.sparse:
+            rc = pf_register_sparse(self.r.fd, MAX_FIXED_BUFFERS)
+            if rc < 0:
+                raise OSError(-rc, "IORING_REGISTER_BUFFERS2")
+            self.sparse = True
+            self._free_slots = list(range(MAX_FIXED_BUFFERS - 1, -1, -1))
+            self.fixed_lo = <size_t *>malloc(MAX_FIXED_BUFFERS * sizeof(size_t))
+            self.fixed_hi = <size_t *>malloc(MAX_FIXED_BUFFERS * sizeof(size_t))
+            self.fixed_slot = <int *>malloc(MAX_FIXED_BUFFERS * sizeof(int))
+            if not self.fixed_lo or not self.fixed_hi or not self.fixed_slot:
+                raise MemoryError()
+        if not self._free_slots:
+            raise OSError(_errno.ENOBUFS, f"all {MAX_FIXED_BUFFERS} fixed buffers are in use")
+        PyObject_GetBuffer(mv, &b, PyBUF_SIMPLE)
+        try:
+            slot = self._free_slots[-1]
+            rc = pf_update_buffer(self.r.fd, <unsigned>slot, b.buf, <size_t>b.len)
+            if rc < 0:
+                raise OSError(-rc, f"io_uring buffer registration: {_errno.errorcode.get(-rc, -rc)}")
+            self._free_slots.pop()
+            lo = <size_t>b.buf
+            i = self.nfixed
+            while i > 0 and self.fixed_lo[i - 1] > lo:
+                self.fixed_lo[i] = self.fixed_lo[i - 1]
+                self.fixed_hi[i] = self.fixed_hi[i - 1]
+                self.fixed_slot[i] = self.fixed_slot[i - 1]
+                i -= 1
+            self.fixed_lo[i] = lo
+            self.fixed_hi[i] = lo + <size_t>b.len
+            self.fixed_slot[i] = <int>slot
+            self.nfixed += 1
+            self._fixed_views[slot] = mv
+        finally:
+            PyBuffer_Release(&b)
+        return slot
+
+    def unregister_buffer(self, Py_ssize_t slot):
+        """Empty fixed-buffer ``slot`` (requests already using it keep it until they
+        finish, in the kernel). Kernel: ``IORING_REGISTER_BUFFERS_UPDATE``.
+
+        Refs: none."""
+        cdef Py_ssize_t i, j
+        cdef long rc
+        if self.forked or not self.opened:
+            return
+        if slot not in self._fixed_views:
+            raise ValueError(f"fixed buffer slot {slot} is not registered")
+        rc = pf_update_buffer(self.r.fd, <unsigned>slot, NULL, 0)
+        if rc < 0:
+            raise OSError(-rc, "IORING_REGISTER_BUFFERS_UPDATE")
+        for i in range(self.nfixed):
+            if self.fixed_slot[i] == slot:
+                for j in range(i, self.nfixed - 1):
+                    self.fixed_lo[j] = self.fixed_lo[j + 1]
+                    self.fixed_hi[j] = self.fixed_hi[j + 1]
+                    self.fixed_slot[j] = self.fixed_slot[j + 1]
+                self.nfixed -= 1
+                break
+        del self._fixed_views[slot]
+        self._free_slots.append(slot)
+
+    @property
+    def fixed_buffers(self):
+        return self.nfixed
+
+    cdef inline int _fixed_index(self, size_t lo, size_t n) noexcept:
+        """The slot of the fixed buffer holding [lo, lo+n), or -1."""
+        cdef Py_ssize_t a = 0, b = self.nfixed, m
+        while a < b:
+            m = (a + b) // 2
+            if self.fixed_lo[m] <= lo:
+                a = m + 1
+            else:
+                b = m
+        if a > 0 and lo + n <= self.fixed_hi[a - 1]:
+            return self.fixed_slot[a - 1]
+        return -1
+
+    def fixed_index(self, view):
+        """The fixed-buffer slot ``view``'s memory lies in, or -1."""
+        cdef Py_buffer b
+        PyObject_GetBuffer(view, &b, PyBUF_SIMPLE)
+        try:
+            return self._fixed_index(<size_t>b.buf, <size_t>b.len)
+        finally:
+            PyBuffer_Release(&b)
+
+    def register_eventfd(self, int efd):
+        """Signal ``efd`` whenever a completion is posted. Kernel:
+        ``IORING_REGISTER_EVENTFD``."""
+        self._check()
+        cdef long rc = pf_register_eventfd(self.r.fd, efd)
+        if rc < 0:
+            raise OSError(-rc, "IORING_REGISTER_EVENTFD")
+
+    def unregister_eventfd(self):
+        self._check()
+        cdef long rc = pf_unregister_eventfd(self.r.fd)
+        if rc < 0:
+            raise OSError(-rc, "IORING_UNREGISTER_EVENTFD")
+
+    # -- submission ------------------------------------------------------------------
+    cdef io_uring_sqe *_sqe(self) except NULL:
+        cdef io_uring_sqe *sqe = pf_get_sqe(&self.r)
+        if sqe is NULL:
+            self._submit()  # hand the prepared ones over: their slots free up
+            sqe = pf_get_sqe(&self.r)
+            if sqe is NULL:
+                raise OSError(_errno.EBUSY, "io_uring submission ring is full")
+        return sqe
+
+    cdef Request _prepare(self, Channel ch, pin, list views, bint zerocopy, int msg_flags,
+                          bint link):
+        cdef Py_buffer b
+        cdef Py_ssize_t n = len(views), i, total = 0
+        cdef io_uring_sqe *sqe
+        cdef pf_msg *msg = NULL
+        cdef int op, slot = -1
+        cdef unsigned zc = IORING_SEND_ZC_REPORT_USAGE if zerocopy else 0
+        cdef unsigned sflags = IOSQE_IO_LINK if link else 0
+        cdef const void *addr = NULL
+        cdef size_t length = 0
+        cdef Request req
+        cdef uint64_t ud
+        self._check()
+        if n == 0:
+            raise ValueError("nothing to send")
+        sqe = self._sqe()
+        if n == 1:
+            # Our own export is released at once: the pin's view keeps the memory
+            # exported (not resizable, not freed) until the request lets it go.
+            PyObject_GetBuffer(views[0], &b, PyBUF_SIMPLE)
+            addr = b.buf
+            length = <size_t>b.len
+            PyBuffer_Release(&b)
+            if length > 0xFFFFFFFF:
+                raise ValueError("one send takes at most 4 GiB")
+            total = <Py_ssize_t>length
+            op = IORING_OP_SEND_ZC if zerocopy else IORING_OP_SEND
+            if zerocopy:
+                slot = self._fixed_index(<size_t>addr, length)
+        else:
+            msg = pf_msg_new(n)
+            if msg is NULL:
+                raise MemoryError()
+            for i in range(n):
+                PyObject_GetBuffer(views[i], &b, PyBUF_SIMPLE)
+                msg.iov[i].iov_base = b.buf
+                msg.iov[i].iov_len = <size_t>b.len
+                total += b.len
+                PyBuffer_Release(&b)
+            addr = msg
+            length = 1
+            op = IORING_OP_SENDMSG_ZC if zerocopy else IORING_OP_SENDMSG
+        req = Request.__new__(Request)
+        req.channel = ch
+        req.pin = pin
+        req.msg = msg
+        req.nbytes = total
+        req.zerocopy = zerocopy
+        req.result = 0
+        ud = self._next_ud
+        self._next_ud += 1
+        req.user_data = ud
+        # From here to the commit: no Python code can run (no allocation of a tracked
+        # object): the request is in the table exactly when its SQE is prepared.
+        if not self._table:
+            _BUSY.add(self)
+        self._table[ud] = req
+        pf_prep_send(sqe, op, ch.fd, addr, <unsigned>length, msg_flags | MSG_NOSIGNAL, ud,
+                     zc, slot, sflags)
+        pf_commit_sqe(&self.r)
+        ch.in_flight += 1
+        ch.sends += 1
+        if zerocopy:
+            ch.zerocopy_sends += 1
+            ch.outstanding += 1
+            ch.pinned_bytes += total
+            if ch.pinned_bytes > ch.peak_pinned_bytes:
+                ch.peak_pinned_bytes = ch.pinned_bytes
+        ch.last_request = req
+        return req
+
+    def cancel(self, Channel ch=None, Request req=None):
+        """Ask the kernel to cancel ``ch``'s requests (or ``req``) that have not run yet
+        (a send waiting for room). Their results come back as ``-ECANCELED`` (or with
+        the bytes sent so far); pages already handed over are still reported by
+        notifications. Kernel: ``IORING_OP_ASYNC_CANCEL``.
+
+        Refs: none here (results and notifications release as usual)."""
+        cdef io_uring_sqe *sqe
+        self._check()
+        sqe = self._sqe()
+        if req is not None:
+            pf_prep_cancel(sqe, -1, req.user_data, _INTERNAL)
+        elif ch is not None:
+            pf_prep_cancel(sqe, ch.fd, 0, _INTERNAL)
+        else:
+            raise TypeError("cancel() needs a channel or a request")
+        pf_commit_sqe(&self.r)
+        self._submit()
+
+    cdef int _submit(self) except -1:
+        cdef long rc
+        cdef unsigned todo
+        pf_publish(&self.r)
+        todo = pf_sq_ready(&self.r)
+        while todo:
+            rc = pf_sys_enter(self.r.fd, todo, 0, 0, NULL, 0)
+            if rc == -_errno.EINTR:
+                PyErr_CheckSignals()
+                continue
+            if rc == -_errno.EBUSY or rc == -_errno.EAGAIN:
+                # Completions are backed up (overflow) or the kernel is short of memory:
+                # take what is there, then hand the rest over again.
+                self._reap_raw()
+                if self._flush_overflow() == 0 and rc == -_errno.EAGAIN:
+                    with nogil:
+                        pf_wait(self.r.fd, 1000000)
+                todo = pf_sq_ready(&self.r)
+                continue
+            if rc < 0:
+                raise OSError(-rc, f"io_uring_enter: {_errno.errorcode.get(-rc, -rc)}")
+            todo = pf_sq_ready(&self.r)
+        return 0
+
+    def submit(self):
+        """Hand every prepared request to the kernel (one ``io_uring_enter`` for all),
+        then reap what is ready. Kernel: ``io_uring_enter``.
+
+        Refs: drops those of every request completed (destructors may run here)."""
+        self._check()
+        self._submit()
+        self.reap()
+
+    # -- completions -----------------------------------------------------------------
+    cdef int _flush_overflow(self) except -1:
+        """Make the kernel move completions it kept aside into the ring."""
+        cdef long rc
+        if not pf_cq_overflowed(&self.r):
+            return 0
+        rc = pf_sys_enter(self.r.fd, 0, 0, IORING_ENTER_GETEVENTS, NULL, 0)
+        self.overflow_flushes += 1
+        if rc < 0 and rc != -_errno.EINTR and rc != -_errno.EBUSY:
+            raise OSError(-rc, "io_uring_enter (overflow flush)")
+        return 1
+
+    cdef Py_ssize_t _reap_raw(self) except -1:
+        """Take every CQE into the table's state; pins to release go to _releases."""
+        cdef uint64_t ud
+        cdef int32_t res
+        cdef uint32_t flags
+        cdef Py_ssize_t count = 0
+        cdef Request req
+        cdef Channel ch
+        while True:
+            while pf_peek(&self.r, &ud, &res, &flags):
+                count += 1
+                if ud & _INTERNAL:
+                    continue
+                obj = self._table.get(ud)
+                if obj is None:
+                    continue
+                req = <Request>obj
+                ch = req.channel
+                if flags & IORING_CQE_F_NOTIF:
+                    req.notified = True
+                    ch.completions += 1
+                    if <uint32_t>res & IORING_NOTIF_USAGE_ZC_COPIED:
+                        ch.copied_completions += 1
+                        ch.fresh_copied += 1
+                    else:
+                        ch.fresh_zc += 1
+                    if req.done_result:
+                        self._finish(req)
+                    continue
+                req.done_result = True
+                req.result = res
+                req.more = (flags & IORING_CQE_F_MORE) != 0
+                ch.in_flight -= 1
+                if ch.on_result is not None:
+                    self._releases.append((1, ch.on_result, req))
+                if res > 0:
+                    ch.bytes_sent += res
+                if req.msg is not NULL:
+                    free(req.msg)
+                    req.msg = NULL
+                if not req.more or req.notified:
+                    self._finish(req)
+            if not self._flush_overflow():
+                return count
+
+    cdef inline void _finish(self, Request req):
+        cdef Channel ch = req.channel
+        self._table.pop(req.user_data, None)
+        if not self._table:
+            _BUSY.discard(self)
+        if req.zerocopy:
+            ch.outstanding -= 1
+            ch.pinned_bytes -= req.nbytes
+        if req.pin is not None:
+            self._releases.append((0, req.pin, ch.holder))
+            req.pin = None
+
+    cdef int _release_all(self) except -1:
+        """Release the pins reaped (destructors run here) and call the channels'
+        ``on_result``, every one also when one raises an interrupt (raised after the
+        last); another exception from ``on_result`` goes to ``sys.unraisablehook``."""
+        cdef list todo
+        interrupt = None
+        while self._releases:
+            todo = self._releases
+            self._releases = []
+            for kind, obj, arg in todo:
+                try:
+                    if kind == 0:
+                        obj.release(arg)
+                    else:
+                        obj(arg)
+                except (KeyboardInterrupt, SystemExit) as exc:
+                    if interrupt is None:
+                        interrupt = exc
+                except Exception as exc:
+                    report_unraisable(exc, "Exception in an io_uring on_result callback", obj)
+        if interrupt is not None:
+            raise interrupt
+        return 0
+
+    def reap(self):
+        """Take every completion that is ready; returns how many CQEs were read.
+
+        Refs: drops those of every request completed (destructors may run here)."""
+        cdef Py_ssize_t n
+        if self.forked or not self.opened:
+            return 0
+        n = self._reap_raw()
+        self._release_all()
+        return n
+
+    cdef bint _wait_once(self, deadline) except -1:
+        """One bounded wait for any completion; False if the deadline has passed."""
+        cdef long long ns = _SLICE_NS
+        cdef long rc
+        if deadline is not None:
+            left = deadline - _time.monotonic()
+            if left <= 0:
+                return False
+            if left * 1e9 < ns:
+                ns = <long long>(left * 1e9) + 1
+        with nogil:
+            rc = pf_wait(self.r.fd, ns)
+        if rc == -_errno.EINTR:
+            PyErr_CheckSignals()
+        elif rc < 0 and rc != -_errno.ETIME and rc != -_errno.EBUSY:
+            raise OSError(-rc, "io_uring_enter (wait)")
+        return True
+
+    cdef object _wait_for(self, Request req, deadline):
+        self._check()
+        self._submit()
+        while True:
+            self._reap_raw()
+            self._release_all()
+            if req.done_result:
+                return True
+            if not self._wait_once(deadline):
+                return False
+
+    cdef object _wait_channel(self, Channel ch, deadline, bint results_only):
+        self._check()
+        self._submit()
+        while True:
+            self._reap_raw()
+            self._release_all()
+            if ch.in_flight == 0 and (results_only or ch.outstanding == 0):
+                return True
+            if not self._wait_once(deadline):
+                return False
+
+    def wait(self, timeout=None):
+        """Wait up to ``timeout`` seconds for a completion and reap; returns how many
+        CQEs were read. Refs: as :meth:`reap`."""
+        self._check()
+        self._submit()
+        n = self.reap()
+        if n:
+            return n
+        self._wait_once(None if timeout is None else _time.monotonic() + timeout)
+        return self.reap()
+
+    def pending_pins(self):
+        """Every pin still in the table (for keeping them alive forever)."""
+        return [(<Request>r).pin for r in self._table.values() if (<Request>r).pin is not None]

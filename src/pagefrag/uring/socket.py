@@ -1,0 +1,538 @@
+"""UringSocket: zero-copy sends through io_uring (``IORING_OP_SEND_ZC``), with the
+surface of :class:`~pagefrag.zerocopy.ZeroCopySocket`.
+
+Kernel counterpart: ``io_uring/net.c`` (``io_send_zc``, ``io_sendmsg_zc``) and
+``io_uring/notif.c``: each zero-copy request posts its result, then — once the kernel has
+dropped its last reference to the pages — one notification (``IORING_CQE_F_NOTIF``),
+with ``IORING_NOTIF_USAGE_ZC_COPIED`` in its ``res`` when it copied after all.
+
+Theory of operation. A send pins its bytes in the core (:meth:`IoVec.pin
+<pagefrag._iov.IoVec.pin>`: a reference on the destructor of every piece, and on the
+call's own ``destructor=``), hands the pin to the ring with the request
+(:meth:`pagefrag._uring.Channel.submit_one`), and the ring releases it when it reaps the
+notification — never at the result, which only says how many bytes were taken. A request
+the ring never issued posts no ``F_MORE`` and is released at its result. Memory inside a
+fixed buffer (``BufferPool(register=True)``, :meth:`Ring.register_buffer`) goes with
+``IORING_RECVSEND_FIXED_BUF``: its pages were pinned once, at registration.
+
+Order on a stream: one request in flight per TCP socket. io_uring may complete two sends
+on one socket out of order when the first waits for room (poll) and the second finds
+some; so a stream's next request is submitted only once the previous one's result is in
+(``MSG_WAITALL`` makes ``sendall``'s request take every byte or fail). Datagrams of one
+``send_many`` are linked (``IOSQE_IO_LINK``): they go in order, and the first that fails
+cancels the rest, so ``items_sent`` is exact, as with ``sendmmsg``.
+
+Threads: any number may send on one socket (the send lock makes each call one critical
+section, ``sendall`` whole) and any thread may reap the ring; destructors run in the
+thread that reaps their notification. After ``fork()`` the child's copy is inert.
+
+Lifetime: the ring, not the socket, holds the pins. A socket collected with sends in
+flight warns (``ResourceWarning``); its pins stay in the ring until their notifications
+are reaped (closing the descriptor does not stop them), and a ring with requests in
+flight is never collected.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from .._buffers import as_timeout
+from .._destructor import FragDestructor
+from .._iov import Data, IoVec, Pin, check_destructor
+from ..errors import (
+    CompletionTimeoutError,
+    ForkedSocketError,
+    QueuedSocketError,
+    SendBufferError,
+)
+from ..zerocopy._deadline import acquire_within, deadline_after
+from ..zerocopy._items import batch_destructors, datagram_iovecs, stream_iovec
+from ..zerocopy._sender import ZeroCopyStats, count_sent
+from ..zerocopy._syscalls import IOV_MAX, check_connected_inet, disconnect
+from ..zerocopy.destinations import start_policy
+from ..zerocopy.policy import DEFAULT_MIN_ZEROCOPY_SIZE, Mode, ZeroCopyPolicy
+from ._ring import default_ring
+
+__all__ = ["DEFAULT_CLOSE_TIMEOUT", "UringSocket"]
+
+DEFAULT_CLOSE_TIMEOUT = 30.0
+MSG_WAITALL = int(socket.MSG_WAITALL)
+_REFUSALS = (errno.ENOBUFS, errno.ENOMEM)  # pinned-memory limits: retried, never lost
+_LIVE: weakref.WeakSet[UringSocket] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for us in list(_LIVE):
+        us._inherited()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _os_error(res: int) -> OSError:
+    err = -res
+    return OSError(err, os.strerror(err))
+
+
+class UringSocket:
+    """A connected TCP or UDP socket (IPv4 or IPv6) whose sends go through an io_uring
+    ring as ``SEND_ZC`` requests, each pinning its pages until the kernel's notification.
+
+    ``zerocopy``: ``"auto"`` (zero-copy for sends of at least ``min_zerocopy_size`` while
+    notifications say the kernel really does it; a request refused for pinned memory,
+    ``ENOMEM``/``ENOBUFS``, is sent copied at once), ``"always"`` (a refusal waits up to
+    ``enobufs_timeout`` for notifications, then :class:`SendBufferError`) or ``"never"``
+    (copying ``IORING_OP_SEND``). ``ring``: the ring to use (default: the process's,
+    :func:`~pagefrag.uring.default_ring`); many sockets may share one. ``close_timeout``:
+    how long :meth:`close` waits for notifications by default (None: no bound).
+    :class:`ZeroCopyUnsupportedError` where io_uring zero-copy cannot run.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        zerocopy: str = "auto",
+        min_zerocopy_size: int = DEFAULT_MIN_ZEROCOPY_SIZE,
+        enobufs_timeout: float = 30.0,
+        close_timeout: float | None = DEFAULT_CLOSE_TIMEOUT,
+        ring: Any = None,
+    ) -> None:
+        if not isinstance(sock, socket.socket):
+            raise TypeError(f"UringSocket wraps a socket.socket, not {type(sock).__name__}")
+        if enobufs_timeout is None:
+            raise TypeError("enobufs_timeout must be a number, not NoneType")
+        self._enobufs_timeout = as_timeout(enobufs_timeout, "enobufs_timeout")
+        self._close_timeout = as_timeout(close_timeout, "close_timeout")
+        check_connected_inet(sock)
+        self._policy = ZeroCopyPolicy(zerocopy, min_zerocopy_size)
+        from .. import _uring  # only reached with a ring: the compiled core is there
+
+        self._ring = default_ring() if ring is None else ring
+        self._sock = sock
+        self._stream = sock.type == socket.SOCK_STREAM
+        self._ch = _uring.Channel(self._ring, sock.fileno(), self._stream)
+        self._lock = threading.RLock()
+        self._closed = self._forked = False
+        self._enobufs_retries = self._enobufs_copies = 0
+        if self._policy.mode is Mode.AUTO:
+            start_policy(self._policy, sock, time.monotonic())
+        _LIVE.add(self)
+
+    # -- sending -------------------------------------------------------------------------
+    def send(self, data: Data, *, destructor: FragDestructor | None = None) -> int:
+        """Send once and return how many bytes the kernel took, like ``socket.send``
+        (a datagram socket sends one datagram; a stream may take fewer bytes: at most
+        ``IOV_MAX`` pieces). ``destructor``, if given, is held until the kernel has
+        released every page of this call. Kernel: ``IORING_OP_SEND_ZC`` (one piece) or
+        ``IORING_OP_SENDMSG_ZC``, one ``io_uring_enter``.
+
+        Refs: a zero-copy request takes one per piece sent (frag destructors,
+        ``destructor``) and drops them on its notification; a copied one takes none."""
+        check_destructor(destructor)
+        iov = IoVec.of(data)
+        with self._lock:
+            self._check_usable()
+            if self._stream:
+                iov = iov.first(IOV_MAX)
+            elif len(iov.views) > IOV_MAX:
+                raise ValueError(f"a datagram of {len(iov.views)} pieces (at most {IOV_MAX})")
+            return self._call(iov, destructor, 0, None)
+
+    def send_copied(self, data: bytes | bytearray) -> int:
+        """One copying send of one buffer, whatever the mode (the kernel has copied what
+        it took when this returns). Kernel: ``IORING_OP_SEND``.
+
+        Refs: none."""
+        iov = IoVec.of(data)
+        with self._lock:
+            self._check_usable()
+            return self._call(iov, None, 0, None, copy=True)
+
+    def sendall(
+        self, data: Data, *, destructor: FragDestructor | None = None, timeout: float | None = None
+    ) -> None:
+        """Send every byte, as ``socket.sendall``; ``TimeoutError`` after ``timeout``
+        seconds (what was sent stays sent and pinned until its notification). Holds the
+        send lock throughout. Kernel: ``SEND_ZC``/``SENDMSG_ZC`` with ``MSG_WAITALL``.
+
+        Refs: as :meth:`send`, for each request it makes."""
+        check_destructor(destructor)
+        with self._lock:
+            self._check_usable()
+            self._sendall(IoVec.of(data), destructor, deadline_after(timeout))
+
+    def _sendall(
+        self, iov: IoVec, destructor: FragDestructor | None, deadline: float | None
+    ) -> None:
+        if not self._stream:
+            if len(iov.views) > IOV_MAX:
+                raise ValueError(f"a datagram of {len(iov.views)} pieces (at most {IOV_MAX})")
+            self._call(iov, destructor, 0, deadline)
+            return
+        while iov.views:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("sendall timed out; what was sent stays sent")
+            n = self._call(iov.first(IOV_MAX), destructor, MSG_WAITALL, deadline)
+            iov.advance(n)
+
+    def send_many(
+        self,
+        items: Sequence[Data],
+        *,
+        destructors: Sequence[FragDestructor | None] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Send every item with as few ``io_uring_enter`` calls as the ring allows, and
+        return how many were sent (all). A datagram socket sends each item as a
+        datagram, linked in order (``IOSQE_IO_LINK``) in batches of the ring's size; a
+        stream sends all the items' bytes in order with ``sendall``'s guarantees.
+        ``destructors[i]`` is held until the kernel has released ``items[i]``'s pages.
+        An error (or interrupt) raised midway carries ``items_sent``; a datagram that
+        fails after others in its batch is tried again first in the next batch and its
+        error raised only if it fails then too. Kernel: ``SEND_ZC`` per datagram.
+
+        Refs: as :meth:`send`, for each request."""
+        listed, ds = batch_destructors(items, destructors)
+        deadline = deadline_after(timeout)
+        with self._lock:
+            self._check_usable()
+            if self._stream:
+                self._sendall(stream_iovec(listed, ds), None, deadline)
+                return len(listed)
+            return self._send_datagrams(datagram_iovecs(listed), ds, deadline)
+
+    def _send_datagrams(
+        self, iovs: list[IoVec], ds: list[FragDestructor | None], deadline: float | None
+    ) -> int:
+        done = 0
+        batch = max(1, self._ring.sq_entries)
+        try:
+            while done < len(iovs):
+                end = min(len(iovs), done + batch)
+                sent = self._batch(iovs[done:end], ds[done:end], deadline)
+                done += sent
+                if sent == 0:  # the first of a batch failed: _batch raised
+                    break
+        except BaseException as exc:
+            count_sent(exc, done)
+            raise
+        return done
+
+    def _batch(
+        self, iovs: list[IoVec], ds: list[FragDestructor | None], deadline: float | None
+    ) -> int:
+        """One linked batch: returns how many datagrams were sent before the first that
+        failed (if that was the first, its error is raised)."""
+        ch = self._ch
+        self._feed_policy()
+        now = time.monotonic()
+        reqs = []
+        try:
+            for k, (iov, d) in enumerate(zip(iovs, ds, strict=True)):
+                zc = not iov.lent and self._policy.use_zerocopy(iov.nbytes, now)
+                pin = self._pin(iov, d, zc)
+                try:
+                    reqs.append(ch.submit_one(pin, iov.views, zc, 0, k + 1 < len(iovs)))
+                except BaseException:
+                    pin.release(ch.holder)
+                    raise
+        finally:
+            # What was prepared is always handed over (and waited for below): never
+            # leave a prepared request behind for another socket's enter to submit.
+            self._ring.submit()
+        sent = 0
+        for req in reqs:
+            if not ch.wait_result(req, deadline):
+                self._cancel(req)
+            if req.result < 0:
+                if req.result == -errno.ECANCELED and sent:
+                    break
+                if sent == 0 and req.result == -errno.ECANCELED:
+                    raise TimeoutError("send_many timed out")
+                if sent == 0:
+                    self._wait_batch(reqs)
+                    raise _os_error(req.result)
+                break
+            sent += 1
+        self._wait_batch(reqs)
+        return sent
+
+    def _wait_batch(self, reqs: list[Any]) -> None:
+        """Every request of a batch has its result in (the links cancel the rest fast)."""
+        for req in reqs:
+            self._ch.wait_result(req, None)
+
+    def _pin(self, iov: IoVec, destructor: FragDestructor | None, zerocopy: bool) -> Pin:
+        """A zero-copy request's pin holds references; a copy's only keeps the views
+        alive until its result (the kernel copies them while sending)."""
+        if zerocopy:
+            return iov.pin(self._ch.holder, destructor)
+        return Pin(iov.views[:], None)
+
+    def _call(
+        self,
+        iov: IoVec,
+        destructor: FragDestructor | None,
+        flags: int,
+        deadline: float | None,
+        *,
+        copy: bool = False,
+    ) -> int:
+        """One request of ``iov`` under the send lock; returns the bytes taken."""
+        ch = self._ch
+        if self._stream and ch.in_flight and not ch.wait_idle(deadline):
+            raise TimeoutError("a send on this stream is still in flight")
+        self._feed_policy()
+        zc = not copy and not iov.lent and self._policy.use_zerocopy(iov.nbytes)
+        refusal_deadline: float | None = None
+        while True:
+            pin = self._pin(iov, destructor, zc)
+            try:
+                req = ch.submit_one(pin, iov.views, zc, flags)
+            except BaseException:
+                pin.release(ch.holder)
+                raise
+            if not ch.wait_result(req, deadline):
+                self._cancel(req)
+                if req.result <= 0:
+                    raise TimeoutError("the send timed out with nothing sent")
+            res: int = req.result
+            if res >= 0:
+                return res
+            if zc and -res in _REFUSALS:
+                # Too much memory pinned (RLIMIT_MEMLOCK, optmem): make room or copy.
+                if self._policy.mode is Mode.AUTO:
+                    self._enobufs_copies += 1
+                    zc = False
+                    continue
+                if refusal_deadline is None and self._enobufs_timeout is not None:
+                    refusal_deadline = time.monotonic() + self._enobufs_timeout
+                self._enobufs_retries += 1
+                if not self._make_room(refusal_deadline):
+                    raise SendBufferError(
+                        -res, f"{os.strerror(-res)}: the kernel kept refusing zero-copy sends"
+                    )
+                continue
+            raise _os_error(res)
+
+    def _make_room(self, deadline: float | None) -> bool:
+        """Wait for one notification of this socket's (or until ``deadline``)."""
+        ch = self._ch
+        before = ch.completions
+        while ch.completions == before and ch.outstanding:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._ring.wait(0.05 if left is None else min(left, 0.05))
+        return deadline is None or time.monotonic() < deadline
+
+    def _cancel(self, req: Any) -> None:
+        """Cancel a request whose deadline passed, and wait for its result."""
+        self._ring.cancel(req=req)
+        self._ch.wait_result(req, None)
+
+    def _feed_policy(self) -> None:
+        zc, copied = self._ch.take_fresh()
+        if zc or copied:
+            now = time.monotonic()
+            policy = self._policy
+            if copied:
+                policy.on_completion(True, copied, now)
+            if zc:
+                policy.on_completion(False, zc, now)
+
+    # -- completions ---------------------------------------------------------------------
+    def poll_completions(self, timeout: float | None = 0) -> int:
+        """Reap the ring; return how many of this socket's requests were notified. With
+        a timeout, wait up to it for the first completion when none is ready. Kernel:
+        ``io_uring_enter(GETEVENTS)``.
+
+        Refs: drops the references of every request notified (destructors may fire)."""
+        self._check_usable()
+        before = self._ch.completions
+        self._ring.reap()
+        if self._ch.completions == before and timeout != 0 and self._ch.outstanding:
+            self._ring.wait(timeout)
+        return int(self._ch.completions - before)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every zero-copy request has been notified. Raises
+        :class:`CompletionTimeoutError` (pins kept, nothing fired) when it runs out.
+
+        Refs: drops the references of every request notified."""
+        self._check_usable()
+        if not self._ch.wait_all(deadline_after(timeout)):
+            raise CompletionTimeoutError(
+                "the kernel still holds pages of this socket's sends",
+                self._ch.outstanding,
+                self._ch.pinned_bytes,
+            )
+
+    # -- closing -------------------------------------------------------------------------
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, then close. ``timeout`` defaults to ``close_timeout``; when it runs out,
+        :class:`CompletionTimeoutError` is raised and the socket stays open with its
+        pins alive. If the connection failed with sends in flight (``SO_ERROR``: a reset,
+        TCP gave up), the socket is closed and :class:`QueuedSocketError` raised. In a
+        forked child, only closes the child's descriptor. Kernel: ``close()``.
+
+        Refs: drops the references of every request notified while flushing."""
+        if self._closed:
+            return
+        if self._forked:
+            self._close_descriptor()
+            return
+        err = self._shut(self._close_timeout if timeout is None else timeout, reset=False)
+        if err:
+            raise QueuedSocketError(err, f"{os.strerror(err)} (sends were in flight)")
+
+    def abort(self, timeout: float | None = 10.0) -> None:
+        """Cancel what has not been sent (``IORING_OP_ASYNC_CANCEL``), disconnect
+        abortively (TCP: RST, queues purged; ``connect(AF_UNSPEC)``), wait for the
+        notifications of everything purged, then close. Raises
+        :class:`CompletionTimeoutError` (socket left open, pins kept) if they do not
+        come within ``timeout``.
+
+        Refs: drops the references of every request notified."""
+        if self._closed:
+            return
+        self._check_usable()
+        self._shut(timeout, reset=True)
+
+    def _shut(self, timeout: float | None, *, reset: bool) -> int:
+        deadline = deadline_after(timeout)
+        ch = self._ch
+        if reset:
+            if ch.in_flight:
+                self._ring.cancel(ch)
+            disconnect(self._sock)
+        held: list[bool] = []
+        try:
+            if not acquire_within(self._lock, deadline, held):
+                raise CompletionTimeoutError(
+                    "a send call is still in progress in another thread",
+                    ch.outstanding,
+                    ch.pinned_bytes,
+                )
+            if self._closed:
+                return 0
+            had_sends = not reset and self._stream and ch.outstanding > 0
+            if not ch.wait_all(deadline):
+                raise CompletionTimeoutError(
+                    "the kernel still holds pages of this socket's sends",
+                    ch.outstanding,
+                    ch.pinned_bytes,
+                )
+            err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if had_sends else 0
+            self._close_descriptor()
+            return err
+        finally:
+            if held and held[0]:
+                self._lock.release()
+
+    def _close_descriptor(self) -> None:
+        self._closed = True
+        _LIVE.discard(self)
+        self._sock.close()
+
+    def _inherited(self) -> None:
+        self._forked = True
+        self._lock = threading.RLock()
+
+    def _check_usable(self) -> None:
+        if self._forked:
+            raise ForkedSocketError(
+                "this UringSocket belongs to the parent process; after fork() the child "
+                "may only close() its copy"
+            )
+        if self._closed:
+            raise OSError(errno.EBADF, "UringSocket is closed")
+
+    def __enter__(self) -> UringSocket:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        ch = getattr(self, "_ch", None)
+        if ch is not None and not self._closed and not self._forked and ch.outstanding:
+            warnings.warn(
+                f"UringSocket collected with {ch.outstanding} sends still held by the "
+                "kernel; the ring keeps their buffers until it is told they are released",
+                ResourceWarning,
+                stacklevel=2,
+            )
+
+    # -- state ---------------------------------------------------------------------------
+    def _reaped(self) -> Any:
+        if not self._forked and not self._closed:
+            self._ring.reap()
+        return self._ch
+
+    @property
+    def outstanding(self) -> int:
+        """Zero-copy requests the kernel has not released yet."""
+        return int(self._reaped().outstanding)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return int(self._reaped().pinned_bytes)
+
+    @property
+    def stats(self) -> ZeroCopyStats:
+        ch = self._reaped()
+        return ZeroCopyStats(
+            sends=ch.sends,
+            zerocopy_sends=ch.zerocopy_sends,
+            completions=ch.completions,
+            copied_completions=ch.copied_completions,
+            enobufs_retries=self._enobufs_retries,
+            bytes_sent=ch.bytes_sent,
+            peak_pinned_bytes=ch.peak_pinned_bytes,
+            mode=self._policy.mode.value,
+            current_mode=self._policy.current,
+            enobufs_copies=self._enobufs_copies,
+        )
+
+    @property
+    def close_timeout(self) -> float | None:
+        return self._close_timeout
+
+    @property
+    def ring(self) -> Any:
+        """The ring this socket's requests go through."""
+        return self._ring
+
+    @property
+    def socket(self) -> socket.socket:
+        """The wrapped socket (for reads and options; send through this wrapper)."""
+        return self._sock
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "inherited by a child" if self._forked else ""
+        state = state or f"outstanding={self._ch.outstanding}"
+        return f"<UringSocket fd={self._sock.fileno()} {self._policy.mode.value} {state}>"
