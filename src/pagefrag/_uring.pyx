@@ -31,6 +31,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.memoryview cimport PyMemoryView_FromObject
 
 cimport cython
 
@@ -341,6 +342,8 @@ cdef class Request:
 
     cdef readonly Channel channel
     cdef object pin  # released on the notification (or the result, without F_MORE)
+    cdef object view  # (a flat send) the export that keeps its memory in place ...
+    cdef object ref  # ... and the one destructor reference it holds, or None
     cdef pf_msg *msg  # SENDMSG's header: kept until the result
     cdef readonly Py_ssize_t nbytes
     cdef readonly long long result
@@ -397,6 +400,74 @@ cdef class Channel:
 
         Refs: the request holds ``pin`` until the kernel is done with its pages."""
         return self.ring._prepare(self, pin, views, zerocopy, msg_flags, link)
+
+    cdef Request _flat(self, data, destructor, bint zerocopy, int msg_flags, bint link):
+        """Prepare one send of one flat buffer. Its request keeps a memoryview export
+        (the memory can be neither freed nor resized) and, for zero-copy, one reference
+        on ``destructor``, taken only once the request is in the table."""
+        cdef Request req
+        cdef bint held = zerocopy and destructor is not None
+        view = PyMemoryView_FromObject(data)
+        if held:
+            destructor.ref(holder=self.holder)  # before the kernel can see the pages
+        try:
+            req = self.ring._prepare(self, None, [view], zerocopy, msg_flags, link)
+        except BaseException:
+            if held:
+                destructor.unref(holder=self.holder)
+            raise
+        # No Python code runs from the filing to here, and only a reap (not before this
+        # returns) can finish the request: the reference is the request's from now on.
+        req.view = view
+        if held:
+            req.ref = destructor
+        return req
+
+    def send_flat(self, data, destructor, bint zerocopy, int msg_flags):
+        """One send of one flat buffer (bytes, bytearray, contiguous memoryview) in one
+        C call: pin, prepare, submit, wait for the result (the GIL released while it
+        waits); returns the result (bytes taken, or ``-errno`` for the caller to raise
+        or retry). An interrupt while waiting leaves the request and its pin in the
+        ring. Kernel: ``IORING_OP_SEND_ZC`` (fixed buffer when registered) or ``SEND``.
+
+        Refs: +1 on ``destructor`` for a zero-copy send, dropped on its notification."""
+        cdef Request req = self._flat(data, destructor, zerocopy, msg_flags, False)
+        self.ring._wait_for(req, None)
+        return req.result
+
+    def send_flat_batch(self, list items, list destructors, Py_ssize_t start,
+                        Py_ssize_t count, Py_ssize_t zc_min, int msg_flags):
+        """Datagrams ``items[start:start+count]`` (flat buffers) as one linked batch,
+        one ``io_uring_enter``; waits for every result. Returns ``(sent, result)``: how
+        many were sent before the first that failed, and that one's result (0 if none
+        failed). An item of at least ``zc_min`` bytes goes zero-copy (``zc_min < 0``:
+        none), the others copied. ``destructors[i]`` (or None) is held by a zero-copy
+        ``items[i]``'s request.
+
+        Refs: +1 on each destructor of a zero-copy send, dropped on its notification."""
+        cdef Py_ssize_t i, end = start + count, sent = 0
+        cdef Request req
+        cdef list reqs = []
+        cdef Ring ring = self.ring
+        if start < 0 or count < 0 or end > len(items) or end > len(destructors):
+            raise IndexError("batch out of range")
+        try:
+            for i in range(start, end):
+                item = items[i]
+                req = self._flat(item, destructors[i], 0 <= zc_min <= len(item), msg_flags,
+                                 i + 1 < end)
+                reqs.append(req)
+        finally:
+            # Whatever was prepared is handed over (never left for another submitter).
+            if reqs:
+                ring._submit()
+        for req in reqs:
+            ring._wait_for(req, None)
+        for req in reqs:
+            if req.result < 0:
+                return sent, req.result
+            sent += 1
+        return sent, 0
 
     def wait_result(self, Request req not None, deadline):
         """Reap until ``req``'s result is in; ``deadline`` (monotonic seconds, or None)
@@ -865,6 +936,10 @@ cdef class Ring:
         if req.pin is not None:
             self._releases.append((0, req.pin, ch.holder))
             req.pin = None
+        req.view = None  # the kernel is done with the memory
+        if req.ref is not None:
+            self._releases.append((2, req.ref, ch.holder))
+            req.ref = None
 
     cdef int _release_all(self) except -1:
         """Release the pins reaped (destructors run here) and call the channels'
@@ -879,6 +954,8 @@ cdef class Ring:
                 try:
                     if kind == 0:
                         obj.release(arg)
+                    elif kind == 2:
+                        obj.unref(holder=arg)
                     else:
                         obj(arg)
                 except (KeyboardInterrupt, SystemExit) as exc:
@@ -921,6 +998,10 @@ cdef class Ring:
 
     cdef object _wait_for(self, Request req, deadline):
         self._check()
+        if req.done_result:  # (a batch's later requests: reaped with the first)
+            self._reap_raw()
+            self._release_all()
+            return True
         self._submit()
         while True:
             self._reap_raw()
