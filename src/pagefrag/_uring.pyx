@@ -461,8 +461,18 @@ cdef class Channel:
             # Whatever was prepared is handed over (never left for another submitter).
             if reqs:
                 ring._submit()
-        for req in reqs:
-            ring._wait_for(req, None)
+        try:
+            for req in reqs:
+                ring._wait_for(req, None)
+        except BaseException as exc:
+            # An interrupt (or error) while waiting: learn exactly what went, so the
+            # caller's items_sent is true, then raise it.
+            sent = ring.settle(reqs)
+            try:
+                exc.items_sent = getattr(exc, "items_sent", 0) + sent
+            except AttributeError:
+                pass
+            raise
         for req in reqs:
             if req.result < 0:
                 return sent, req.result
@@ -1032,6 +1042,38 @@ cdef class Ring:
             return n
         self._wait_once(None if timeout is None else _time.monotonic() + timeout)
         return self.reap()
+
+    def settle(self, list reqs):
+        """After an interrupt: cancel the requests of ``reqs`` (one linked batch) whose
+        result is not in, wait for every result — a second interrupt meanwhile is raised
+        only once all are in — and return how many were sent before the first that
+        failed. Kernel: ``IORING_OP_ASYNC_CANCEL``.
+
+        Refs: drops those of every request completed meanwhile."""
+        cdef Request req
+        cdef Py_ssize_t sent = 0
+        interrupt = None
+        for req in reqs:
+            if not req.done_result:
+                self.cancel(req=req)
+        for req in reqs:
+            while not req.done_result:
+                try:
+                    self._wait_for(req, None)
+                except (KeyboardInterrupt, SystemExit) as exc:
+                    if interrupt is None:
+                        interrupt = exc
+        for req in reqs:
+            if req.result < 0:
+                break
+            sent += 1
+        if interrupt is not None:
+            try:
+                interrupt.items_sent = getattr(interrupt, "items_sent", 0) + sent
+            except AttributeError:
+                pass
+            raise interrupt
+        return sent
 
     def pending_pins(self):
         """Every pin still in the table (for keeping them alive forever)."""

@@ -298,11 +298,16 @@ class UringSocket:
             # What was prepared is always handed over (and waited for below): never
             # leave a prepared request behind for another socket's enter to submit.
             self._ring.submit()
-        for req in reqs:
-            if not ch.wait_result(req, deadline):
-                self._cancel(req)
-        for req in reqs:
-            ch.wait_result(req, None)
+        try:
+            for req in reqs:
+                if not ch.wait_result(req, deadline):
+                    self._cancel(req)
+            for req in reqs:
+                ch.wait_result(req, None)
+        except BaseException as exc:
+            # Interrupted: learn exactly what went (items_sent must be true).
+            count_sent(exc, self._ring.settle(reqs))
+            raise
         sent = 0
         for req in reqs:
             if req.result < 0:
