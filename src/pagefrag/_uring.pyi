@@ -36,6 +36,9 @@ class Channel:
     def submit_one(
         self, pin: Any, views: list[memoryview], zerocopy: bool, msg_flags: int, link: bool = False
     ) -> Request: ...
+    def file_linked(
+        self, pins: list[Any], views: list[list[memoryview]], zerocopy: bool, msg_flags: int
+    ) -> list[Request]: ...
     def send_flat(self, data: Any, destructor: Any, zerocopy: bool, msg_flags: int) -> int: ...
     def send_flat_batch(
         self,

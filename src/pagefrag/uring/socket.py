@@ -283,22 +283,17 @@ class UringSocket:
     ) -> tuple[int, int]:
         """One linked batch of iovecs: (sent before the first that failed, its result)."""
         ch = self._ch
-        reqs = []
+        pins: list[Pin] = []
         try:
-            for k, (iov, d) in enumerate(zip(iovs, ds, strict=True)):
-                pin = self._pin(iov, d, zc and not iov.lent)
-                try:
-                    reqs.append(
-                        ch.submit_one(pin, iov.views, zc and not iov.lent, 0, k + 1 < len(iovs))
-                    )
-                except BaseException:
-                    pin.release(ch.holder)
-                    raise
-        finally:
-            # What was prepared is always handed over (and waited for below): never
-            # leave a prepared request behind for another socket's enter to submit.
+            for iov, d in zip(iovs, ds, strict=True):
+                pins.append(self._pin(iov, d, zc))
+            reqs = ch.file_linked(pins, [iov.views for iov in iovs], zc, 0)
+        except BaseException:
+            for pin in pins:  # (filing is all or nothing: none was taken over)
+                pin.release(ch.holder)
+            raise
+        try:
             self._ring.submit()
-        try:
             for req in reqs:
                 if not ch.wait_result(req, deadline):
                     self._cancel(req)
