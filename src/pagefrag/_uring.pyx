@@ -417,7 +417,7 @@ cdef class Channel:
 
     def pending_pins(self):
         """The pins of this channel's requests still in the ring (to keep them alive)."""
-        return [r.pin for r in self.ring._table.values()
+        return [(<Request>r).pin for r in self.ring._table.values()
                 if (<Request>r).channel is self and (<Request>r).pin is not None]
 
 
