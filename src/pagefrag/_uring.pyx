@@ -842,6 +842,10 @@ cdef class Ring:
                 req.result = res
                 req.more = (flags & IORING_CQE_F_MORE) != 0
                 ch.in_flight -= 1
+                if req.zerocopy and not req.more:
+                    # Refused before it ran (or cancelled in its link): no notification
+                    # comes, so it was no zero-copy send (as a failed MSG_ZEROCOPY call).
+                    ch.zerocopy_sends -= 1
                 if ch.on_result is not None:
                     self._releases.append((1, ch.on_result, req))
                 if res > 0:
