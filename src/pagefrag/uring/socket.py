@@ -252,21 +252,33 @@ class UringSocket:
             # leave a prepared request behind for another socket's enter to submit.
             self._ring.submit()
         sent = 0
+        timed_out = False
         for req in reqs:
             if not ch.wait_result(req, deadline):
                 self._cancel(req)
+                timed_out = True
             if req.result < 0:
-                if req.result == -errno.ECANCELED and sent:
-                    break
-                if sent == 0 and req.result == -errno.ECANCELED:
-                    raise TimeoutError("send_many timed out")
-                if sent == 0:
-                    self._wait_batch(reqs)
-                    raise _os_error(req.result)
                 break
             sent += 1
         self._wait_batch(reqs)
-        return sent
+        if sent:
+            return sent
+        first = reqs[0].result
+        refused = [k for k, r in enumerate(reqs) if r.zerocopy and -r.result in _REFUSALS]
+        if refused and not timed_out and (refused[0] == 0 or first == -errno.ECANCELED):
+            # Pinned memory is charged when the kernel prepares a request: one refused
+            # then cancels its whole link before any of it ran. Send the ones before it
+            # on their own; a first one refused goes as one send (auto: copied; always:
+            # once notifications have made room).
+            self._enobufs_retries += 1
+            k = refused[0]
+            if k:
+                return self._batch(iovs[:k], ds[:k], deadline)
+            self._call(iovs[0], ds[0], 0, deadline)
+            return 1
+        if first == -errno.ECANCELED:
+            raise TimeoutError("send_many timed out")
+        raise _os_error(first)
 
     def _wait_batch(self, reqs: list[Any]) -> None:
         """Every request of a batch has its result in (the links cancel the rest fast)."""
