@@ -331,22 +331,36 @@ class UringSocket:
                 if refusal_deadline is None and self._enobufs_timeout is not None:
                     refusal_deadline = time.monotonic() + self._enobufs_timeout
                 self._enobufs_retries += 1
-                if not self._make_room(refusal_deadline):
+                if not self._make_room(pin, refusal_deadline):
                     raise SendBufferError(
                         -res, f"{os.strerror(-res)}: the kernel kept refusing zero-copy sends"
                     )
                 continue
             raise _os_error(res)
 
-    def _make_room(self, deadline: float | None) -> bool:
-        """Wait for one notification of this socket's (or until ``deadline``)."""
+    def _make_room(self, refused: Pin, deadline: float | None) -> bool:
+        """Wait for one notification of this socket's, after that of the ``refused``
+        request (which frees nothing); when no request of this socket holds pages (the
+        memory is held elsewhere, or this send alone is over the limit), for up to 50 ms
+        (any completion on the ring ends it); until ``deadline`` at most."""
         ch = self._ch
-        before = ch.completions
-        while ch.completions == before and ch.outstanding:
+
+        def wait() -> bool:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
             self._ring.wait(0.05 if left is None else min(left, 0.05))
+            return True
+
+        while any(p is refused for p in ch.pending_pins()):
+            if not wait():
+                return False
+        before = ch.completions
+        if not ch.outstanding and not wait():
+            return False
+        while ch.completions == before and ch.outstanding:
+            if not wait():
+                return False
         return deadline is None or time.monotonic() < deadline
 
     def _cancel(self, req: Any) -> None:
