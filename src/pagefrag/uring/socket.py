@@ -270,11 +270,11 @@ class UringSocket:
             # then cancels its whole link before any of it ran. Send the ones before it
             # on their own; a first one refused goes as one send (auto: copied; always:
             # once notifications have made room).
-            self._enobufs_retries += 1
             k = refused[0]
             if k:
+                self._enobufs_retries += 1
                 return self._batch(iovs[:k], ds[:k], deadline)
-            self._call(iovs[0], ds[0], 0, deadline)
+            self._call(iovs[0], ds[0], 0, deadline)  # counts its retry or copy
             return 1
         if first == -errno.ECANCELED:
             raise TimeoutError("send_many timed out")
