@@ -32,7 +32,7 @@ import pytest
 from helpers import Fired, Receiver, VerifyingReceiver, counters, python_in_child
 
 from pagefrag import FragDestructor
-from pagefrag.errors import ForkedSocketError
+from pagefrag.errors import ForkedSocketError, SendBufferError
 from pagefrag.testing.netlab import NetLab
 from pagefrag.uring import UringSocket, default_ring, new_ring, unsupported_reason
 from pagefrag.zerocopy._syscalls import IOV_MAX
@@ -646,7 +646,7 @@ def test_enomem_datagram_over_the_limit_alone_auto_sends_it_copied(
     out = run_in_child(
         lambda: _datagrams_over_the_limit("auto", blackhole_udp, 32 << 10, 60000, 3, 30)
     )
-    assert out.get("sent") == 3 and out["copies"] == 3, out
+    assert out.get("sent") == 3 and out["copies"] == 3 and out["retries"] == 0, out
     assert out["bytes_sent"] == 3 * 60000 and out["once"] and out["in_flight"] == 0, out
     assert out["completions"] == out["zerocopy_sends"], out
 
@@ -1022,3 +1022,54 @@ def test_sendall_timeout_keeps_what_was_sent_pinned(fired: Fired) -> None:
         rx.join(60)
         # the receiver counts a last partial 8-byte word as "bad"
         assert rx.received == sent - sent % 8 and rx.bad_bytes == sent % 8
+
+
+@needs_uring
+@needs_root
+def test_fixed_buffer_sends_are_not_charged_per_send() -> None:
+    """Proof that sends from registered memory really go as fixed buffers: as nobody with
+    512 KiB of RLIMIT_MEMLOCK, registering 256 KiB charges its 64 pages once (a second
+    registration of 512 KiB is refused with ENOMEM and registers nothing); four sendalls
+    of the whole registered buffer then need no more room (no refusal, no retry), while
+    one of 256 KiB of ordinary memory (66 more pages) is refused until SendBufferError.
+    Every byte sent arrives."""
+    client, server = tcp_pair()
+
+    def body() -> dict[str, Any]:
+        rx = Receiver(server)
+        drop_root(512 << 10)
+        ring = new_ring(8, 64)
+        reg = mmap.mmap(-1, 256 << 10)
+        plain = mmap.mmap(-1, 256 << 10)
+        out: dict[str, Any] = {"slot": ring.register_buffer(reg)}
+        try:
+            ring.register_buffer(mmap.mmap(-1, 512 << 10))
+        except OSError as exc:
+            out["second"] = exc.errno
+        out["fixed_buffers"] = ring.fixed_buffers
+        ut = UringSocket(client, zerocopy="always", ring=ring, enobufs_timeout=1)
+        reg[:] = b"r" * len(reg)
+        for _ in range(4):
+            ut.sendall(memoryview(reg))
+        ut.flush(timeout=30)
+        out["fixed_retries"] = ut.stats.enobufs_retries
+        try:
+            ut.sendall(memoryview(plain))
+            out["plain"] = "sent"
+        except SendBufferError as exc:
+            out["plain"] = exc.errno
+        client.shutdown(socket.SHUT_WR)
+        ut.close(timeout=30)
+        out["got_all"] = rx.join(30) == b"r" * (1 << 20)
+        return out
+
+    with closing_all(client, server):
+        out = run_in_child(body)
+    assert out == {
+        "slot": out["slot"],
+        "second": errno.ENOMEM,
+        "fixed_buffers": 1,
+        "fixed_retries": 0,
+        "plain": errno.ENOMEM,
+        "got_all": True,
+    }, out
