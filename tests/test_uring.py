@@ -32,7 +32,7 @@ import pytest
 from helpers import Fired, Receiver, VerifyingReceiver, counters, python_in_child
 
 from pagefrag import FragDestructor
-from pagefrag.errors import ForkedSocketError, SendBufferError
+from pagefrag.errors import ForkedSocketError, SendBufferError, ZeroCopyUnsupportedError
 from pagefrag.testing.netlab import NetLab
 from pagefrag.uring import UringSocket, default_ring, new_ring, unsupported_reason
 from pagefrag.zerocopy._syscalls import IOV_MAX
@@ -741,47 +741,92 @@ def test_seccomp_filter_refusing_io_uring_is_reported(err: int, words: str) -> N
         assert out[name] is not None and out[name][0] == err and words in out[name][1], out
 
 
+def _read_line(fd: int, deadline: float) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        assert left > 0, "the child did not answer"
+        if select.select([fd], [], [], min(left, 1.0))[0]:
+            chunk = os.read(fd, 1 << 16)
+            assert chunk, "the child died"
+            buf += chunk
+    return buf
+
+
 @needs_uring
 @needs_root
 def test_io_uring_disabled_sysctl_is_reported() -> None:
-    """``kernel.io_uring_disabled=2`` (for everybody, root too): the same error with EPERM,
-    saying io_uring is disabled; the old value is restored at once (the setting is
-    machine-wide, so the child sets it, probes and restores it within a few ms) and a
-    fresh probe then finds io_uring again."""
+    """``kernel.io_uring_disabled``: a process it refuses gets ZeroCopyUnsupportedError
+    with EPERM from new_ring, default_ring and UringSocket, with a message saying
+    io_uring is disabled, and unsupported_reason(refresh=True) says so; once the old
+    value is back, a fresh probe finds io_uring again. The setting is machine-wide, so
+    the test uses 1 (refused: processes without CAP_SYS_ADMIN outside io_uring_group,
+    here a child that became nobody; root processes sharing the machine keep io_uring)
+    for a few milliseconds, and always restores the old value."""
     path = "/proc/sys/kernel/io_uring_disabled"
     if not os.path.exists(path):
         pytest.skip("this kernel has no kernel.io_uring_disabled")
     with open(path) as f:
         old = f.read().strip()
-    code = f"""
-from pagefrag import uring
-from pagefrag.errors import ZeroCopyUnsupportedError
-import json
-out = {{}}
-with open({path!r}, "w") as f:
-    f.write("2")
-try:
-    out["reason"] = uring.unsupported_reason(refresh=True)
+    if old != "0":
+        pytest.skip(f"kernel.io_uring_disabled is {old} here already")
+    tx, rx = udp_pair()
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(go_w)
+            os.close(res_r)
+            drop_root(8 << 20)
+            for _ in range(2):  # disabled, then restored
+                os.read(go_r, 1)
+                out: dict[str, Any] = {"reason": unsupported_reason(refresh=True)}
+                for name, make in (
+                    ("new_ring", lambda: new_ring(8, 16)),
+                    ("default_ring", default_ring),
+                    ("socket", lambda: UringSocket(tx)),
+                ):
+                    try:
+                        make()
+                        out[name] = None
+                    except ZeroCopyUnsupportedError as exc:
+                        out[name] = [exc.errno, str(exc)]
+                os.write(res_w, json.dumps(out).encode() + b"\n")
+        finally:
+            os._exit(0)
+    os.close(go_r)
+    os.close(res_w)
+    deadline = time.monotonic() + 60
     try:
-        uring.new_ring()
-    except ZeroCopyUnsupportedError as exc:
-        out["new_ring"] = [exc.errno, str(exc)]
-finally:
-    with open({path!r}, "w") as f:
-        f.write({old!r})
-out["after"] = uring.unsupported_reason(refresh=True)
-print(json.dumps(out))
-"""
-    try:
-        out = json.loads(python_in_child(code, pure=False).stdout.strip().splitlines()[-1])
+        with open(path, "w") as f:
+            f.write("1")
+        try:
+            os.write(go_w, b"x")
+            disabled = json.loads(_read_line(res_r, deadline))
+        finally:
+            with open(path, "w") as f:
+                f.write(old)
+        os.write(go_w, b"x")
+        restored = json.loads(_read_line(res_r, deadline))
     finally:
         with open(path) as f:
             if f.read().strip() != old:
                 with open(path, "w") as g:
                     g.write(old)
-    assert out["reason"] and "disabled" in out["reason"], out
-    assert out["new_ring"][0] == errno.EPERM and "io_uring_disabled" in out["new_ring"][1], out
-    assert out["after"] is None, out
+        os.close(go_w)
+        os.close(res_r)
+        tx.close()
+        rx.close()
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert disabled["reason"] and "disabled" in disabled["reason"], disabled
+    for name in ("new_ring", "default_ring", "socket"):
+        err, message = disabled[name]
+        assert err == errno.EPERM and "io_uring_disabled" in message, disabled
+    assert restored["reason"] is None, restored
+    assert restored["new_ring"] is restored["default_ring"] is restored["socket"] is None, restored
 
 
 # -- 5. lifetime: garbage collection, fork ---------------------------------------------------
