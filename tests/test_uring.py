@@ -1118,3 +1118,28 @@ def test_fixed_buffer_sends_are_not_charged_per_send() -> None:
         "plain": errno.ENOMEM,
         "got_all": True,
     }, out
+
+
+@needs_uring
+def test_abort_of_one_socket_leaves_the_others_on_the_ring_alone(fired: Fired) -> None:
+    """Two streams on one ring, both with a send stuck at a peer that reads nothing:
+    aborting one cancels and resets only its own requests (its destructor fires once,
+    after its notification); the other's stays pinned and arrives intact once its peer
+    reads."""
+    ring = new_ring(8, 64)
+    a, ca, sa = _stuck_stream(ring)
+    b, cb, sb = _stuck_stream(ring)
+    with closing_all(a, b, ca, cb, sa, sb):
+        payload = bytes(os.urandom(1 << 20))
+        da, db = fired.make(0), fired.make(1)
+        _send_until_stuck(a, bytearray(payload), da)
+        n = _send_until_stuck(b, bytearray(payload), db)
+        da.unref()
+        db.unref()
+        a.abort(timeout=30)
+        assert a.closed and fired.once_each([0])
+        time.sleep(0.2)
+        assert b.outstanding == 1 and ring.in_flight == 1 and 1 not in fired.counts
+        assert _read_exactly(sb, n) == payload[:n]
+        b.flush(timeout=30)
+        assert fired.once_each([0, 1]) and ring.in_flight == 0

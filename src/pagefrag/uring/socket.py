@@ -200,7 +200,10 @@ class UringSocket:
         ``destructors[i]`` is held until the kernel has released ``items[i]``'s pages.
         An error (or interrupt) raised midway carries ``items_sent``; a datagram that
         fails after others in its batch is tried again first in the next batch and its
-        error raised only if it fails then too. Kernel: ``SEND_ZC`` per datagram.
+        error raised only if it fails then too. A batch refused for pinned memory
+        (``ENOMEM``: the kernel charges each request as it prepares the batch, and the
+        refusal cancels the whole link) goes on in smaller batches, and a datagram
+        refused first is handled as by :meth:`send`. Kernel: ``SEND_ZC`` per datagram.
 
         Refs: as :meth:`send`, for each request."""
         listed, ds = batch_destructors(items, destructors)
