@@ -1143,3 +1143,30 @@ def test_abort_of_one_socket_leaves_the_others_on_the_ring_alone(fired: Fired) -
         assert _read_exactly(sb, n) == payload[:n]
         b.flush(timeout=30)
         assert fired.once_each([0, 1]) and ring.in_flight == 0
+
+
+@needs_uring
+def test_a_sender_thread_may_exit_before_its_notification(fired: Fired) -> None:
+    """A thread sends (its pages stay pinned at a peer that reads nothing) and exits at
+    once; the kernel completes the notification without that thread, and the destructor
+    fires once, in the thread that reaps it."""
+    ring = new_ring(8, 64)
+    ut, client, server = _stuck_stream(ring)
+    reaper: list[str] = []
+    with closing_all(ut, client, server):
+        payload = bytes(os.urandom(1 << 20))
+        d = fired.make(0, then=lambda: reaper.append(threading.current_thread().name))
+        taken: list[int] = []
+
+        def sender() -> None:
+            taken.append(ut.send(bytearray(payload), destructor=d))
+
+        th = threading.Thread(target=sender, name="sender")
+        th.start()
+        th.join(30)
+        assert not th.is_alive(), "a thread with a send in flight could not exit"
+        d.unref()
+        assert taken and ut.outstanding == 1 and not fired.counts
+        assert _read_exactly(server, taken[0]) == payload[: taken[0]]
+        ut.flush(timeout=30)
+        assert fired.once_each([0]) and reaper == [threading.current_thread().name]
