@@ -36,6 +36,7 @@ from pagefrag.errors import ForkedSocketError, SendBufferError, ZeroCopyUnsuppor
 from pagefrag.testing.netlab import NetLab
 from pagefrag.uring import UringSocket, default_ring, new_ring, unsupported_reason
 from pagefrag.zerocopy._syscalls import IOV_MAX
+from pagefrag.zerocopy.destinations import DESTINATIONS
 
 REASON = unsupported_reason()
 needs_uring = pytest.mark.skipif(
@@ -510,6 +511,7 @@ def _stream_with_paused_reader(
     threading.Thread.__init__(rx, daemon=True)
     rx.sock, rx.received, rx.bad_bytes, rx.poison_bytes = server, 0, 0, 0
     drop_root(memlock)
+    DESTINATIONS.clear()  # what earlier tests learned (a namespace inode may be reused)
     ring = new_ring(8, 64)
     us = UringSocket(client, zerocopy=mode, ring=ring, enobufs_timeout=60)
     fired = Fired()
@@ -575,6 +577,7 @@ def _datagrams_over_the_limit(
     mode: str, tx: socket.socket, memlock: int, size: int, count: int, enobufs_timeout: float
 ) -> dict[str, Any]:
     drop_root(memlock)
+    DESTINATIONS.clear()  # what earlier tests learned (a namespace inode may be reused)
     ring = new_ring(8, 64)
     us = UringSocket(tx, zerocopy=mode, ring=ring, enobufs_timeout=enobufs_timeout)
     fired = Fired()
