@@ -29,7 +29,7 @@ is marked inert by ``pagefrag.uring`` (at fork) and refuses everything.
 from libc.stdint cimport uint64_t, uint32_t, int32_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
-from libc.errno cimport EAGAIN, EBADF, EBUSY, EINTR, ENOBUFS, EOPNOTSUPP, ETIME
+from libc.errno cimport EAGAIN, EBADF, EBUSY, EINTR, ENOBUFS, ENOMEM, EOPNOTSUPP, ETIME
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.memoryview cimport PyMemoryView_FromObject
@@ -356,6 +356,7 @@ cdef class Request:
     cdef readonly bint more  # ... and said a notification follows
     cdef bint notified
     cdef readonly bint zerocopy
+    cdef readonly bint finished  # out of the table: nothing held any more
     cdef readonly uint64_t user_data
     # the SQE to be: set by Ring._request, written by Ring._file
     cdef int op, slot, msg_flags
@@ -518,11 +519,7 @@ cdef class Channel:
             except AttributeError:
                 pass
             raise
-        for req in reqs:
-            if req.result < 0:
-                return sent, req.result
-            sent += 1
-        return sent, 0
+        return ring.outcome(reqs)
 
     def wait_result(self, Request req not None, deadline):
         """Reap until ``req``'s result is in; ``deadline`` (monotonic seconds, or None)
@@ -542,13 +539,15 @@ cdef class Channel:
         return self.ring._wait_channel(self, deadline, True)
 
     def pending_pins(self):
-        """What this channel's requests in the ring still hold (pins, views, references)."""
+        """What each of this channel's requests in the ring still holds: one
+        ``(pin, view, reference)`` per request (a flat send holds a view and at most one
+        reference, any other a pin)."""
         cdef Request req
         held = []
         for r in self.ring._table.values():
             req = <Request>r
             if req.channel is self:
-                held += [x for x in (req.pin, req.view, req.ref) if x is not None]
+                held.append((req.pin, req.view, req.ref))
         return held
 
 
@@ -997,6 +996,10 @@ cdef class Ring:
                 req.result = res
                 req.more = (flags & IORING_CQE_F_MORE) != 0
                 ch.in_flight -= 1
+                if req.zerocopy and not req.more:
+                    # Refused before it ran (or cancelled in its link): no notification
+                    # comes, so it was no zero-copy send (as a failed MSG_ZEROCOPY call).
+                    ch.zerocopy_sends -= 1
                 if ch.on_result is not None:
                     self._releases.append((1, ch.on_result, req))
                 if res > 0:
@@ -1011,6 +1014,7 @@ cdef class Ring:
 
     cdef inline void _finish(self, Request req):
         cdef Channel ch = req.channel
+        req.finished = True
         self._table.pop(req.user_data, None)
         if not self._table:
             _BUSY.discard(self)
@@ -1149,11 +1153,29 @@ cdef class Ring:
             raise interrupt
         return sent
 
+    def outcome(self, list reqs):
+        """``(sent, result, refused)`` of a linked batch whose results are in: how many
+        were sent before the first that failed, that one's result (0: none failed), and
+        the index of the first zero-copy request refused for pinned memory (``ENOMEM``,
+        ``ENOBUFS``: charged when the kernel prepares it, so it cancels its whole
+        link), or -1."""
+        cdef Request req
+        cdef Py_ssize_t sent = -1, refused = -1, k = 0
+        cdef long long first = 0
+        for req in reqs:
+            if req.result < 0:
+                if sent < 0:
+                    sent, first = k, req.result
+                if refused < 0 and req.zerocopy and (req.result == -ENOMEM or req.result == -ENOBUFS):
+                    refused = k
+            k += 1
+        return (k if sent < 0 else sent), first, refused
+
     def pending_pins(self):
-        """What every request in the table still holds (pins, views, references)."""
+        """What each request in the table still holds, as :meth:`Channel.pending_pins`."""
         cdef Request req
         held = []
         for r in self._table.values():
             req = <Request>r
-            held += [x for x in (req.pin, req.view, req.ref) if x is not None]
+            held.append((req.pin, req.view, req.ref))
         return held

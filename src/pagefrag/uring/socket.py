@@ -242,16 +242,17 @@ class UringSocket:
         """Datagrams in linked batches until all are sent; ``items`` are flat buffers
         (``flat``: the compiled batch) or iovecs."""
         done = 0
-        batch = max(1, self._ring.sq_entries)
+        batch = limit = max(1, self._ring.sq_entries)
         try:
             while done < len(items):
                 self._feed_policy()
-                n = min(len(items) - done, batch)
+                n = min(len(items) - done, limit)
+                limit = batch
                 threshold = self._policy.threshold()
                 if flat and threshold is not None:
                     # One linked batch; each item zero-copy by its size, in C.
                     zc = threshold >= 0
-                    sent, res = self._ch.send_flat_batch(items, ds, done, n, threshold, 0)
+                    sent, res, refused = self._ch.send_flat_batch(items, ds, done, n, threshold, 0)
                 else:
                     now = time.monotonic()
                     use = self._policy.use_zerocopy
@@ -260,19 +261,31 @@ class UringSocket:
                     while run < n and use(_nbytes(items[done + run]), now) == zc:
                         run += 1
                     if flat:
-                        sent, res = self._ch.send_flat_batch(
+                        sent, res, refused = self._ch.send_flat_batch(
                             items, ds, done, run, 0 if zc else -1, 0
                         )
                     else:
-                        sent, res = self._batch(
+                        sent, res, refused = self._batch(
                             items[done : done + run], ds[done : done + run], zc, deadline
                         )
                 done += sent
-                if res < 0 and sent == 0:  # the first of a batch failed
-                    if res == -errno.ECANCELED:
-                        raise TimeoutError("send_many timed out")
-                    if not (zc and self._refused(res)):
-                        raise _os_error(res)
+                if res >= 0 or sent:
+                    continue  # a datagram that failed after others is the next one's first
+                if refused > 0 and res == -errno.ECANCELED:
+                    # Pinned memory is charged when the kernel prepares a request: one
+                    # refused then cancels its whole link before any of it ran. The ones
+                    # before it go on their own.
+                    self._enobufs_retries += 1
+                    limit = refused
+                elif refused == 0:
+                    # The first refused goes as one send (auto: copied; always: once
+                    # notifications have made room), which counts its copy or retry.
+                    self._call(items[done], ds[done], 0, deadline)
+                    done += 1
+                elif res == -errno.ECANCELED:
+                    raise TimeoutError("send_many timed out")
+                else:
+                    raise _os_error(res)
         except BaseException as exc:
             count_sent(exc, done)
             raise
@@ -280,8 +293,8 @@ class UringSocket:
 
     def _batch(
         self, iovs: list[IoVec], ds: list[FragDestructor | None], zc: bool, deadline: float | None
-    ) -> tuple[int, int]:
-        """One linked batch of iovecs: (sent before the first that failed, its result)."""
+    ) -> tuple[int, int, int]:
+        """One linked batch of iovecs: its :meth:`Ring.outcome <pagefrag._uring.Ring.outcome>`."""
         ch = self._ch
         pins: list[Pin] = []
         try:
@@ -303,12 +316,8 @@ class UringSocket:
             # Interrupted: learn exactly what went (items_sent must be true).
             count_sent(exc, self._ring.settle(reqs))
             raise
-        sent = 0
-        for req in reqs:
-            if req.result < 0:
-                return sent, req.result
-            sent += 1
-        return sent, 0
+        outcome: tuple[int, int, int] = self._ring.outcome(reqs)
+        return outcome
 
     def _pin(self, iov: IoVec, destructor: FragDestructor | None, zerocopy: bool) -> Pin:
         """A zero-copy request's pin holds references; a copy's only keeps the views
@@ -385,21 +394,35 @@ class UringSocket:
         if self._refusal_deadline is None and self._enobufs_timeout is not None:
             self._refusal_deadline = time.monotonic() + self._enobufs_timeout
         self._enobufs_retries += 1
-        if not self._make_room(self._refusal_deadline):
+        if not self._make_room(self._ch.last_request, self._refusal_deadline):
             raise SendBufferError(
                 -res, f"{os.strerror(-res)}: the kernel kept refusing zero-copy sends"
             )
         return True
 
-    def _make_room(self, deadline: float | None) -> bool:
-        """Wait for one notification of this socket's (or until ``deadline``)."""
+    def _make_room(self, refused: Any, deadline: float | None) -> bool:
+        """Wait for one notification of this socket's, after that of the ``refused``
+        request (which frees nothing); when no request of this socket holds pages (the
+        memory is held elsewhere, or this send alone is over the limit), for up to 50 ms
+        (any completion on the ring ends it); until ``deadline`` at most."""
         ch = self._ch
-        before = ch.completions
-        while ch.completions == before and ch.outstanding:
+
+        def wait() -> bool:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
             self._ring.wait(0.05 if left is None else min(left, 0.05))
+            return True
+
+        while refused is not None and not refused.finished:
+            if not wait():
+                return False
+        before = ch.completions
+        if not ch.outstanding and not wait():
+            return False
+        while ch.completions == before and ch.outstanding:
+            if not wait():
+                return False
         return deadline is None or time.monotonic() < deadline
 
     def _cancel(self, req: Any) -> None:
