@@ -319,7 +319,7 @@ def test_abort_with_unacked_data_releases_each_buffer_once_and_never_early(
     rx.join(60)
     assert not rx.is_alive()
     assert rx.poison_bytes == 0 and rx.bad_bytes == 0
-    assert 0 < rx.received < offset
+    assert 0 < rx.received <= offset
     assert rx.reset, "the receiver must see the reset"
     server.close()
 
@@ -362,7 +362,7 @@ def test_abort_wakes_a_sender_blocked_on_a_peer_that_does_not_read(
     t.join(30)
     assert not t.is_alive()
     err = outcome.get(timeout=1)
-    assert isinstance(err, OSError), f"the blocked sendall must fail, not {err!r}"
+    assert isinstance(err, OSError) and not isinstance(err, TimeoutError), repr(err)
     assert zs.closed and zs.outstanding == 0
     assert made and fired.once_each(made)
     with pytest.raises(ConnectionResetError):
@@ -436,9 +436,7 @@ def test_close_that_times_out_keeps_the_pins_and_the_socket(
 # -- 6. send_many on UDP and TCP ----------------------------------------------------------
 
 
-def test_send_many_datagrams_in_order_each_destructor_once(
-    backend: Backend, fired: Fired
-) -> None:
+def test_send_many_datagrams_in_order_each_destructor_once(backend: Backend, fired: Fired) -> None:
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx.bind(("127.0.0.1", 0))
     rx.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 32 << 20)
