@@ -209,6 +209,39 @@ def test_true_zero_copy_to_a_discarding_neighbour(
     assert st.bytes_sent == 200 * 60_000
 
 
+def test_a_datagram_dropped_in_a_batch_is_reported_and_nothing_is_lost(
+    lab: NetLab, backend: Backend, fired: Fired
+) -> None:
+    """A netfilter OUTPUT drop of the third datagram of a batch (``EPERM`` after the
+    kernel took the call): the two before it are sent, the error carries
+    ``items_sent``, every destructor fires once and the socket goes on sending."""
+    zs = backend.wrap(_towards_the_discarding_neighbour(lab), zerocopy="always")
+    lab.ns(
+        lab.sender,
+        "nft",
+        "add table inet out; add chain inet out o "
+        "{ type filter hook output priority 0; }; add rule inet out o udp length 1007 drop",
+    )
+    sizes = [1000, 1000, 999, 1000, 1000]
+    ds = [fired.make(i) for i in range(len(sizes))]
+    with pytest.raises(PermissionError) as caught:
+        zs.send_many([bytearray(n) for n in sizes], destructors=ds)
+    assert caught.value.items_sent == 2  # type: ignore[attr-defined]
+    del caught
+    for d in ds:
+        d.unref()
+    lab.ns(lab.sender, "nft", "delete table inet out")
+    later = [fired.make(i) for i in range(10, 20)]
+    assert zs.send_many([bytearray(1000)] * 10, destructors=later) == 10
+    for d in later:
+        d.unref()
+    zs.close(timeout=30)
+    assert fired.once_each([*range(5), *range(10, 20)])
+    st = zs.stats
+    assert st.completions == st.zerocopy_sends >= 12
+    assert st.bytes_sent == 12 * 1000
+
+
 # -- 3. copied notifications on loopback --------------------------------------------------
 
 

@@ -842,6 +842,10 @@ cdef class Ring:
                 req.result = res
                 req.more = (flags & IORING_CQE_F_MORE) != 0
                 ch.in_flight -= 1
+                if req.zerocopy and not req.more:
+                    # Never issued (cancelled by its link, refused): it sent nothing
+                    # zero-copy and no notification will count it.
+                    ch.zerocopy_sends -= 1
                 if ch.on_result is not None:
                     self._releases.append((1, ch.on_result, req))
                 if res > 0:
