@@ -100,6 +100,10 @@ MUTANTS = [
         "                if req.pin is not None:\n"
         "                    self._releases.append((0, req.pin, ch.holder))\n"
         "                    req.pin = None\n"
+        "                if req.ref is not None:\n"
+        "                    self._releases.append((2, req.ref, ch.holder))\n"
+        "                    req.ref = None\n"
+        "                req.view = None\n"
         "                if not req.more or req.notified:\n                    self._finish(req)\n",
         [
             "tests/test_backends_net.py::test_poison_after_release_under_loss[uring-sendall]",
