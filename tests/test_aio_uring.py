@@ -190,6 +190,42 @@ def test_poison_after_release_under_loss(lab: NetLab, run: Run) -> None:
 
 
 @needs_uring
+def test_a_plain_bytearray_may_be_reused_once_write_returns(run: Run) -> None:
+    """asyncio's contract with backend="uring": one bytearray refilled for each of 2048
+    records of 16 KiB and written with a plain write(), the peer starting to read late
+    (the socket fills, so the rest goes by copying requests sent after write() has
+    returned): every record arrives as it was when written."""
+    size, count = 16 << 10, 2048
+
+    async def main() -> bytes:
+        server, port, accepted = await stalled_peer(rcvbuf=None)
+        _, writer = await aio.open_connection("127.0.0.1", port, backend="uring", zerocopy="always")
+        peer, _ = await accepted
+
+        async def read_late() -> bytes:
+            await asyncio.sleep(0.5)
+            return await peer.readexactly(size * count)
+
+        reading = asyncio.ensure_future(read_late())
+        buf = bytearray(size)
+        for i in range(count):
+            buf[:] = bytes([i % 251]) * size
+            writer.write(buf)
+            await writer.drain()
+        got = await asyncio.wait_for(reading, 60)
+        stats = writer.transport.zerocopy_stats
+        assert stats.bytes_sent == size * count
+        writer.close()
+        await writer.wait_closed()
+        server.close()
+        return got
+
+    got = run(main())
+    bad = [i for i in range(count) if got[i * size : (i + 1) * size] != bytes([i % 251]) * size]
+    assert bad == []
+
+
+@needs_uring
 def test_slow_reader_drain_bounds_unsent_plus_pinned(run: Run) -> None:
     """A peer reading 64 KiB every 2 ms: drain() keeps unsent plus pinned bytes under the
     high-water mark plus one write, and the protocol really was paused."""
