@@ -365,6 +365,33 @@ def test_close_past_linger_keeps_the_pins_until_the_notifications_come(run: Run)
 
 
 @needs_uring
+def test_peer_reset_with_a_request_in_flight_fires_every_handle_once(
+    run: Run, fired: Fired
+) -> None:
+    """The peer resets while a request waits for room and more is queued: wait_closed()
+    raises ConnectionResetError (as asyncio's) and every destructor fires exactly once."""
+
+    async def main() -> None:
+        server, port, accepted = await stalled_peer()
+        _, writer = await aio.open_connection("127.0.0.1", port, backend="uring", zerocopy="always")
+        _, peer = await accepted
+        handles = []
+        for i in range(16):
+            d = fired.make(i)
+            handles.append(writer.write(bytearray([i]) * (1 << 20), destructor=d))
+            d.unref()
+        bridge = writer.transport._zs  # type: ignore[attr-defined]
+        await until(lambda: bridge.request is not None and writer.pinned_bytes > 0)
+        peer.transport.abort()  # RST towards our writer
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(writer.wait_closed(), 30)
+        assert all(h.done for h in handles) and fired.once_each(range(16))
+        server.close()
+
+    run(main())
+
+
+@needs_uring
 def test_many_connections_share_one_ring_per_loop_which_goes_with_the_last(run: Run) -> None:
     """20 connections of one loop (and the server's 20) use one ring, watched once; each
     sends its own bytes intact; once every transport is gone the ring is closed."""

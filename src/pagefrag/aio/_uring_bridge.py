@@ -8,15 +8,16 @@ and when is the transport's. It offers the transport the surface of
 (``outstanding``, ``pinned_bytes``, ``poll_completions``, ``close``, ``stats``,
 ``_policy``), none of which waits.
 
-Theory of operation. A zero-copy write goes as one ``IORING_OP_SEND_ZC`` (or
-``SENDMSG_ZC``) request with ``MSG_WAITALL``: its pin holds a reference on every
-destructor of its bytes and on the write's handle, and the ring releases it only when it
-reaps the request's notification (``IORING_CQE_F_NOTIF``), so the handle fires only once
-the kernel has let go of every page. A copying send needs no notification: it is one
-``send``/``sendmsg`` made at once (as :class:`ZeroCopyTransport` makes it); when the
-socket is full, the rest goes as a copying request (``IORING_OP_SEND``) that the ring
-sends once there is room. Every request's result and notification are reaped in the
-loop's thread (:mod:`._ring_loop`); the bridge only defers the transport's callbacks.
+Theory of operation. A zero-copy write goes as ``IORING_OP_SEND_ZC`` (or ``SENDMSG_ZC``)
+requests (without ``MSG_WAITALL``: see :data:`SEND_FLAGS`): each one's pin holds a
+reference on every destructor of its bytes and on the write's handle, and the ring
+releases it only when it reaps the request's notification (``IORING_CQE_F_NOTIF``), so
+the handle fires only once the kernel has let go of every page. A copying send needs no
+notification: it is one ``send``/``sendmsg`` made at once (as :class:`ZeroCopyTransport`
+makes it); when the socket is full, the rest goes as a copying request
+(``IORING_OP_SEND``) that the ring sends once there is room. Every request's result and
+notification are reaped in the loop's thread (:mod:`._ring_loop`); the bridge only
+defers the transport's callbacks.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ from ._ring_loop import LoopRing
 
 __all__ = ["UringBridge"]
 
-MSG_WAITALL = int(socket.MSG_WAITALL)
+SEND_FLAGS = 0
+"""The requests' ``msg_flags``. Not ``MSG_WAITALL``: with it io_uring retries a short send
+itself and, when the retry fails after some bytes went (a reset), completes with the
+byte count and the socket's error is gone (consumed by the failed retry), so the next
+request would only see ``EPIPE``. Without it each request takes what the socket has room
+for, the transport sends the rest by the next, and a reset is ``ECONNRESET``."""
 
 
 class _RequestPin:
@@ -109,7 +115,7 @@ class UringBridge:
         return n
 
     def submit(self, iov: IoVec, handle: FragDestructor, zerocopy: bool, owner: object) -> Any:
-        """Send ``iov`` as one request (``MSG_WAITALL``): zero-copy (``SEND_ZC``), its pin
+        """Send ``iov`` as one request (it may take fewer bytes): zero-copy (``SEND_ZC``), its pin
         holding ``handle`` and every destructor of the bytes until the notification, or
         copying (``SEND``), its pin keeping the views until the result. ``owner``: the
         write queue it is sent from. Kernel: ``io_uring_enter``.
@@ -120,7 +126,7 @@ class UringBridge:
         # A copying request takes no reference: the kernel copies at the send.
         pin = iov.pin(ch.holder, handle) if zerocopy else Pin(iov.views[:], None)
         try:
-            req = ch.submit_one(_RequestPin(pin, self._released), pin.views, zerocopy, MSG_WAITALL)
+            req = ch.submit_one(_RequestPin(pin, self._released), pin.views, zerocopy, SEND_FLAGS)
         except BaseException:
             pin.release(ch.holder)
             raise
