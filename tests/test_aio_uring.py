@@ -424,7 +424,7 @@ def test_many_connections_share_one_ring_per_loop_which_goes_with_the_last(run: 
 
 
 @needs_uring
-def test_a_loop_closed_with_requests_in_flight_keeps_their_pins(fired: Fired) -> None:
+def test_a_loop_closed_with_requests_in_flight_keeps_their_pins(run: Run, fired: Fired) -> None:
     """The loop ends while the kernel still holds a write's pages (the peer does not
     read): nothing is released early. The ring, with its requests, outlives the loop;
     once the peer reads and the ring is reaped, the destructor fires exactly once."""
@@ -441,7 +441,7 @@ def test_a_loop_closed_with_requests_in_flight_keeps_their_pins(fired: Fired) ->
         state["lring"] = writer.transport._zs._lring  # type: ignore[attr-defined]
         await asyncio.sleep(0.2)
 
-    asyncio.run(main())
+    run(main())
     gc.collect()
     peer, _ = listener.accept()
     listener.close()
