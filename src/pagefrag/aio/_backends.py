@@ -21,7 +21,8 @@ DEFAULT_BACKEND = "msg_zerocopy"
 def transport_class(backend: str) -> type[ZeroCopyTransport]:
     """The transport class of ``backend``. ``TypeError``/``ValueError`` for what is not
     one of :data:`BACKENDS`; :class:`ZeroCopyUnsupportedError` (saying why) for
-    ``"uring"`` where io_uring zero-copy sends cannot run."""
+    ``"uring"`` where io_uring zero-copy sends cannot run. Kernel: ``io_uring_setup``
+    (probed once, by :func:`pagefrag.uring.unsupported_reason`). Refs: none."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, not {type(backend).__name__}")
     if backend == "msg_zerocopy":

@@ -58,11 +58,13 @@ class LoopRing:
 
     # -- users -----------------------------------------------------------------------------
     def attach(self) -> None:
-        """A transport uses the ring from now on."""
+        """A transport uses the ring from now on. Kernel: none. Refs: none."""
         self._users += 1
 
     def detach(self) -> None:
-        """A transport is done with the ring (its socket holds nothing in it any more)."""
+        """A transport is done with the ring (its socket holds nothing in it any more);
+        the last one closes it once nothing is in flight. Kernel: ``close()`` of the
+        ring. Refs: none."""
         self._users -= 1
         self._maybe_retire()
 
@@ -75,12 +77,13 @@ class LoopRing:
         self.ring.submit()
 
     def reap(self) -> int:
-        """Take every completion that is ready. Refs: as :meth:`submit`."""
+        """Take every completion that is ready. Kernel: none (the completion ring is
+        shared memory). Refs: as :meth:`submit`."""
         return int(self.ring.reap())
 
     def defer(self, fn: Callable[[], object]) -> None:
         """Call ``fn()`` once the current reap is over: at the end of the drain running
-        now, or at the next turn of the loop."""
+        now, or at the next turn of the loop. Kernel: none. Refs: none."""
         self._due.append(fn)
         if not self._draining and not self._scheduled:
             loop = self._loop_ref()
@@ -139,7 +142,7 @@ class LoopRing:
 
 def ring_for(loop: asyncio.AbstractEventLoop) -> LoopRing:
     """The loop's ring, made on first use (:class:`ZeroCopyUnsupportedError` where
-    io_uring zero-copy sends cannot run). Kernel: ``io_uring_setup``."""
+    io_uring zero-copy sends cannot run). Kernel: ``io_uring_setup``. Refs: none."""
     lring = _RINGS.get(loop)
     if lring is None or lring.ring.closed:
         lring = _RINGS[loop] = LoopRing(loop)

@@ -143,7 +143,8 @@ class UringBridge:
             self._lring.ring.cancel(self._ch)
 
     def feed_policy(self) -> None:
-        """Tell the ``auto`` policy what the notifications said (copied or not)."""
+        """Tell the ``auto`` policy what the notifications said (copied or not). Kernel:
+        none. Refs: none."""
         self.socket._feed_policy()
 
     # -- the ring's callbacks (in a reap) --------------------------------------------------
@@ -192,7 +193,8 @@ class UringBridge:
                 self._lring.detach()
 
     def forget(self) -> None:
-        """The transport was never made: leave the ring (nothing was sent)."""
+        """The transport was never made: leave the ring (nothing was sent). Kernel: none.
+        Refs: none."""
         if self._attached:
             self._attached = False
             self._lring.detach()

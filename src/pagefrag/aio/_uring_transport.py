@@ -215,7 +215,8 @@ class UringTransport(ZeroCopyTransport):
 
     # -- what the shared code reads --------------------------------------------------------
     def get_write_buffer_size(self) -> int:
-        """Unsent plus pinned bytes (the request in flight counted once)."""
+        """Unsent plus pinned bytes (the request in flight counted once). Kernel: none.
+        Refs: none."""
         zs = self._zs
         size = self._writes.unsent + zs.pinned_bytes
         req = zs.request
