@@ -2,8 +2,11 @@
 
 Works on the default (selector) event loop, on any loop with ``add_reader``, and
 on uvloop: the loop only ever watches one epoll descriptor, shared by all the zero-copy
-connections of that loop; a connection costs its socket alone."""
+connections of that loop; a connection costs its socket alone. With ``backend="uring"``
+the writes are io_uring ``SEND_ZC`` requests and the loop watches one ring per loop too
+(:class:`UringTransport`)."""
 
+from ._uring_transport import UringTransport
 from .streams import (
     ZeroCopyServer,
     ZeroCopyStreamWriter,
@@ -24,6 +27,7 @@ __all__ = [
     "DEFAULT_LINGER",
     "ZeroCopyServer",
     "ZeroCopyStreamWriter",
+    "UringTransport",
     "ZeroCopyTransport",
     "create_connection",
     "open_connection",

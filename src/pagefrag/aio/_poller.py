@@ -24,14 +24,18 @@ import select
 import weakref
 from collections.abc import Callable
 
-__all__ = ["LoopPoller", "poller_for"]
+__all__ = ["POLL_ALL", "POLL_READ", "LoopPoller", "poller_for"]
 
 Handler = Callable[[int], None]
 
 _POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopPoller] = (
     weakref.WeakKeyDictionary()
 )
-_FLAGS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET  # ERR and HUP are implied
+POLL_ALL = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET  # ERR and HUP are implied
+"""Readable, writable, error, hang-up: a socket whose sends the transport makes itself."""
+POLL_READ = select.EPOLLIN | select.EPOLLET
+"""Readable, error, hang-up: a socket whose sends go through an io_uring ring (the ring
+tells when they are done; writable edges would only wake the loop for nothing)."""
 
 
 class LoopPoller:
@@ -47,16 +51,16 @@ class LoopPoller:
             self._epoll.close()
             raise
 
-    def register(self, fd: int, handler: Handler) -> None:
-        """Watch ``fd`` (edge-triggered: readable, writable, error, hang-up) and call
-        ``handler(events)`` on each change."""
+    def register(self, fd: int, handler: Handler, events: int = POLL_ALL) -> None:
+        """Watch ``fd`` (edge-triggered; ``events``: :data:`POLL_ALL` or
+        :data:`POLL_READ`) and call ``handler(events)`` on each change."""
         try:
             try:
-                self._epoll.register(fd, _FLAGS)
+                self._epoll.register(fd, events)
             except FileExistsError:
                 # A descriptor closed behind its transport's back and reused: the
                 # number is ours now.
-                self._epoll.modify(fd, _FLAGS)
+                self._epoll.modify(fd, events)
         except BaseException:
             if not self._handlers:
                 self._retire()

@@ -3,9 +3,9 @@
 CPython 3.11: the same arguments (``family``, ``flags``, ``local_addr``,
 ``happy_eyeballs_delay``, a list of hosts, ``start_serving``, ...; :mod:`._connect` makes
 the sockets) plus pagefrag's own (``zerocopy``, ``min_zerocopy_size``, ``high_water``,
-``linger``, ``enobufs_timeout``). ``ssl=`` takes the copying path of :mod:`._tls`; the
-writer and the server's stream protocol are in :mod:`._stream`, the server in
-:mod:`._server`."""
+``linger``, ``enobufs_timeout``, ``backend``: :mod:`._backends`). ``ssl=`` takes the
+copying path of :mod:`._tls`; the writer and the server's stream protocol are in
+:mod:`._stream`, the server in :mod:`._server`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ..zerocopy.policy import ZeroCopyPolicy
+from ._backends import DEFAULT_BACKEND, transport_class
 from ._connect import (
     check_ssl_socket,
     check_tls_options,
@@ -38,8 +39,8 @@ __all__ = [
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 _STREAM_LIMIT = 2**16
-_Settings = tuple[str, "int | None", "int | None", "float | None", float]
-"""zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout"""
+_Settings = tuple[str, "int | None", "int | None", "float | None", float, type[ZeroCopyTransport]]
+"""zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout, the transport class"""
 
 
 def _settings(
@@ -48,9 +49,11 @@ def _settings(
     high_water: int | None,
     linger: float | None,
     enobufs_timeout: float,
+    backend: str,
 ) -> _Settings:
     """pagefrag's keywords, checked before any socket is made (a server would otherwise
-    only fail at its first accept)."""
+    only fail at its first accept); ``backend="uring"`` where io_uring cannot run raises
+    :class:`ZeroCopyUnsupportedError` here."""
     # Raises for a bad mode or size, as the transport would.
     ZeroCopyPolicy(zerocopy, *([] if min_zerocopy_size is None else [min_zerocopy_size]))
     if high_water is not None and not high_water >= 0:
@@ -59,7 +62,8 @@ def _settings(
         raise ValueError(f"linger must be >= 0 seconds or None, not {linger!r}")
     if not enobufs_timeout >= 0:
         raise ValueError(f"enobufs_timeout must be >= 0 seconds, not {enobufs_timeout!r}")
-    return zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout
+    cls = transport_class(backend)
+    return zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout, cls
 
 
 async def create_connection(
@@ -83,12 +87,16 @@ async def create_connection(
     high_water: int | None = None,
     linger: float | None = DEFAULT_LINGER,
     enobufs_timeout: float = DEFAULT_ENOBUFS_TIMEOUT,
+    backend: str = DEFAULT_BACKEND,
 ) -> tuple[ZeroCopyTransport, P]:
     """Connect and return ``(transport, protocol)``, as ``loop.create_connection`` of
     asyncio 3.11, with its arguments; the transport is a :class:`ZeroCopyTransport`.
     ``linger``: seconds ``close()`` waits for the kernel's completions before reporting
     the loss (None: no bound); ``enobufs_timeout``: seconds of ENOBUFS without progress
-    before the connection fails.
+    before the connection fails. ``backend``: ``"msg_zerocopy"`` (a
+    :class:`ZeroCopyTransport`), ``"uring"`` (a :class:`UringTransport`: io_uring
+    ``SEND_ZC`` requests on the loop's ring; :class:`ZeroCopyUnsupportedError` before
+    connecting where io_uring cannot run) or ``"auto"`` (``"uring"`` where available).
 
     ``sock``: an already connected TCP socket, used as is instead of ``host``/``port``
     (as ``loop.create_connection(sock=...)``); the transport owns it from then on. A
@@ -102,7 +110,7 @@ async def create_connection(
     Kernel: ``connect()`` (``bind()`` first with ``local_addr``).
 
     Refs: none taken; each write's are described at :meth:`ZeroCopyTransport.write`."""
-    settings = _settings(zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout)
+    settings = _settings(zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout, backend)
     server_hostname = server_hostname_for(ssl, host, server_hostname)
     check_tls_options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
     sock = await socket_for(
@@ -161,10 +169,11 @@ def _transport(
     high_water: int | None,
     linger: float | None,
     enobufs_timeout: float,
+    cls: type[ZeroCopyTransport],
 ) -> ZeroCopyTransport:
-    """A new transport of ``sock``; the socket is closed if that fails."""
+    """A new transport (of class ``cls``) of ``sock``; the socket is closed if that fails."""
     try:
-        return ZeroCopyTransport(
+        return cls(
             loop,
             sock,
             protocol,
@@ -200,6 +209,7 @@ async def open_connection(
     high_water: int | None = None,
     linger: float | None = DEFAULT_LINGER,
     enobufs_timeout: float = DEFAULT_ENOBUFS_TIMEOUT,
+    backend: str = DEFAULT_BACKEND,
 ) -> tuple[asyncio.StreamReader, ZeroCopyStreamWriter]:
     """Connect and return ``(reader, writer)``, as ``asyncio.open_connection`` of
     asyncio 3.11, with the arguments of :func:`create_connection` (``ssl``: the copying
@@ -229,6 +239,7 @@ async def open_connection(
         high_water=high_water,
         linger=linger,
         enobufs_timeout=enobufs_timeout,
+        backend=backend,
     )
     return reader, ZeroCopyStreamWriter(transport, protocol, reader, loop)
 
@@ -254,6 +265,7 @@ async def start_server(
     high_water: int | None = None,
     linger: float | None = DEFAULT_LINGER,
     enobufs_timeout: float = DEFAULT_ENOBUFS_TIMEOUT,
+    backend: str = DEFAULT_BACKEND,
 ) -> ZeroCopyServer:
     """Listen and call ``client_connected_cb(reader, writer)`` per connection (a
     coroutine function becomes a task), as ``asyncio.start_server`` of asyncio 3.11,
@@ -261,7 +273,9 @@ async def start_server(
     an IPv4 socket and an IPv6 one); ``sock`` a socket of yours, bound, used as is;
     ``start_serving=False``: bound, not yet listening, until ``start_serving()`` or
     ``serve_forever()``. Bad combinations raise asyncio's ValueError/TypeError before any
-    socket is made. ``linger`` and ``enobufs_timeout`` as for :func:`create_connection`.
+    socket is made. ``linger``, ``enobufs_timeout`` and ``backend`` as for
+    :func:`create_connection` (``backend="uring"`` where io_uring cannot run raises
+    :class:`ZeroCopyUnsupportedError` before any socket is bound).
     An exception of the callback is reported as asyncio reports it and closes that
     connection at once. Out of descriptors (EMFILE, ENFILE) or memory, the server stops
     accepting for ``ACCEPT_RETRY_DELAY`` seconds and reports it to the loop's exception
@@ -273,7 +287,7 @@ async def start_server(
     Kernel: ``bind()``, ``listen()``, ``accept()``.
 
     Refs: none taken; each write's are described at :meth:`ZeroCopyTransport.write`."""
-    settings = _settings(zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout)
+    settings = _settings(zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout, backend)
     if isinstance(ssl, bool):
         raise TypeError("ssl argument must be an SSLContext or None")
     check_tls_options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)

@@ -41,6 +41,9 @@ fall to the low-water mark; the lifecycle (open, closing, lingering, lost), one 
 (:mod:`._lifecycle`); connections lost with pages still pinned (:mod:`._linger`). Every
 way to end a connection but ``close()`` is one path,
 :meth:`ZeroCopyTransport._force_close`.
+
+The io_uring backend (``backend="uring"``) is this class with another kernel bridge
+(:meth:`ZeroCopyTransport._open_bridge`) and its own sending: :mod:`._uring_transport`.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from ._flow import DEFAULT_HIGH_WATER, FlowControlMixin
 from ._lifecycle import REPORTED, Event, State, transition
 from ._linger import linger as _hand_over
 from ._linger import still_pinned
+from ._poller import POLL_ALL as _POLL_ALL
 from ._poller import poller_for
 from ._reading import ReadingMixin
 from ._stall import EnobufsStall, stalled
@@ -123,6 +127,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
     loop, never inside a call."""
 
     _ignored_writes = 0  # writes after close() or the loss (see _ignored_write)
+    _POLL_EVENTS = _POLL_ALL  # what the shared poller watches the socket for
     _failed = False  # abort() or a failure: flow control no longer resumes the protocol
 
     def __init__(
@@ -146,15 +151,12 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         if not enobufs_timeout >= 0:
             raise ValueError(f"enobufs_timeout must be >= 0 seconds, not {enobufs_timeout!r}")
         sock.setblocking(False)
-        kwargs = {} if min_zerocopy_size is None else {"min_zerocopy_size": min_zerocopy_size}
-        # enobufs_timeout=0: the socket never waits; ENOBUFS is waited for in the loop.
-        self._zs = ZeroCopySocket(sock, zerocopy=zerocopy, enobufs_timeout=0, **kwargs)
+        self._loop = loop
+        self._open_bridge(sock, zerocopy, min_zerocopy_size)
         # Its copy_below (below it every send is copied) is read on each small write.
         self._policy = self._zs._policy
-        self._send_copied = self._zs._tx.send_copied
         set_nodelay(sock)
         self._sock = sock
-        self._loop = loop
         self.set_protocol(protocol)  # and the read path its kind needs (._reading)
         self._writes = WriteQueue(self)
         self._state = _OPEN  # changed only by _to(): the table of ._lifecycle
@@ -176,8 +178,17 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
         )
         self._fd = sock.fileno()
         self._poller = poller_for(loop)
-        self._poller.register(self._fd, self._on_events)
+        self._poller.register(self._fd, self._on_events, self._POLL_EVENTS)
         loop.call_soon(protocol.connection_made, self)
+
+    def _open_bridge(self, sock: socket.socket, zerocopy: str, min_size: int | None) -> None:
+        """Make the kernel bridge of this transport's sends (``_zs``: here a
+        :class:`ZeroCopySocket`) and ``_send_copied``, the one copying ``send`` of the
+        small-write path (-1: refused, the bridge's ``send_copied`` raises why)."""
+        kwargs = {} if min_size is None else {"min_zerocopy_size": min_size}
+        # enobufs_timeout=0: the socket never waits; ENOBUFS is waited for in the loop.
+        self._zs = ZeroCopySocket(sock, zerocopy=zerocopy, enobufs_timeout=0, **kwargs)
+        self._send_copied = self._zs._tx.send_copied
 
     def _to(self, event: Event) -> bool:
         """Take the lifecycle transition of ``event``; False if the table has none (the
@@ -524,24 +535,33 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
             self._linger_timer = None
         self._stall.cancel()
         if self._state is State.LINGERING:
-            _hand_over(
-                self._zs,
-                self._poller,
-                self._fd,
-                self._on_events,
-                lambda: self._to(Event.RELEASED),
-            )
+            self._linger_socket()
         else:
-            self._poller.unregister(self._fd, self._on_events)
-            try:
-                self._zs.close(timeout=0)
-            except (OSError, PageFragError) as exc:  # EBADF: closed behind our back
-                if self._exc is None:
-                    self._exc = _socket_error(exc)
+            self._close_socket()
         self._loop.call_soon(self._protocol.connection_lost, self._exc)
+
+    def _linger_socket(self) -> None:
+        """Past the linger bound: hand the socket, pins and all, to :mod:`._linger`,
+        which releases them as their completions come, then closes it."""
+        _hand_over(
+            self._zs,
+            self._poller,
+            self._fd,
+            self._on_events,
+            lambda: self._to(Event.RELEASED),
+        )
+
+    def _close_socket(self) -> None:
+        """The kernel holds nothing more: stop watching the socket and close it."""
+        self._poller.unregister(self._fd, self._on_events)
+        try:
+            self._zs.close(timeout=0)
+        except (OSError, PageFragError) as exc:  # EBADF: closed behind our back
+            if self._exc is None:
+                self._exc = _socket_error(exc)
 
     def __repr__(self) -> str:
         return (
-            f"<ZeroCopyTransport {self._state.value} unsent={self._writes.unsent} "
+            f"<{type(self).__name__} {self._state.value} unsent={self._writes.unsent} "
             f"pinned={self._zs.pinned_bytes} outstanding={self._zs.outstanding}>"
         )
