@@ -22,9 +22,14 @@ def choose_backend(backend: str) -> str:
     """``"msg_zerocopy"`` or ``"uring"``: ``"auto"`` takes io_uring where it works here
     (Linux 6.0+, not disabled, the compiled core built) and ``MSG_ZEROCOPY`` otherwise;
     ``"uring"`` where it cannot work raises :class:`ZeroCopyUnsupportedError` saying why.
-    ``ValueError`` for any other name."""
+    ``TypeError``/``ValueError`` for anything else. Kernel: ``io_uring_setup`` (probed
+    once, by :func:`pagefrag.uring.unsupported_reason`). Refs: none."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, not {type(backend).__name__}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        raise ValueError(
+            f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {backend!r}"
+        )
     if backend == "msg_zerocopy":
         return backend
     from ..uring import unsupported_reason
