@@ -38,8 +38,22 @@ class Channel:
         self, pin: Any, views: list[memoryview], zerocopy: bool, msg_flags: int, link: bool = False
     ) -> Request: ...
     def file_linked(
-        self, pins: list[Any], views: list[list[memoryview]], zerocopy: bool, msg_flags: int
+        self,
+        views: list[list[memoryview]],
+        owners: list[Any],
+        destructors: list[Any],
+        zerocopy: bool,
+        msg_flags: int,
     ) -> list[Request]: ...
+    def submit_iov(
+        self,
+        views: list[memoryview],
+        owners: list[Any] | None,
+        destructor: Any,
+        zerocopy: bool,
+        msg_flags: int,
+        on_release: Callable[[Request], object] | None = None,
+    ) -> Request: ...
     def send_flat(self, data: Any, destructor: Any, zerocopy: bool, msg_flags: int) -> int: ...
     def send_flat_batch(
         self,

@@ -37,8 +37,11 @@ from cpython.memoryview cimport PyMemoryView_FromObject
 cimport cython
 
 import errno as _errno
+import os as _os
 import time as _time
+import weakref as _weakref
 
+from pagefrag._iov import Pin as _Pin
 from pagefrag._unraisable import report_unraisable
 
 API = 1  # what pagefrag.uring expects
@@ -300,6 +303,7 @@ cdef extern from *:
     ctypedef struct pf_msg:
         iovec iov[1]
 
+    int close_fd "close"(int fd) nogil
     long pf_sys_enter(int fd, unsigned to_submit, unsigned min_complete, unsigned flags,
                       void *arg, size_t argsz) nogil
     int pf_ring_init(pf_ring *r, unsigned entries, unsigned cq_entries) nogil
@@ -338,6 +342,18 @@ cdef long long _SLICE_NS = 50 * 1000 * 1000  # a wait re-checks its request this
 # pages the kernel may still read (the table, its requests and their channels form a
 # cycle the garbage collector could otherwise break).
 cdef set _BUSY = set()
+# Every ring of this process: a forked child makes its copies inert (their memory is
+# not mapped there: MADV_DONTFORK).
+_RINGS = _weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for ring in list(_RINGS):
+        (<Ring>ring).after_fork_in_child()
+    _BUSY.clear()  # the parent's requests: never the child's to release
+
+
+_os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @cython.freelist(256)
@@ -349,6 +365,7 @@ cdef class Request:
     cdef object pin  # released on the notification (or the result, without F_MORE)
     cdef object view  # (a flat send) the export that keeps its memory in place ...
     cdef object ref  # ... and the one destructor reference it holds, or None
+    cdef object on_release  # called with the request once the ring has released it
     cdef pf_msg *msg  # SENDMSG's header: kept until the result
     cdef readonly Py_ssize_t nbytes
     cdef readonly long long result
@@ -404,30 +421,82 @@ cdef class Channel:
 
     def submit_one(self, pin, views, bint zerocopy, int msg_flags, bint link=False):
         """Prepare one send of ``views`` (a list of byte memoryviews) holding ``pin``
-        and return its :class:`Request` (not yet submitted: :meth:`Ring.submit`).
-        Zero-copy: ``SEND_ZC`` (from a fixed buffer when the memory lies in one) or
-        ``SENDMSG_ZC``; otherwise the copying ``SEND``/``SENDMSG``. ``link``: the next
-        request of this batch runs only if this one sends everything.
+        (anything with ``release(holder)``) and return its :class:`Request` (not yet
+        submitted: :meth:`Ring.submit`). Zero-copy: ``SEND_ZC`` (from a fixed buffer
+        when the memory lies in one) or ``SENDMSG_ZC``; otherwise the copying
+        ``SEND``/``SENDMSG``. ``link``: the next request of this batch runs only if this
+        one sends everything.
 
-        Refs: the request holds ``pin`` until the kernel is done with its pages."""
-        return self.ring._prepare(self, pin, views, zerocopy, msg_flags, link)
+        Refs: ``pin`` is the request's from the call on: released here if it fails,
+        else when the kernel is done with the pages. Never release it after calling
+        (an interrupt raised as this returns does not mean it failed)."""
+        try:
+            return self.ring._prepare(self, pin, views, zerocopy, msg_flags, link)
+        except BaseException:
+            if pin is not None:
+                pin.release(self.holder)
+            raise
 
-    def file_linked(self, list pins, list views, bint zerocopy, int msg_flags):
-        """Datagrams ``views[i]`` (each a list of byte memoryviews) holding ``pins[i]``,
-        as one linked batch (``IOSQE_IO_LINK``: issued in order, the first that fails
-        cancels the rest), filed in one step, all or none; returns their requests, for
-        :meth:`Ring.submit`. Kernel: ``SEND_ZC``/``SENDMSG_ZC`` (or ``SEND``/``SENDMSG``).
+    cdef object _pinned(self, list views, owners, destructor, bint zerocopy):
+        """A pin of ``views`` for a request: for zero-copy, one reference on each owner
+        (``owners[i]`` of ``views[i]``, or None) and on ``destructor``, all or none; a
+        copy's pin takes none (it keeps the views until the result). With the compiled
+        core no bytecode runs in here, so no interrupt lands between the references and
+        the filing."""
+        pin = _Pin(views[:], None if owners is None else list(owners))
+        if zerocopy:
+            pin.take(self.holder, destructor)
+        return pin
 
-        Refs: each request holds its pin until the kernel is done with its pages (if
-        this raises, none was taken over: the caller releases them)."""
+    def submit_iov(self, list views, owners, destructor, bint zerocopy, int msg_flags,
+                   on_release=None):
+        """One request of ``views`` (byte memoryviews; ``owners[i]``, the destructor of
+        ``views[i]``, or None), pinned and filed in this one call, not yet submitted;
+        returns it. ``on_release(request)`` is called once the ring has released it.
+        Kernel: ``SEND_ZC``/``SENDMSG_ZC`` (or the copying ``SEND``/``SENDMSG``).
+
+        Refs: zero-copy: +1 on every owner and on ``destructor``, dropped when the
+        kernel is done with the pages (at once if this raises)."""
+        cdef Request req
+        pin = self._pinned(views, owners, destructor, zerocopy)
+        try:
+            req = self.ring._request(self, pin, views, zerocopy, msg_flags, False)
+            req.on_release = on_release
+            self.ring._reserve(1)
+            self.ring._file(req)
+        except BaseException:
+            pin.release(self.holder)  # not filed: the kernel never saw these pages
+            raise
+        return req
+
+    def file_linked(self, list views, list owners, list destructors, bint zerocopy,
+                    int msg_flags):
+        """Datagrams ``views[i]`` (each a list of byte memoryviews, ``owners[i]`` their
+        destructors), each pinned with ``destructors[i]``, as one linked batch
+        (``IOSQE_IO_LINK``: issued in order, the first that fails cancels the rest),
+        filed in one step, all or none; returns their requests, for :meth:`Ring.submit`.
+        Kernel: ``SEND_ZC``/``SENDMSG_ZC`` (or ``SEND``/``SENDMSG``).
+
+        Refs: zero-copy: +1 on every owner and destructor of each datagram, dropped when
+        the kernel is done with its pages (at once if this raises)."""
         cdef Ring ring = self.ring
-        cdef Py_ssize_t i, n = len(pins)
-        cdef list reqs = []
-        if len(views) != n:
-            raise ValueError("one list of views per pin")
-        for i in range(n):
-            reqs.append(ring._request(self, pins[i], views[i], zerocopy, msg_flags, i + 1 < n))
-        ring._reserve(n)
+        cdef Py_ssize_t i, n = len(views)
+        cdef list reqs = [], pins = []
+        if len(owners) != n or len(destructors) != n:
+            raise ValueError("one list of owners and one destructor per datagram")
+        try:
+            for i in range(n):
+                pins.append(self._pinned(views[i], owners[i], destructors[i], zerocopy))
+            for i in range(n):
+                reqs.append(ring._request(self, pins[i], views[i], zerocopy, msg_flags,
+                                          i + 1 < n))
+            ring._reserve(n)
+        except BaseException:
+            for pin in pins:  # none was filed
+                pin.release(self.holder)
+            raise
+        # Filed in one step: _file runs no Python code and cannot fail once room is
+        # reserved but for a dict that cannot grow (then the pins stay with the ring).
         for i in range(n):
             ring._file(reqs[i])
         return reqs
@@ -568,6 +637,7 @@ cdef class Ring:
     cdef list _releases
     cdef uint64_t _next_ud
     cdef readonly long long overflow_flushes
+    cdef Py_ssize_t waiters  # threads inside io_uring_enter with the GIL released
     # fixed buffers: sorted by start address
     cdef Py_ssize_t nfixed
     cdef Py_ssize_t fixed_cap
@@ -589,6 +659,7 @@ cdef class Ring:
         if rc < 0:
             raise OSError(-rc, f"io_uring_setup: {_errno.errorcode.get(-rc, -rc)}")
         self.opened = True
+        _RINGS.add(self)
         self._table = {}
         self._releases = []
         self._next_ud = 1
@@ -603,10 +674,12 @@ cdef class Ring:
             raise OSError(EOPNOTSUPP, "io_uring without SEND_ZC (Linux < 6.0)")
 
     def __dealloc__(self):
-        # Only a ring with nothing in flight is ever collected (pagefrag.uring keeps
-        # the others); the table's pins die with it otherwise, so never unmap early.
+        # Only a ring with nothing in flight is ever collected (_BUSY keeps the others).
+        # A forked child's copy has nothing mapped: it only closes its descriptor.
         if self.opened and not self.forked:
             pf_ring_exit(&self.r)
+        elif self.forked and self.r.fd >= 0:
+            close_fd(self.r.fd)
         free(self.fixed_lo)
         free(self.fixed_hi)
         free(self.fixed_slot)
@@ -663,8 +736,7 @@ cdef class Ring:
         their pages would never be reported released. Kernel: ``close()``."""
         if self.forked:
             if self.r.fd >= 0:
-                import os
-                os.close(self.r.fd)
+                close_fd(self.r.fd)
                 self.r.fd = -1
             self.opened = False
             return
@@ -673,6 +745,8 @@ cdef class Ring:
         self.reap()
         if self._table:
             raise OSError(EBUSY, f"{len(self._table)} requests still in flight")
+        if self.waiters:
+            raise OSError(EBUSY, f"{self.waiters} threads are waiting on the ring")
         self._teardown()
 
     # -- fixed buffers ---------------------------------------------------------------
@@ -693,16 +767,19 @@ cdef class Ring:
         if mv.readonly:
             raise ValueError("io_uring registers writable memory only")
         if not self.sparse:
+            if self.fixed_lo is NULL:
+                self.fixed_lo = <size_t *>malloc(MAX_FIXED_BUFFERS * sizeof(size_t))
+            if self.fixed_hi is NULL:
+                self.fixed_hi = <size_t *>malloc(MAX_FIXED_BUFFERS * sizeof(size_t))
+            if self.fixed_slot is NULL:
+                self.fixed_slot = <int *>malloc(MAX_FIXED_BUFFERS * sizeof(int))
+            if not self.fixed_lo or not self.fixed_hi or not self.fixed_slot:
+                raise MemoryError()
             rc = pf_register_sparse(self.r.fd, MAX_FIXED_BUFFERS)
             if rc < 0:
                 raise OSError(-rc, "IORING_REGISTER_BUFFERS2")
             self.sparse = True
             self._free_slots = list(range(MAX_FIXED_BUFFERS - 1, -1, -1))
-            self.fixed_lo = <size_t *>malloc(MAX_FIXED_BUFFERS * sizeof(size_t))
-            self.fixed_hi = <size_t *>malloc(MAX_FIXED_BUFFERS * sizeof(size_t))
-            self.fixed_slot = <int *>malloc(MAX_FIXED_BUFFERS * sizeof(int))
-            if not self.fixed_lo or not self.fixed_hi or not self.fixed_slot:
-                raise MemoryError()
         if not self._free_slots:
             raise OSError(ENOBUFS, f"all {MAX_FIXED_BUFFERS} fixed buffers are in use")
         PyObject_GetBuffer(mv, &b, PyBUF_SIMPLE)
@@ -1028,6 +1105,9 @@ cdef class Ring:
         if req.ref is not None:
             self._releases.append((2, req.ref, ch.holder))
             req.ref = None
+        if req.on_release is not None:
+            self._releases.append((1, req.on_release, req))
+            req.on_release = None
 
     cdef int _release_all(self) except -1:
         """Release the pins reaped (destructors run here) and call the channels'
@@ -1046,11 +1126,11 @@ cdef class Ring:
                         obj.unref(holder=arg)
                     else:
                         obj(arg)
-                except (KeyboardInterrupt, SystemExit) as exc:
+                except Exception as exc:
+                    report_unraisable(exc, "Exception in an io_uring ring callback", obj)
+                except BaseException as exc:  # an interrupt: raised after the last
                     if interrupt is None:
                         interrupt = exc
-                except Exception as exc:
-                    report_unraisable(exc, "Exception in an io_uring on_result callback", obj)
         if interrupt is not None:
             raise interrupt
         return 0
@@ -1060,7 +1140,9 @@ cdef class Ring:
 
         Refs: drops those of every request completed (destructors may run here)."""
         cdef Py_ssize_t n
-        if self.forked or not self.opened:
+        if self.forked:
+            self._check()  # EBADF: the parent's
+        if not self.opened:
             return 0
         n = self._reap_raw()
         self._release_all()
@@ -1076,8 +1158,10 @@ cdef class Ring:
                 return False
             if left * 1e9 < ns:
                 ns = <long long>(left * 1e9) + 1
+        self.waiters += 1  # close() refuses while the kernel may still read the rings
         with nogil:
             rc = pf_wait(self.r.fd, ns)
+        self.waiters -= 1
         if rc == -EINTR:
             PyErr_CheckSignals()
         elif rc < 0 and rc != -ETIME and rc != -EBUSY:
@@ -1092,6 +1176,7 @@ cdef class Ring:
             return True
         self._submit()
         while True:
+            self._check()  # (a signal handler that ran in the wait may have closed it)
             self._reap_raw()
             self._release_all()
             if req.done_result:
@@ -1103,6 +1188,7 @@ cdef class Ring:
         self._check()
         self._submit()
         while True:
+            self._check()
             self._reap_raw()
             self._release_all()
             if ch.in_flight == 0 and (results_only or ch.outstanding == 0):

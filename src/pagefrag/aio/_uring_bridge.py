@@ -22,12 +22,13 @@ defers the transport's callbacks.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from .._destructor import FragDestructor
-from .._iov import IoVec, Pin
+from .._iov import IoVec
 from ..uring.socket import UringSocket
 from ..zerocopy._sender import ZeroCopyStats
 from ._ring_loop import LoopRing
@@ -40,21 +41,6 @@ itself and, when the retry fails after some bytes went (a reset), completes with
 byte count and the socket's error is gone (consumed by the failed retry), so the next
 request would only see ``EPIPE``. Without it each request takes what the socket has room
 for, the transport sends the rest by the next, and a reset is ``ECONNRESET``."""
-
-
-class _RequestPin:
-    """A request's :class:`Pin`, and who hears when the ring releases it (at the
-    notification, or at the result of a request that gets none)."""
-
-    __slots__ = ("on_release", "pin")
-
-    def __init__(self, pin: Pin, on_release: Callable[[], None]) -> None:
-        self.pin = pin
-        self.on_release = on_release
-
-    def release(self, holder: object) -> None:
-        self.pin.release(holder)  # destructors and write handles may fire here
-        self.on_release()
 
 
 class UringBridge:
@@ -122,14 +108,13 @@ class UringBridge:
 
         Refs: a zero-copy request takes one on each piece's destructor and on ``handle``,
         dropped when the ring reaps its notification."""
-        ch = self._ch
-        # A copying request takes no reference: the kernel copies at the send.
-        pin = iov.pin(ch.holder, handle) if zerocopy else Pin(iov.views[:], None)
-        try:
-            req = ch.submit_one(_RequestPin(pin, self._released), pin.views, zerocopy, SEND_FLAGS)
-        except BaseException:
-            pin.release(ch.holder)
-            raise
+        if self._sock.fileno() != self._ch.fd:
+            raise OSError(errno.EBADF, "the transport's socket was closed")
+        # Pinned and filed in one C call (a copying request takes no reference: the
+        # kernel copies at the send): the pin is the ring's from then on.
+        req = self._ch.submit_iov(
+            iov.views, iov.owners, handle, zerocopy, SEND_FLAGS, self._released
+        )
         self.request = req
         self.sent_by = owner
         self._lring.submit()  # a socket with room sends it here: its result is in
@@ -152,7 +137,9 @@ class UringBridge:
         if not self.pumping:
             self._lring.defer(self._on_result)
 
-    def _released(self) -> None:
+    def _released(self, _req: Any) -> None:
+        """The ring released a request (its pin: destructors and write handles may have
+        fired)."""
         if not self._release_due:
             self._release_due = True
             self._lring.defer(self._run_released)

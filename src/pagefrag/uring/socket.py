@@ -47,7 +47,7 @@ from typing import Any
 
 from .._buffers import as_timeout
 from .._destructor import FragDestructor
-from .._iov import Data, IoVec, Pin, check_destructor
+from .._iov import Data, IoVec, check_destructor
 from ..errors import (
     CompletionTimeoutError,
     ForkedSocketError,
@@ -296,15 +296,8 @@ class UringSocket:
     ) -> tuple[int, int, int]:
         """One linked batch of iovecs: its :meth:`Ring.outcome <pagefrag._uring.Ring.outcome>`."""
         ch = self._ch
-        pins: list[Pin] = []
-        try:
-            for iov, d in zip(iovs, ds, strict=True):
-                pins.append(self._pin(iov, d, zc))
-            reqs = ch.file_linked(pins, [iov.views for iov in iovs], zc, 0)
-        except BaseException:
-            for pin in pins:  # (filing is all or nothing: none was taken over)
-                pin.release(ch.holder)
-            raise
+        # Pinned and filed in one C call: the pins are the ring's from then on.
+        reqs = ch.file_linked([i.views for i in iovs], [i.owners for i in iovs], ds, zc, 0)
         try:
             self._ring.submit()
             for req in reqs:
@@ -318,13 +311,6 @@ class UringSocket:
             raise
         outcome: tuple[int, int, int] = self._ring.outcome(reqs)
         return outcome
-
-    def _pin(self, iov: IoVec, destructor: FragDestructor | None, zerocopy: bool) -> Pin:
-        """A zero-copy request's pin holds references; a copy's only keeps the views
-        alive until its result (the kernel copies them while sending)."""
-        if zerocopy:
-            return iov.pin(self._ch.holder, destructor)
-        return Pin(iov.views[:], None)
 
     def _call(
         self,
@@ -368,15 +354,12 @@ class UringSocket:
         """One request of an iovec, waited for until ``deadline`` (then cancelled:
         ``TimeoutError`` if nothing was sent); returns its result."""
         ch = self._ch
-        pin = self._pin(iov, destructor, zc)
-        try:
-            req = ch.submit_one(pin, iov.views, zc, flags)
-        except BaseException:
-            pin.release(ch.holder)
-            raise
+        # Pinned and filed in one C call (a copy's pin takes no reference): the pin is
+        # the ring's from then on, whatever is raised after.
+        req = ch.submit_iov(iov.views, iov.owners, destructor, zc, flags)
         if not ch.wait_result(req, deadline):
             self._cancel(req)
-            if req.result <= 0:
+            if req.result == 0 or req.result == -errno.ECANCELED:
                 raise TimeoutError("the send timed out with nothing sent")
         return int(req.result)
 
@@ -544,7 +527,8 @@ class UringSocket:
                 "this UringSocket belongs to the parent process; after fork() the child "
                 "may only close() its copy"
             )
-        if self._closed:
+        if self._closed or self._sock.fileno() != self._ch.fd:
+            # (a socket closed behind the wrapper's back: its number may be another's now)
             raise OSError(errno.EBADF, "UringSocket is closed")
 
     def __enter__(self) -> UringSocket:
