@@ -6,10 +6,11 @@ Kernel counterpart: ``io_uring/net.c`` (``io_send_zc``, ``io_sendmsg_zc``) and
 dropped its last reference to the pages — one notification (``IORING_CQE_F_NOTIF``),
 with ``IORING_NOTIF_USAGE_ZC_COPIED`` in its ``res`` when it copied after all.
 
-Theory of operation. A send pins its bytes in the core (:meth:`IoVec.pin
-<pagefrag._iov.IoVec.pin>`: a reference on the destructor of every piece, and on the
-call's own ``destructor=``), hands the pin to the ring with the request
-(:meth:`pagefrag._uring.Channel.submit_one`), and the ring releases it when it reaps the
+Theory of operation. A send pins its bytes — a reference on the destructor of every
+piece, and on the call's own ``destructor=`` — and files the request holding the pin in
+one call of the compiled core (:meth:`pagefrag._uring.Channel.submit_iov`, ``file_linked``,
+``send_flat``, ``send_flat_batch``: no bytecode runs in between, so an interrupt never
+finds a filed pin in the caller's hands), and the ring releases it when it reaps the
 notification — never at the result, which only says how many bytes were taken. A request
 the ring never issued posts no ``F_MORE`` and is released at its result. Memory inside a
 fixed buffer (``BufferPool(register=True)``, :meth:`Ring.register_buffer`) goes with
