@@ -34,8 +34,16 @@ import json
 import sys
 from pathlib import Path
 
-from pagefrag.bench.matrix import PATH_KEYS, SIZES, ZEROCOPY_SEND, cells_left, run_matrix
-from pagefrag.bench.report import build, table
+from pagefrag.bench.matrix import (
+    PATH_KEYS,
+    SIZES,
+    URING_CELLS,
+    URING_SEND,
+    ZEROCOPY_SEND,
+    cells_left,
+    run_matrix,
+)
+from pagefrag.bench.report import URING_TARGETS, build, table
 from pagefrag.bench.workset import COLD, HOT
 
 
@@ -60,6 +68,11 @@ def main() -> None:
     parser.add_argument("--no-c", action="store_true", help="leave out the C anchor")
     parser.add_argument("--paths", type=_names(list(PATH_KEYS)), help="comma-separated")
     parser.add_argument("--sizes", type=_names(list(SIZES)), help="comma-separated")
+    parser.add_argument(
+        "--uring",
+        action="store_true",
+        help="issue 13: the io_uring backend beside the MSG_ZEROCOPY one and the C anchor",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the whole report here")
     args = parser.parse_args()
     if not (args.seconds > 0 and args.rounds > 0):
@@ -76,14 +89,15 @@ def main() -> None:
         args.rounds,
         veth=not args.no_veth,
         progress=progress,
-        variants=ZEROCOPY_SEND,
+        variants=URING_SEND if args.uring else ZEROCOPY_SEND,
         worksets=[COLD, HOT] if args.hot else [COLD],
         path_names=path_names,
         sizes=args.sizes,
         c_anchor=not args.no_c,
+        cells=URING_CELLS if args.uring else None,
     )
     print(" " * 74, end="\r", file=sys.stderr)
-    report = build(data, args.seconds, args.rounds)
+    report = build(data, args.seconds, args.rounds, URING_TARGETS if args.uring else None)
     print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

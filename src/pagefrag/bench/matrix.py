@@ -41,6 +41,8 @@ from .runners import (
     run_pagefrag_aio,
     run_pagefrag_many,
     run_send,
+    run_uring,
+    run_uring_many,
     run_zmq,
 )
 from .workset import COLD, HOT, Work, work
@@ -54,12 +56,14 @@ SENDER_CPU, RECEIVER_CPU = 0, 1
 
 @dataclass(frozen=True)
 class Variant:
-    """A way of sending: its runner, its column label in the compact table, and on
-    which paths it runs (``any``, ``stream`` or ``datagram``)."""
+    """A way of sending: its runner, its column label in the compact table, on which
+    paths it runs (``any``, ``stream`` or ``datagram``), and whether it needs io_uring
+    (left out, and said so, where io_uring zero-copy does not work)."""
 
     run: Runner
     short: str
     on: str = "any"
+    uring: bool = False
 
 
 def _zmq_placeholder(sock: socket.socket, w: Work, seconds: float) -> Run:
@@ -79,6 +83,15 @@ VARIANTS: dict[str, Variant] = {
     "asyncio streams": Variant(run_asyncio_streams, "asyncio", on="stream"),
     "pagefrag.aio": Variant(run_pagefrag_aio, "pf-aio", on="stream"),
     "pyzmq track": Variant(_zmq_placeholder, "zmq", on="stream"),
+    # issue 13: UringSocket (IORING_OP_SEND_ZC), a FragDestructor per send
+    "uring always": Variant(run_uring("always"), "ur-alw", uring=True),
+    "uring auto": Variant(run_uring("auto"), "ur-auto", uring=True),
+    "uring always, send_many": Variant(run_uring_many("always"), "ur-many", uring=True),
+    "uring auto, send_many": Variant(run_uring_many("auto"), "ur-amany", uring=True),
+    "uring always, fixed": Variant(run_uring("always", fixed=True), "ur-fix", uring=True),
+    "uring always, fixed, send_many": Variant(
+        run_uring_many("always", fixed=True), "ur-fixm", uring=True
+    ),
 }
 C_COPY, C_ZEROCOPY = "C copy", "C MSG_ZEROCOPY"
 C_VARIANTS = [C_COPY, C_ZEROCOPY]
@@ -94,6 +107,23 @@ ZEROCOPY_SEND = [
     "pagefrag always, no destructor",
     "pagefrag auto, send_many",
 ]
+# What benchmarks/zerocopy_send.py --uring runs (issue 13): both backends on the same
+# cells, the C anchor beside them.
+URING_SEND = [
+    C_COPY,
+    C_ZEROCOPY,
+    "pagefrag always",
+    "pagefrag auto",
+    "pagefrag auto, send_many",
+    "uring always",
+    "uring auto",
+    "uring always, send_many",
+    "uring auto, send_many",
+    "uring always, fixed",
+    "uring always, fixed, send_many",
+]
+# ... on these cells: the true zero-copy path and TCP over veth.
+URING_CELLS = {"UDP true zero-copy": ["4KiB", "60000B"], "TCP veth": ["64KiB", "1MiB"]}
 
 
 C_SHORT = {C_COPY: "C-copy", C_ZEROCOPY: "C-zc"}
@@ -301,13 +331,16 @@ def run_matrix(
     path_names: list[str] | None = None,
     sizes: list[str] | None = None,
     c_anchor: bool = True,
+    cells: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Measure every cell. Returns ``{"results": {path: {size: {workset: {variant:
     metrics}}}}, "left_out": {what: why}, "worksets": [...], "load": ...}``.
 
     ``variants`` defaults to all (the C anchor's when it builds); ``worksets`` to
     ``["256MiB"]`` (add ``"hot"`` for one reused buffer); ``path_names``/``sizes``
-    filter the paths and sizes."""
+    filter the paths and sizes; ``cells`` (path -> sizes) narrows each path's sizes
+    further. The io_uring variants are left out, and said so, where io_uring zero-copy
+    does not work."""
     wanted = list(variants or all_variants())
     unknown = [v for v in wanted if v not in all_variants()]
     if unknown:
@@ -317,6 +350,8 @@ def run_matrix(
         if ws not in (COLD, HOT):
             raise ValueError(f"unknown working set {ws!r}")
     wanted_paths = set(path_names or PATH_KEYS.values())
+    if cells is not None:
+        wanted_paths &= set(cells)
     left_out: dict[str, str] = {}
     load_before = os.getloadavg()
     rng = random.Random(1)
@@ -334,6 +369,13 @@ def run_matrix(
                 wanted = [v for v in wanted if v not in C_VARIANTS]
             else:
                 table = {**c_variants(binary), **table}
+        if any(table[v].uring for v in wanted if v in table):
+            from ..uring import unsupported_reason
+
+            no_uring = unsupported_reason()
+            if no_uring is not None:
+                left_out["io_uring variants"] = no_uring
+                wanted = [v for v in wanted if not (v in table and table[v].uring)]
         if "pyzmq track" in wanted and not _zmq_available():
             left_out["pyzmq track"] = "pyzmq is not installed"
         stack.enter_context(_pinned(SENDER_CPU))
@@ -344,6 +386,8 @@ def run_matrix(
             for path in ps:
                 for size_name in path.sizes:
                     if sizes and size_name not in sizes:
+                        continue
+                    if cells is not None and size_name not in cells.get(path.name, []):
                         continue
                     for ws in worksets:
                         w = work(SIZES[size_name], ws)

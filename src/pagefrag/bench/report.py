@@ -52,6 +52,16 @@ RATIOS: dict[str, Ratio] = {
         Ratio("pagefrag always, no destructor", C_ZEROCOPY, "nod/Czc"),
         Ratio("bare MSG_ZEROCOPY", C_ZEROCOPY, "bare/Czc"),
         Ratio("pagefrag auto, send_many", C_COPY, "many/Ccopy"),
+        # issue 13: the io_uring backend beside the C anchor and the MSG_ZEROCOPY backend
+        Ratio("uring always, fixed", C_ZEROCOPY, "ufix/Czc"),
+        Ratio("uring always, fixed", C_COPY, "ufix/Ccopy"),
+        Ratio("uring always, fixed, send_many", C_ZEROCOPY, "ufixm/Czc"),
+        Ratio("uring always, fixed, send_many", C_COPY, "ufixm/Ccopy"),
+        Ratio("uring always", C_ZEROCOPY, "ualw/Czc"),
+        Ratio("uring auto, send_many", C_COPY, "uamany/Ccopy"),
+        Ratio("uring always, send_many", C_COPY, "umany/Ccopy"),
+        Ratio("uring always", "pagefrag always", "ualw/alw"),
+        Ratio("uring auto", "pagefrag auto", "uauto/auto"),
     )
 }
 
@@ -63,6 +73,7 @@ class Target:
     size: str
     workset: str
     at_least: float
+    issue: int = 12
 
 
 UDP = "UDP true zero-copy"
@@ -74,6 +85,20 @@ TARGETS = [
     Target("pagefrag auto / C MSG_ZEROCOPY", UDP, "60000B", COLD, 0.9),
     Target("pagefrag auto / socket.send", UDP, "4KiB", COLD, 0.95),
     Target("pagefrag auto, send_many / C copy", UDP, "4KiB", COLD, 1.0),
+]
+TCP_VETH = "TCP veth"
+# Issue 13's targets for UringSocket, a destructor per send: 60000 B datagrams from
+# registered (fixed) buffers, sent one per io_uring_enter (send) and in linked batches of
+# 32 (send_many); 4 KiB datagrams in batches; TCP over veth beside the MSG_ZEROCOPY
+# backend (ZeroCopySocket) in the same mode.
+URING_TARGETS = [
+    Target("uring always, fixed / C MSG_ZEROCOPY", UDP, "60000B", COLD, 1.0, 13),
+    Target("uring always, fixed / C copy", UDP, "60000B", COLD, 1.9, 13),
+    Target("uring always, fixed, send_many / C MSG_ZEROCOPY", UDP, "60000B", COLD, 1.0, 13),
+    Target("uring always, fixed, send_many / C copy", UDP, "60000B", COLD, 1.9, 13),
+    Target("uring auto, send_many / C copy", UDP, "4KiB", COLD, 1.2, 13),
+    Target("uring always / pagefrag always", TCP_VETH, "64KiB", COLD, 1.0, 13),
+    Target("uring always / pagefrag always", TCP_VETH, "1MiB", COLD, 1.0, 13),
 ]
 
 
@@ -90,7 +115,7 @@ def pagefrag_ratios(cells: dict[str, dict[str, Any]]) -> dict[str, dict[str, flo
     """pagefrag variant -> anchor -> throughput ratio."""
     out: dict[str, dict[str, float]] = {}
     for pf in cells:
-        if pf.startswith("pagefrag"):
+        if pf.startswith(("pagefrag", "uring")):
             out[pf] = {
                 a: cells[pf]["gbps"] / cells[a]["gbps"]
                 for a in ANCHORS
@@ -99,19 +124,36 @@ def pagefrag_ratios(cells: dict[str, dict[str, Any]]) -> dict[str, dict[str, flo
     return out
 
 
-def build(data: dict[str, Any], seconds: float, rounds: int) -> dict[str, Any]:
+def _measured(data: dict[str, Any]) -> set[str]:
+    return {
+        v
+        for by_size in data["results"].values()
+        for by_ws in by_size.values()
+        for cells in by_ws.values()
+        for v in cells
+    }
+
+
+def build(
+    data: dict[str, Any], seconds: float, rounds: int, targets: list[Target] | None = None
+) -> dict[str, Any]:
     """The whole report of a :func:`~.matrix.run_matrix` result: machine, settings,
-    results, ratios per cell, and each target with its measured value."""
+    results, ratios per cell, and each target with its measured value. ``targets``
+    defaults to issue 12's, and issue 13's too when an io_uring variant was measured."""
+    if targets is None:
+        uring = any(v.startswith("uring") for v in _measured(data))
+        targets = TARGETS + (URING_TARGETS if uring else [])
     ratios: dict[str, Any] = {}
     for path, by_size in data["results"].items():
         for size, by_ws in by_size.items():
             for ws, cells in by_ws.items():
                 ratios.setdefault(path, {}).setdefault(size, {})[ws] = cell_ratios(cells)
-    targets = []
-    for t in TARGETS:
+    checked = []
+    for t in targets:
         value = ratios.get(t.path, {}).get(t.size, {}).get(t.workset, {}).get(t.ratio)
-        targets.append(
+        checked.append(
             {
+                "issue": t.issue,
                 "ratio": t.ratio,
                 "cell": f"{t.path} {t.size} {t.workset}",
                 "at_least": t.at_least,
@@ -125,7 +167,7 @@ def build(data: dict[str, Any], seconds: float, rounds: int) -> dict[str, Any]:
         "rounds": rounds,
         **data,
         "ratios": ratios,
-        "targets": targets,
+        "targets": checked,
     }
 
 
@@ -174,8 +216,11 @@ def table(report: dict[str, Any]) -> str:
             f"{row[0]:<19} {row[1]:<6} {row[2]:<6}"
             + "".join(f"{rs[n]:>11.2f}" if n in rs else f"{'-':>11}" for n in ratio_names)
         )
-    lines += ["", "targets (issue 12)"]
+    issue = None
     for t in report["targets"]:
+        if t.get("issue", 12) != issue:
+            issue = t.get("issue", 12)
+            lines += ["", f"targets (issue {issue})"]
         value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
         verdict = "" if t["met"] is None else ("  met" if t["met"] else "  MISSED")
         lines.append(f"  {t['ratio']} >= {t['at_least']} ({t['cell']}): {value}{verdict}")
@@ -221,13 +266,18 @@ def markdown(report: dict[str, Any], charts: list[str] | None = None) -> str:
     ]
     for what, why in report.get("left_out", {}).items():
         lines += [f"Left out: {what} ({why}).", ""]
-    lines += [
-        "## Targets (issue 12)",
-        "",
-        "| ratio | cell | target | measured |",
-        "|---|---|---:|---:|",
-    ]
+    issue = None
     for t in report["targets"]:
+        if t.get("issue", 12) != issue:
+            if issue is not None:
+                lines.append("")
+            issue = t.get("issue", 12)
+            lines += [
+                f"## Targets (issue {issue})",
+                "",
+                "| ratio | cell | target | measured |",
+                "|---|---|---:|---:|",
+            ]
         value = "-" if t["value"] is None else f"{t['value']:.2f}"
         verdict = "" if t["met"] is None else (" met" if t["met"] else " missed")
         lines.append(f"| {t['ratio']} | {t['cell']} | ≥ {t['at_least']} | {value}{verdict} |")

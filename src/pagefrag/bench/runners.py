@@ -20,14 +20,14 @@ import select
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import cycle, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .._destructor import FragDestructor
-from ..zerocopy import ZeroCopySocket
+from ..zerocopy import ZeroCopySocket, ZeroCopyStats
 from ..zerocopy._syscalls import (
     ERRQUEUE_ANCBUF,
     MSG_DONTWAIT,
@@ -38,6 +38,7 @@ from ..zerocopy._syscalls import (
 from .workset import Work
 
 now = time.perf_counter
+now_ns = time.perf_counter_ns
 SO_EE_ORIGIN_ZEROCOPY = 5
 BATCH = 32  # sends between clock reads and (zero-copy loops) completion reads
 DRAIN_LIMIT = 30.0  # seconds a runner waits for its last completions
@@ -68,10 +69,11 @@ def _released(data: object) -> None:
     is nothing to give back (a program would return it to its pool here)."""
 
 
-def _stamp(data: tuple[list[float], float]) -> None:
-    """The ``destroy`` of a timed send: record the time since the send began."""
+def _stamp(data: tuple[list[float], int]) -> None:
+    """The ``destroy`` of a timed send: record the time (seconds, from
+    ``perf_counter_ns`` stamps) since the send began."""
     latencies, start = data
-    latencies.append(now() - start)
+    latencies.append((now_ns() - start) * 1e-9)
 
 
 def run_send(sock: socket.socket, work: Work, seconds: float) -> Run:
@@ -168,14 +170,31 @@ def run_bare_zerocopy(sock: socket.socket, work: Work, seconds: float) -> Run:
     return r
 
 
-Batch = Callable[[ZeroCopySocket, Iterator[memoryview], list[float]], int]
-"""Sends one batch of :data:`BATCH` slices from the cycle; returns the bytes taken."""
+class Sender(Protocol):
+    """What the pagefrag runners drive: :class:`ZeroCopySocket` or
+    :class:`~pagefrag.uring.UringSocket` (the same surface)."""
+
+    def send(self, data: Any, *, destructor: FragDestructor | None = None) -> int: ...
+    def send_many(
+        self, items: Sequence[Any], *, destructors: Sequence[FragDestructor | None] | None = ...
+    ) -> int: ...
+    def flush(self, timeout: float | None = None) -> None: ...
+    def abort(self, timeout: float | None = ...) -> None: ...
+    def close(self, timeout: float | None = None) -> None: ...
+    def poll_completions(self, timeout: float | None = 0) -> int: ...
+    @property
+    def stats(self) -> ZeroCopyStats: ...
 
 
-def _sends(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]) -> int:
+Batch = Callable[[Any, Iterator[memoryview], list[float]], int]
+"""Sends one batch of :data:`BATCH` slices from the cycle through a :class:`Sender`;
+returns the bytes taken."""
+
+
+def _sends(zs: Sender, views: Iterator[memoryview], lat: list[float]) -> int:
     nbytes = 0
     send = zs.send
-    d = FragDestructor(_stamp, (lat, now()))
+    d = FragDestructor(_stamp, (lat, now_ns()))
     nbytes += send(next(views), destructor=d)
     d.unref()
     for view in islice(views, BATCH - 1):
@@ -185,7 +204,7 @@ def _sends(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]) ->
     return nbytes
 
 
-def _sends_bare(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]) -> int:
+def _sends_bare(zs: Sender, views: Iterator[memoryview], lat: list[float]) -> int:
     nbytes = 0
     send = zs.send
     for view in islice(views, BATCH):
@@ -193,9 +212,9 @@ def _sends_bare(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float
     return nbytes
 
 
-def _send_many(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]) -> int:
+def _send_many(zs: Sender, views: Iterator[memoryview], lat: list[float]) -> int:
     items = list(islice(views, BATCH))
-    ds = [FragDestructor(_stamp, (lat, now()))]
+    ds = [FragDestructor(_stamp, (lat, now_ns()))]
     ds += [FragDestructor(_released) for _ in range(BATCH - 1)]
     zs.send_many(items, destructors=ds)
     for d in ds:
@@ -203,12 +222,13 @@ def _send_many(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]
     return sum(map(len, items))
 
 
-def _zerocopy_socket(mode: str, batch: Batch) -> Runner:
-    """A runner: ``ZeroCopySocket(zerocopy=mode)``, ``batch`` until the time is up, then
-    every completion read (or, interrupted, an abort that does not wait)."""
+def _tracked(open_sender: Callable[[socket.socket, Work], Sender], batch: Batch) -> Runner:
+    """A runner: the :class:`Sender` ``open_sender`` wraps the socket in, ``batch``
+    until the time is up, then every completion read (or, interrupted, an abort that
+    does not wait)."""
 
     def run(sock: socket.socket, work: Work, seconds: float) -> Run:
-        zs = ZeroCopySocket(sock, zerocopy=mode)
+        zs = open_sender(sock, work)
         r = Run()
         views = cycle(work.views)
         nbytes = calls = 0
@@ -238,6 +258,10 @@ def _zerocopy_socket(mode: str, batch: Batch) -> Runner:
     return run
 
 
+def _zerocopy_socket(mode: str, batch: Batch) -> Runner:
+    return _tracked(lambda sock, work: ZeroCopySocket(sock, zerocopy=mode), batch)
+
+
 def run_pagefrag(mode: str, destructor: bool = True) -> Runner:
     """``ZeroCopySocket(zerocopy=mode).send``, with a :class:`FragDestructor` per send
     (fired by the kernel's completion) or, ``destructor=False``, none."""
@@ -249,6 +273,49 @@ def run_pagefrag_many(mode: str) -> Runner:
     :class:`FragDestructor` per item (datagrams: one ``sendmmsg`` per batch with the
     compiled core; a stream: one iovec)."""
     return _zerocopy_socket(mode, _send_many)
+
+
+_fixed: dict[int, Any] = {}  # id of the working-set buffer -> a ring with it registered
+
+
+def fixed_ring(work: Work) -> Any:
+    """A ring of its own (made once per process) on which ``work``'s whole working set
+    is one registered (fixed) buffer: sends of its slices go with
+    ``IORING_RECVSEND_FIXED_BUF``, their pages pinned once, at registration. Kept apart
+    from the default ring so that the other io_uring rows pin their pages per send."""
+    from ..uring import new_ring
+
+    base = work.views[0].obj
+    key = id(base)
+    if key not in _fixed:
+        ring = new_ring()
+        ring.register_buffer(memoryview(base).cast("B"))  # type: ignore[arg-type]
+        _fixed[key] = ring
+    return _fixed[key]
+
+
+def _uring_socket(mode: str, batch: Batch, fixed: bool) -> Runner:
+    from ..uring import UringSocket
+
+    def open_sender(sock: socket.socket, work: Work) -> Sender:
+        ring = fixed_ring(work) if fixed else None
+        return UringSocket(sock, zerocopy=mode, ring=ring)
+
+    return _tracked(open_sender, batch)
+
+
+def run_uring(mode: str, fixed: bool = False) -> Runner:
+    """``UringSocket(zerocopy=mode).send`` (one ``io_uring_enter`` per send), a
+    :class:`FragDestructor` per send, fired by the request's notification CQE.
+    ``fixed``: the working set is a registered buffer of the socket's ring."""
+    return _uring_socket(mode, _sends, fixed)
+
+
+def run_uring_many(mode: str, fixed: bool = False) -> Runner:
+    """``UringSocket(zerocopy=mode).send_many`` of batches of 32 slices, a
+    :class:`FragDestructor` per item (datagrams: one linked batch, one
+    ``io_uring_enter``; a stream: one iovec)."""
+    return _uring_socket(mode, _send_many, fixed)
 
 
 def run_asyncio_streams(sock: socket.socket, work: Work, seconds: float) -> Run:
