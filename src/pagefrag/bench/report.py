@@ -56,10 +56,10 @@ RATIOS: dict[str, Ratio] = {
         Ratio("uring always, fixed", C_ZEROCOPY, "ufix/Czc"),
         Ratio("uring always, fixed", C_COPY, "ufix/Ccopy"),
         Ratio("uring always, fixed, send_many", C_ZEROCOPY, "ufixm/Czc"),
-        Ratio("uring always, fixed, send_many", C_COPY, "ufixm/Ccopy"),
+        Ratio("uring always, fixed, send_many", C_COPY, "ufxm/Ccopy"),
         Ratio("uring always", C_ZEROCOPY, "ualw/Czc"),
-        Ratio("uring auto, send_many", C_COPY, "uamany/Ccopy"),
-        Ratio("uring always, send_many", C_COPY, "umany/Ccopy"),
+        Ratio("uring auto, send_many", C_COPY, "uam/Ccopy"),
+        Ratio("uring always, send_many", C_COPY, "um/Ccopy"),
         Ratio("uring always", "pagefrag always", "ualw/alw"),
         Ratio("uring auto", "pagefrag auto", "uauto/auto"),
     )
