@@ -17,6 +17,7 @@ import threading
 import warnings
 import weakref
 from types import TracebackType
+from typing import Any
 
 from . import leaks
 from ._buffers import as_index, as_timeout
@@ -196,20 +197,60 @@ class _HandOver:
             self.pool._returned(self.index)
 
 
+def _register(mems: list[bytearray], register: object) -> tuple[Any, list[int]]:
+    """Register every buffer with the ring (``True``: the default one), all or none;
+    returns the ring and the slots."""
+    from .uring import default_ring
+
+    ring: Any = default_ring() if register is True else register
+    slots: list[int] = []
+    try:
+        for mem in mems:
+            slots.append(ring.register_buffer(mem))
+    except BaseException:
+        _unregister(ring, slots)
+        raise
+    return ring, slots
+
+
+def _unregister(ring: Any, slots: list[int]) -> None:
+    for slot in slots:
+        ring.unregister_buffer(slot)
+    slots.clear()
+
+
 class BufferPool:
     """``count`` buffers of ``buffer_size`` bytes, reused only once released by the stack.
 
     Thread-safe: buffers may be acquired in any thread, and a buffer's destructor may
     fire (the buffer come back) in any thread — the one reading completions."""
 
-    def __init__(self, buffer_size: int, count: int) -> None:
+    def __init__(self, buffer_size: int, count: int, *, register: object = False) -> None:
+        """``register``: True (the process's default io_uring ring) or a ring makes every
+        buffer a fixed buffer of that ring: its pages are pinned once, now, and a
+        ``UringSocket`` on the ring sends from them with ``IORING_RECVSEND_FIXED_BUF``
+        (no pinning per send). :class:`ZeroCopyUnsupportedError` where io_uring is not
+        available; ``OSError(ENOMEM)`` past ``RLIMIT_MEMLOCK`` (registered pages count
+        against it without ``CAP_IPC_LOCK``). Nothing stays registered if it fails.
+        Kernel: ``IORING_REGISTER_BUFFERS_UPDATE``.
+
+        Refs: none."""
         buffer_size = as_index(buffer_size, "buffer_size")
         count = as_index(count, "count")
         if buffer_size <= 0 or count <= 0:
             raise ValueError("buffer_size and count must be positive")
+        if not isinstance(register, bool) and type(register).__name__ != "Ring":
+            raise TypeError(f"register must be a bool or a Ring, not {type(register).__name__}")
         self.buffer_size = buffer_size
         self.count = count
         self._mems = [bytearray(buffer_size) for _ in range(count)]
+        self.ring: Any = None
+        """The io_uring ring whose fixed buffers these are (``register=``), or None."""
+        if register is not False:
+            self.ring, slots = _register(self._mems, register)
+            # Unregistered when the pool goes: a request still using a buffer keeps it
+            # registered inside the kernel until it finishes.
+            weakref.finalize(self, _unregister, self.ring, slots)
         self._free: collections.deque[int] = collections.deque(range(count))
         self._cond = threading.Condition()  # an RLock: a finalizer may return a buffer
         self._waiters: collections.deque[tuple[asyncio.Future[PoolBuffer], leaks.Site]] = (
