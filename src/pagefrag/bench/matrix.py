@@ -39,10 +39,14 @@ from .runners import (
     run_c,
     run_pagefrag,
     run_pagefrag_aio,
+    fixed_ring,
+    pool_fits,
+    registered_pool,
     run_pagefrag_many,
     run_send,
     run_uring,
     run_uring_many,
+    run_uring_pool,
     run_zmq,
 )
 from .workset import COLD, HOT, Work, work
@@ -58,12 +62,17 @@ SENDER_CPU, RECEIVER_CPU = 0, 1
 class Variant:
     """A way of sending: its runner, its column label in the compact table, on which
     paths it runs (``any``, ``stream`` or ``datagram``), and whether it needs io_uring
-    (left out, and said so, where io_uring zero-copy does not work)."""
+    (left out, and said so, where io_uring zero-copy does not work); ``fits``: the
+    cells it can run (a registered pool needs a fixed-buffer slot per buffer);
+    ``prepare``: what it sets up once per cell before the timed rounds (registering
+    memory with a ring)."""
 
     run: Runner
     short: str
     on: str = "any"
     uring: bool = False
+    fits: Callable[[Work], bool] | None = None  # cells whose work it can send
+    prepare: Callable[[Work], object] | None = None  # before the rounds, untimed
 
 
 def _zmq_placeholder(sock: socket.socket, w: Work, seconds: float) -> Run:
@@ -88,9 +97,21 @@ VARIANTS: dict[str, Variant] = {
     "uring auto": Variant(run_uring("auto"), "ur-auto", uring=True),
     "uring always, send_many": Variant(run_uring_many("always"), "ur-many", uring=True),
     "uring auto, send_many": Variant(run_uring_many("auto"), "ur-amany", uring=True),
-    "uring always, fixed": Variant(run_uring("always", fixed=True), "ur-fix", uring=True),
+    "uring always, fixed": Variant(
+        run_uring("always", fixed=True), "ur-fix", uring=True, prepare=fixed_ring
+    ),
     "uring always, fixed, send_many": Variant(
-        run_uring_many("always", fixed=True), "ur-fixm", uring=True
+        run_uring_many("always", fixed=True), "ur-fixm", uring=True, prepare=fixed_ring
+    ),
+    "uring always, pool": Variant(
+        run_uring_pool("always"), "ur-pool", uring=True, fits=pool_fits, prepare=registered_pool
+    ),
+    "uring always, pool, send_many": Variant(
+        run_uring_pool("always", many=True),
+        "ur-poolm",
+        uring=True,
+        fits=pool_fits,
+        prepare=registered_pool,
     ),
 }
 C_COPY, C_ZEROCOPY = "C copy", "C MSG_ZEROCOPY"
@@ -121,6 +142,8 @@ URING_SEND = [
     "uring auto, send_many",
     "uring always, fixed",
     "uring always, fixed, send_many",
+    "uring always, pool",
+    "uring always, pool, send_many",
 ]
 # ... on these cells: the true zero-copy path and TCP over veth.
 URING_CELLS = {"UDP true zero-copy": ["4KiB", "60000B"], "TCP veth": ["64KiB", "1MiB"]}
@@ -295,8 +318,11 @@ def _measure(path: Path, name: str, runner: Runner, w: Work, seconds: float) -> 
     return metrics(run, wall, cpu)
 
 
-def runs_on(path: Path, name: str, variants: dict[str, Variant]) -> bool:
+def runs_on(path: Path, name: str, variants: dict[str, Variant], w: Work | None = None) -> bool:
     on = variants[name].on
+    fits = variants[name].fits
+    if fits is not None and w is not None and not fits(w):
+        return False
     if name == "pyzmq track" and not path.zmq_endpoint:
         return False
     return on == "any" or on == ("stream" if path.stream else "datagram")
@@ -382,6 +408,16 @@ def run_matrix(
         ps, why = stack.enter_context(paths(veth, wanted_paths, zmq="pyzmq track" in wanted))
         if why is not None:
             left_out["veth paths"] = why
+        for path in ps:  # registrations and the like: never inside a timed cell
+            for size_name in path.sizes:
+                for ws in worksets:
+                    w = work(SIZES[size_name], ws)
+                    for name in wanted:
+                        if table[name].prepare is not None and runs_on(path, name, table, w):
+                            if (not sizes or size_name in sizes) and (
+                                cells is None or size_name in cells.get(path.name, [])
+                            ):
+                                table[name].prepare(w)  # type: ignore[misc]
         for _ in range(rounds):
             for path in ps:
                 for size_name in path.sizes:
@@ -391,7 +427,7 @@ def run_matrix(
                         continue
                     for ws in worksets:
                         w = work(SIZES[size_name], ws)
-                        order = [v for v in wanted if runs_on(path, v, table)]
+                        order = [v for v in wanted if runs_on(path, v, table, w)]
                         rng.shuffle(order)
                         for name in order:
                             if progress:

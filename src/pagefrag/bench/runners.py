@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .._destructor import FragDestructor
+from ..pool import BufferPool, PoolBuffer, PoolExhaustedError
 from ..zerocopy import ZeroCopySocket, ZeroCopyStats
 from ..zerocopy._syscalls import (
     ERRQUEUE_ANCBUF,
@@ -222,21 +223,38 @@ def _send_many(zs: Sender, views: Iterator[memoryview], lat: list[float]) -> int
     return sum(map(len, items))
 
 
-def _tracked(open_sender: Callable[[socket.socket, Work], Sender], batch: Batch) -> Runner:
-    """A runner: the :class:`Sender` ``open_sender`` wraps the socket in, ``batch``
+Step = Callable[[list[float]], int]
+"""Sends one batch of :data:`BATCH` messages; returns the bytes taken."""
+
+
+def _cycling(batch: Batch) -> Callable[[Sender, Work], Step]:
+    """Steps of ``batch`` over the slices of the working set, in turn."""
+
+    def steps(zs: Sender, work: Work) -> Step:
+        views = cycle(work.views)
+        return lambda lat: batch(zs, views, lat)
+
+    return steps
+
+
+def _tracked(
+    open_sender: Callable[[socket.socket, Work], Sender],
+    steps: Callable[[Sender, Work], Step],
+) -> Runner:
+    """A runner: the :class:`Sender` ``open_sender`` wraps the socket in, its ``steps``
     until the time is up, then every completion read (or, interrupted, an abort that
     does not wait)."""
 
     def run(sock: socket.socket, work: Work, seconds: float) -> Run:
         zs = open_sender(sock, work)
         r = Run()
-        views = cycle(work.views)
+        step = steps(zs, work)
         nbytes = calls = 0
         done = False
         try:
             end = now() + seconds
             while True:
-                nbytes += batch(zs, views, r.latencies)
+                nbytes += step(r.latencies)
                 calls += BATCH
                 if now() >= end:
                     break
@@ -259,7 +277,7 @@ def _tracked(open_sender: Callable[[socket.socket, Work], Sender], batch: Batch)
 
 
 def _zerocopy_socket(mode: str, batch: Batch) -> Runner:
-    return _tracked(lambda sock, work: ZeroCopySocket(sock, zerocopy=mode), batch)
+    return _tracked(lambda sock, work: ZeroCopySocket(sock, zerocopy=mode), _cycling(batch))
 
 
 def run_pagefrag(mode: str, destructor: bool = True) -> Runner:
@@ -301,7 +319,7 @@ def _uring_socket(mode: str, batch: Batch, fixed: bool) -> Runner:
         ring = fixed_ring(work) if fixed else None
         return UringSocket(sock, zerocopy=mode, ring=ring)
 
-    return _tracked(open_sender, batch)
+    return _tracked(open_sender, _cycling(batch))
 
 
 def run_uring(mode: str, fixed: bool = False) -> Runner:
@@ -444,3 +462,92 @@ def run_c(binary: Path, mode: str) -> Runner:
         )
 
     return run
+
+
+_pools: dict[int, BufferPool] = {}  # buffer size -> a registered pool spanning the working set
+
+
+def registered_pool(work: Work) -> BufferPool:
+    """A :class:`BufferPool` (made once per process and size) of ``work.workset //
+    work.size`` buffers of ``work.size`` bytes — as much distinct memory as the working
+    set — registered as fixed buffers of a ring of its own (``register=ring``)."""
+    from ..uring import new_ring
+
+    if work.size not in _pools:
+        count = max(1, work.workset // work.size)
+        _pools[work.size] = BufferPool(work.size, count, register=new_ring())
+    return _pools[work.size]
+
+
+def pool_fits(work: Work) -> bool:
+    """Whether a registered pool can span ``work``'s working set (one fixed-buffer slot
+    per buffer, at most ``MAX_FIXED_BUFFERS``)."""
+    from .._uring import MAX_FIXED_BUFFERS
+
+    return work.workset // work.size <= MAX_FIXED_BUFFERS
+
+
+def _acquire(pool: BufferPool, zs: Sender) -> PoolBuffer:
+    """A free buffer; none free: reap this socket's notifications (the pool's buffers
+    come back on them) and ask again, up to :data:`DRAIN_LIMIT`."""
+    try:
+        return pool.acquire(timeout=0)
+    except PoolExhaustedError:
+        limit = now() + DRAIN_LIMIT
+        while True:
+            zs.poll_completions(0.01)
+            try:
+                return pool.acquire(timeout=0)
+            except PoolExhaustedError:
+                if now() > limit:
+                    raise
+
+
+def _pool_steps(many: bool) -> Callable[[Sender, Work], Step]:
+    """Each send takes a free buffer of the registered pool (its destructor, fresh per
+    loan, held by the send until the notification), sends all of it and releases it: it
+    returns to the pool when the kernel lets go. The timed send also carries a stamping
+    :class:`FragDestructor` (``destructor=``)."""
+
+    def steps(zs: Sender, work: Work) -> Step:
+        pool = registered_pool(work)
+        size = work.size
+
+        def sends(lat: list[float]) -> int:
+            send = zs.send
+            buf = _acquire(pool, zs)
+            d = FragDestructor(_stamp, (lat, now_ns()))
+            nbytes = send(buf, destructor=d)
+            d.unref()
+            buf.release()
+            for _ in range(BATCH - 1):
+                buf = _acquire(pool, zs)
+                nbytes += send(buf)
+                buf.release()
+            return nbytes
+
+        def send_many(lat: list[float]) -> int:
+            bufs = [_acquire(pool, zs) for _ in range(BATCH)]
+            d = FragDestructor(_stamp, (lat, now_ns()))
+            zs.send_many(bufs, destructors=[d] + [None] * (BATCH - 1))
+            d.unref()
+            for buf in bufs:
+                buf.release()
+            return BATCH * size
+
+        return send_many if many else sends
+
+    return steps
+
+
+def run_uring_pool(mode: str, many: bool = False) -> Runner:
+    """``UringSocket(zerocopy=mode)`` on the ring of a registered :class:`BufferPool`
+    (:func:`registered_pool`): every send (``many``: ``send_many`` of 32) is a whole
+    pool buffer, a fixed buffer (``IORING_RECVSEND_FIXED_BUF``), with the buffer's own
+    destructor held until the notification."""
+    from ..uring import UringSocket
+
+    def open_sender(sock: socket.socket, work: Work) -> Sender:
+        return UringSocket(sock, zerocopy=mode, ring=registered_pool(work).ring)
+
+    return _tracked(open_sender, _pool_steps(many))
