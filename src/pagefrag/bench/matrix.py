@@ -34,14 +34,14 @@ from . import anchor
 from .runners import (
     Run,
     Runner,
+    fixed_ring,
+    pool_fits,
+    registered_pool,
     run_asyncio_streams,
     run_bare_zerocopy,
     run_c,
     run_pagefrag,
     run_pagefrag_aio,
-    fixed_ring,
-    pool_fits,
-    registered_pool,
     run_pagefrag_many,
     run_send,
     run_uring,
@@ -115,7 +115,14 @@ VARIANTS: dict[str, Variant] = {
     ),
 }
 C_COPY, C_ZEROCOPY = "C copy", "C MSG_ZEROCOPY"
-C_VARIANTS = [C_COPY, C_ZEROCOPY]
+# The anchor's io_uring loops (issue 13): what C reaches through io_uring on this kernel.
+C_URING = {
+    "C io_uring SEND": ("uring-copy", "C-ur"),
+    "C io_uring SEND_ZC": ("uring-zc", "C-urzc"),
+    "C io_uring SEND_ZC fixed": ("uring-fixed", "C-urfix"),
+    "C io_uring SEND_ZC fixed, 1 per enter": ("uring-fixed-1", "C-urfix1"),
+}
+C_VARIANTS = [C_COPY, C_ZEROCOPY, *C_URING]
 # What benchmarks/zerocopy_send.py runs by default (``pagefrag bench`` runs them all).
 ZEROCOPY_SEND = [
     C_COPY,
@@ -133,6 +140,7 @@ ZEROCOPY_SEND = [
 URING_SEND = [
     C_COPY,
     C_ZEROCOPY,
+    *C_URING,
     "pagefrag always",
     "pagefrag auto",
     "pagefrag auto, send_many",
@@ -149,7 +157,7 @@ URING_SEND = [
 URING_CELLS = {"UDP true zero-copy": ["4KiB", "60000B"], "TCP veth": ["64KiB", "1MiB"]}
 
 
-C_SHORT = {C_COPY: "C-copy", C_ZEROCOPY: "C-zc"}
+C_SHORT = {C_COPY: "C-copy", C_ZEROCOPY: "C-zc", **{k: v[1] for k, v in C_URING.items()}}
 
 
 def c_variants(binary: FilePath) -> dict[str, Variant]:
@@ -157,6 +165,10 @@ def c_variants(binary: FilePath) -> dict[str, Variant]:
     return {
         C_COPY: Variant(run_c(binary, "copy"), C_SHORT[C_COPY]),
         C_ZEROCOPY: Variant(run_c(binary, "zerocopy"), C_SHORT[C_ZEROCOPY]),
+        **{
+            name: Variant(run_c(binary, mode), short, uring=True)
+            for name, (mode, short) in C_URING.items()
+        },
     }
 
 
@@ -408,23 +420,25 @@ def run_matrix(
         ps, why = stack.enter_context(paths(veth, wanted_paths, zmq="pyzmq track" in wanted))
         if why is not None:
             left_out["veth paths"] = why
+
+        def measured(path: Path) -> list[str]:
+            return [
+                s
+                for s in path.sizes
+                if (not sizes or s in sizes) and (cells is None or s in cells.get(path.name, []))
+            ]
+
         for path in ps:  # registrations and the like: never inside a timed cell
-            for size_name in path.sizes:
+            for size_name in measured(path):
                 for ws in worksets:
                     w = work(SIZES[size_name], ws)
                     for name in wanted:
-                        if table[name].prepare is not None and runs_on(path, name, table, w):
-                            if (not sizes or size_name in sizes) and (
-                                cells is None or size_name in cells.get(path.name, [])
-                            ):
-                                table[name].prepare(w)  # type: ignore[misc]
+                        prepare = table[name].prepare
+                        if prepare is not None and runs_on(path, name, table, w):
+                            prepare(w)
         for _ in range(rounds):
             for path in ps:
-                for size_name in path.sizes:
-                    if sizes and size_name not in sizes:
-                        continue
-                    if cells is not None and size_name not in cells.get(path.name, []):
-                        continue
+                for size_name in measured(path):
                     for ws in worksets:
                         w = work(SIZES[size_name], ws)
                         order = [v for v in wanted if runs_on(path, v, table, w)]

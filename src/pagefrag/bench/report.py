@@ -29,7 +29,15 @@ WORKSET_NOTE = (
 )
 
 # Anchors a pagefrag variant is divided by in the Markdown page's "pagefrag ÷" tables.
-ANCHORS = [C_COPY, C_ZEROCOPY, "socket.send", "bare MSG_ZEROCOPY", "asyncio streams", "pyzmq track"]
+ANCHORS = [
+    C_COPY,
+    C_ZEROCOPY,
+    "C io_uring SEND_ZC fixed",
+    "socket.send",
+    "bare MSG_ZEROCOPY",
+    "asyncio streams",
+    "pyzmq track",
+]
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,15 @@ RATIOS: dict[str, Ratio] = {
         Ratio("uring always, send_many", C_COPY, "um/Ccopy"),
         Ratio("uring always", "pagefrag always", "ualw/alw"),
         Ratio("uring auto", "pagefrag auto", "uauto/auto"),
+        Ratio("uring always, pool", C_ZEROCOPY, "upool/Czc"),
+        Ratio("uring always, pool", C_COPY, "upool/Ccp"),
+        Ratio("uring always, pool, send_many", C_ZEROCOPY, "upoolm/Czc"),
+        Ratio("uring always, pool, send_many", C_COPY, "upoolm/Ccp"),
+        # what C itself reaches through io_uring here, and how near the Python rows come
+        Ratio("C io_uring SEND_ZC fixed", C_ZEROCOPY, "Curfix/Czc"),
+        Ratio("C io_uring SEND", C_COPY, "Cur/Ccopy"),
+        Ratio("uring always, fixed, send_many", "C io_uring SEND_ZC fixed", "ufixm/Curf"),
+        Ratio("uring always, fixed", "C io_uring SEND_ZC fixed, 1 per enter", "ufix/Curf1"),
     )
 }
 
@@ -88,10 +105,15 @@ TARGETS = [
 ]
 TCP_VETH = "TCP veth"
 # Issue 13's targets for UringSocket, a destructor per send: 60000 B datagrams from
-# registered (fixed) buffers, sent one per io_uring_enter (send) and in linked batches of
-# 32 (send_many); 4 KiB datagrams in batches; TCP over veth beside the MSG_ZEROCOPY
-# backend (ZeroCopySocket) in the same mode.
+# registered buffers — a registered BufferPool's (a loan per send) and, to tell the pool's
+# cost from the ring's, slices of a working set registered whole — sent one per
+# io_uring_enter (send) and in linked batches of 32 (send_many); 4 KiB datagrams in
+# batches; TCP over veth beside the MSG_ZEROCOPY backend (ZeroCopySocket), same mode.
 URING_TARGETS = [
+    Target("uring always, pool / C MSG_ZEROCOPY", UDP, "60000B", COLD, 1.0, 13),
+    Target("uring always, pool / C copy", UDP, "60000B", COLD, 1.9, 13),
+    Target("uring always, pool, send_many / C MSG_ZEROCOPY", UDP, "60000B", COLD, 1.0, 13),
+    Target("uring always, pool, send_many / C copy", UDP, "60000B", COLD, 1.9, 13),
     Target("uring always, fixed / C MSG_ZEROCOPY", UDP, "60000B", COLD, 1.0, 13),
     Target("uring always, fixed / C copy", UDP, "60000B", COLD, 1.9, 13),
     Target("uring always, fixed, send_many / C MSG_ZEROCOPY", UDP, "60000B", COLD, 1.0, 13),

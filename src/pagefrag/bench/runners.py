@@ -307,7 +307,7 @@ def fixed_ring(work: Work) -> Any:
     key = id(base)
     if key not in _fixed:
         ring = new_ring()
-        ring.register_buffer(memoryview(base).cast("B"))  # type: ignore[arg-type]
+        ring.register_buffer(memoryview(base).cast("B"))
         _fixed[key] = ring
     return _fixed[key]
 
@@ -438,7 +438,8 @@ def run_zmq(endpoint: str, work: Work, seconds: float) -> Run:
 
 def run_c(binary: Path, mode: str) -> Runner:
     """The C anchor (benchmarks/zc_anchor.c, built by :mod:`.anchor`) in a child
-    process, on the caller's socket (inherited): ``mode`` ``copy`` or ``zerocopy``.
+    process, on the caller's socket (inherited): ``mode`` ``copy``, ``zerocopy``, or
+    one of the io_uring loops (``uring-copy``, ``uring-zc``, ``uring-fixed[-N]``).
     The child measures its own wall and CPU time; it runs on the caller's core."""
 
     def run(sock: socket.socket, work: Work, seconds: float) -> Run:
