@@ -32,6 +32,7 @@ from typing import Any
 from ..testing.netlab import RECEIVER_IP, NetLab, missing_tools
 from . import anchor
 from .runners import (
+    BATCH,
     Run,
     Runner,
     fixed_ring,
@@ -47,6 +48,7 @@ from .runners import (
     run_uring,
     run_uring_many,
     run_uring_pool,
+    run_uring_raw,
     run_zmq,
 )
 from .workset import COLD, HOT, Work, work
@@ -113,6 +115,17 @@ VARIANTS: dict[str, Variant] = {
         fits=pool_fits,
         prepare=registered_pool,
     ),
+    # time splits: the compiled ring driven directly (raw: nothing pinned; +pin: what
+    # UringSocket pins), from the registered working set
+    "uring raw, fixed, 1 per enter": Variant(
+        run_uring_raw(1, pin=False), "raw1", on="datagram", uring=True, prepare=fixed_ring
+    ),
+    "uring raw, fixed": Variant(
+        run_uring_raw(BATCH, pin=False), "raw32", on="datagram", uring=True, prepare=fixed_ring
+    ),
+    "uring raw+pin, fixed": Variant(
+        run_uring_raw(BATCH, pin=True), "raw32pin", on="datagram", uring=True, prepare=fixed_ring
+    ),
 }
 C_COPY, C_ZEROCOPY = "C copy", "C MSG_ZEROCOPY"
 # The anchor's io_uring loops (issue 13): what C reaches through io_uring on this kernel.
@@ -152,6 +165,9 @@ URING_SEND = [
     "uring always, fixed, send_many",
     "uring always, pool",
     "uring always, pool, send_many",
+    "uring raw, fixed, 1 per enter",
+    "uring raw, fixed",
+    "uring raw+pin, fixed",
 ]
 # ... on these cells: the true zero-copy path and TCP over veth.
 URING_CELLS = {"UDP true zero-copy": ["4KiB", "60000B"], "TCP veth": ["64KiB", "1MiB"]}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .machine import machine
-from .matrix import C_COPY, C_ZEROCOPY, all_variants, short_name
+from .matrix import C_COPY, C_ZEROCOPY, SIZES, all_variants, short_name
 from .workset import COLD
 
 LOOPBACK_NOTE = (
@@ -230,6 +230,19 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"{path:<19} {size:<6} {ws:<6}"
             + "".join(f"{cells[v]['gbps']:>9.2f}" if v in cells else f"{'-':>9}" for v in variants)
+        )
+    lines += ["", "CPU µs per message (this process, or the C anchor's)"]
+    lines.append(head + "".join(f"{short_name(v):>9}" for v in variants))
+    for path, size, ws, cells in rows:
+        nbytes = SIZES[size]
+        lines.append(
+            f"{path:<19} {size:<6} {ws:<6}"
+            + "".join(
+                f"{cells[v]['cpu_s_per_gb'] * nbytes / 1e3:>9.2f}"
+                if v in cells and cells[v]["cpu_s_per_gb"] is not None
+                else f"{'-':>9}"
+                for v in variants
+            )
         )
     lines += ["", "ratios (GB/s over GB/s)", head + "".join(f"{_rs(n):>11}" for n in ratio_names)]
     for row in rows:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import os
 import select
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .._destructor import FragDestructor
+from .._iov import IoVec
 from ..pool import BufferPool, PoolBuffer, PoolExhaustedError
 from ..zerocopy import ZeroCopySocket, ZeroCopyStats
 from ..zerocopy._syscalls import (
@@ -508,11 +510,13 @@ def _pool_steps(many: bool) -> Callable[[Sender, Work], Step]:
     """Each send takes a free buffer of the registered pool (its destructor, fresh per
     loan, held by the send until the notification), sends all of it and releases it: it
     returns to the pool when the kernel lets go. The timed send also carries a stamping
-    :class:`FragDestructor` (``destructor=``)."""
+    :class:`FragDestructor` (``destructor=``; not with ``send_many`` on a stream, whose
+    items go as one iovec: no release latency there)."""
 
     def steps(zs: Sender, work: Work) -> Step:
         pool = registered_pool(work)
         size = work.size
+        stream = zs.socket.type == socket.SOCK_STREAM  # type: ignore[attr-defined]
 
         def sends(lat: list[float]) -> int:
             send = zs.send
@@ -529,9 +533,12 @@ def _pool_steps(many: bool) -> Callable[[Sender, Work], Step]:
 
         def send_many(lat: list[float]) -> int:
             bufs = [_acquire(pool, zs) for _ in range(BATCH)]
-            d = FragDestructor(_stamp, (lat, now_ns()))
-            zs.send_many(bufs, destructors=[d] + [None] * (BATCH - 1))
-            d.unref()
+            if stream:  # one iovec: an item with a destructor of its own takes no other
+                zs.send_many(bufs)
+            else:
+                d = FragDestructor(_stamp, (lat, now_ns()))
+                zs.send_many(bufs, destructors=[d] + [None] * (BATCH - 1))
+                d.unref()
             for buf in bufs:
                 buf.release()
             return BATCH * size
@@ -552,3 +559,62 @@ def run_uring_pool(mode: str, many: bool = False) -> Runner:
         return UringSocket(sock, zerocopy=mode, ring=registered_pool(work).ring)
 
     return _tracked(open_sender, _pool_steps(many))
+
+
+def run_uring_raw(per_enter: int, pin: bool) -> Runner:
+    """The time-split rows: the compiled ring driven directly, on the ring where the
+    working set is registered (:func:`fixed_ring`): ``per_enter`` linked
+    ``Channel.submit_one`` zero-copy requests, one ``Ring.submit`` (one
+    ``io_uring_enter``), each result waited for (``Channel.wait_result``). ``pin``:
+    each request also pins its slice as ``UringSocket`` does (``IoVec.of``,
+    ``IoVec.pin`` with a :class:`FragDestructor` per send, fired by the
+    notification); otherwise it holds nothing (no safety: the floor of the Python
+    calls into the ring). Datagram sockets only."""
+    from .. import _uring
+
+    def run(sock: socket.socket, work: Work, seconds: float) -> Run:
+        ring = fixed_ring(work)
+        ch = _uring.Channel(ring, sock.fileno(), False)
+        submit_one, wait_result = ch.submit_one, ch.wait_result
+        r = Run()
+        lat = r.latencies
+        views = cycle(work.views)
+        nbytes = calls = 0
+        last = per_enter - 1
+        try:
+            end = now() + seconds
+            while True:
+                for _ in range(BATCH // per_enter):
+                    reqs = []
+                    for k, view in enumerate(islice(views, per_enter)):
+                        if pin:
+                            d = (
+                                FragDestructor(_stamp, (lat, now_ns()))
+                                if k == 0
+                                else FragDestructor(_released)
+                            )
+                            iov = IoVec.of(view)
+                            reqs.append(
+                                submit_one(iov.pin(ch.holder, d), iov.views, True, 0, k < last)
+                            )
+                            d.unref()
+                        else:
+                            reqs.append(submit_one(None, [view], True, 0, k < last))
+                    ring.submit()
+                    for req in reqs:
+                        wait_result(req, None)
+                        if req.result < 0:
+                            raise OSError(-req.result, os.strerror(-req.result))
+                        nbytes += req.result
+                calls += BATCH
+                if now() >= end:
+                    break
+        finally:
+            # Pins (if any) are released only by notifications: wait for them all.
+            ch.wait_all(time.monotonic() + DRAIN_LIMIT)
+        r.bytes, r.messages = nbytes, calls
+        r.zerocopy_calls = ch.zerocopy_sends
+        r.completions, r.copied = ch.completions, ch.copied_completions
+        return r
+
+    return run
