@@ -20,8 +20,27 @@ Ratios: pagefrag always / C MSG_ZEROCOPY and / C copy, auto / C MSG_ZEROCOPY, au
 socket.send (and more) in every cell, with issue 12's targets. The machinery is
 pagefrag.bench (also behind ``pagefrag bench``).
 
+``--uring`` (issue 13): the io_uring backend beside the MSG_ZEROCOPY one, on UDP 4 KiB
+and 60000 B (true zero-copy) and TCP veth 64 KiB and 1 MiB, with issue 13's targets:
+
+  C io_uring SEND, SEND_ZC    zc_anchor.c on the raw io_uring system calls, 32 requests
+  C io_uring SEND_ZC fixed    per io_uring_enter (fixed: the working set registered once;
+    [, 1 per enter]           1 per enter: one request per io_uring_enter); datagrams
+  pagefrag always/auto[, send_many]   ZeroCopySocket (MSG_ZEROCOPY backend)
+  uring always/auto[, send_many]      UringSocket(zerocopy=...).send / send_many of 32
+  uring always, fixed[, send_many]    ... on a ring where the working set is registered
+  uring always, pool[, send_many]     ... each send a loan of a BufferPool(register=ring)
+                                      spanning 256 MiB, sent whole, released
+  uring raw[+pin], fixed[, 1 per enter]   time splits: Channel.submit_one/Ring.submit/
+                                      wait_result driven directly (+pin: pinned as
+                                      UringSocket pins, a FragDestructor each)
+
+Every pagefrag and uring row carries a FragDestructor per send; its release latency is
+stamped (perf_counter_ns) in the destructor callback of one send in 32.
+
     python benchmarks/zerocopy_send.py [--seconds 0.3] [--rounds 7] [--hot] [--no-veth]
-        [--no-c] [--paths udp,tcp-loopback,tcp-veth] [--sizes 4KiB,60000B] [--json FILE]
+        [--no-c] [--paths udp,tcp-loopback,tcp-veth] [--sizes 4KiB,60000B] [--uring]
+        [--json FILE] [--markdown FILE]
 
 Needs root for the veth paths (they are left out otherwise, and said so); without a C
 compiler the C rows are left out, and said so.
@@ -43,7 +62,7 @@ from pagefrag.bench.matrix import (
     cells_left,
     run_matrix,
 )
-from pagefrag.bench.report import URING_TARGETS, build, table
+from pagefrag.bench.report import URING_TARGETS, build, markdown, table
 from pagefrag.bench.workset import COLD, HOT
 
 
@@ -74,6 +93,7 @@ def main() -> None:
         help="issue 13: the io_uring backend beside the MSG_ZEROCOPY one and the C anchor",
     )
     parser.add_argument("--json", metavar="FILE", help="write the whole report here")
+    parser.add_argument("--markdown", metavar="FILE", help="write the results page here")
     args = parser.parse_args()
     if not (args.seconds > 0 and args.rounds > 0):
         parser.error("--seconds and --rounds must be positive")
@@ -101,6 +121,8 @@ def main() -> None:
     print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report))
 
 
 if __name__ == "__main__":
