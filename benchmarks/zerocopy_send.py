@@ -62,7 +62,7 @@ from pagefrag.bench.matrix import (
     cells_left,
     run_matrix,
 )
-from pagefrag.bench.report import URING_TARGETS, build, markdown, table
+from pagefrag.bench.report import URING_TARGETS, build, markdown, splits_markdown, table
 from pagefrag.bench.workset import COLD, HOT
 
 
@@ -122,7 +122,11 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(markdown(report))
+        command = "python benchmarks/zerocopy_send.py" + (" --uring" if args.uring else "")
+        page = markdown(report, command=command)
+        if args.uring:
+            page += "\n## Time splits and release latency (issue 13)\n\n" + splits_markdown(report)
+        Path(args.markdown).write_text(page + "\n")
 
 
 if __name__ == "__main__":
