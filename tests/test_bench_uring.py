@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -155,3 +156,41 @@ def test_c_anchor_io_uring_loops_on_loopback(mode: str, loopback_sink: tuple[str
             timeout=60,
         )
         assert bad.returncode == 2 and b"1 <= N <= 32" in bad.stderr
+
+
+def _memlock_8mib() -> None:
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (8 << 20, 8 << 20))
+
+
+root_setpriv = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
+
+
+@no_compiler
+@no_uring
+@root_setpriv
+def test_bench_without_cap_ipc_lock_leaves_io_uring_rows_out_and_says_why(tmp_path: Path) -> None:
+    """Without CAP_IPC_LOCK, RLIMIT_MEMLOCK (8 MiB) counts registered and pinned pages:
+    the registered rows cannot be set up, and a 32 MiB send_many on a stream is refused
+    for good. The bench says so and measures the rest (it used to die with ENOMEM)."""
+    argv = ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock"]
+    argv += [sys.executable, "-m", "pagefrag.cli", "bench", "--quick", "--no-veth"]
+    out = subprocess.run(
+        [*argv, "--sizes", "1MiB", "--no-charts", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=_memlock_8mib,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    left = report["left_out"]
+    for name in ("uring always, fixed", "uring always, pool"):
+        assert "could not set up" in left[name] and "ENOMEM" in left[name], left
+    assert "refusing" in left["uring always, send_many"], left
+    cells = report["results"]["TCP loopback"]["1MiB"]["256MiB"]
+    assert {"pagefrag always", "uring always", "C MSG_ZEROCOPY"} <= set(cells)
+    assert not {"uring always, fixed", "uring always, send_many"} & set(cells)
+    page = (tmp_path / "results.md").read_text()
+    assert "Left out: uring always, fixed (could not set up" in page

@@ -450,10 +450,14 @@ def run_matrix(
             for size_name in measured(path):
                 for ws in worksets:
                     w = work(SIZES[size_name], ws)
-                    for name in wanted:
+                    for name in list(wanted):
                         prepare = table[name].prepare
                         if prepare is not None and runs_on(path, name, table, w):
-                            prepare(w)
+                            try:
+                                prepare(w)
+                            except OSError as exc:  # e.g. RLIMIT_MEMLOCK without root
+                                left_out[name] = f"could not set up ({exc})"
+                                wanted.remove(name)
         for _ in range(rounds):
             for path in ps:
                 for size_name in measured(path):
@@ -462,9 +466,19 @@ def run_matrix(
                         order = [v for v in wanted if runs_on(path, v, table, w)]
                         rng.shuffle(order)
                         for name in order:
+                            if name in left_out:
+                                continue
                             if progress:
                                 progress(f"{path.name} {size_name} {ws} {name}")
-                            cell = _measure(path, name, table[name].run, w, seconds)
+                            try:
+                                cell = _measure(path, name, table[name].run, w, seconds)
+                            except OSError as exc:
+                                if not table[name].uring:
+                                    raise
+                                # io_uring refusing for good (non-root: RLIMIT_MEMLOCK
+                                # below one request's pages): said so, not measured on
+                                left_out[name] = f"{path.name} {size_name}: {exc}"
+                                continue
                             samples.setdefault((path.name, size_name, ws, name), []).append(cell)
     results: dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]] = {}
     for (path_name, size_name, ws, name), runs in samples.items():

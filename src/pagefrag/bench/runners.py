@@ -45,6 +45,9 @@ now_ns = time.perf_counter_ns
 SO_EE_ORIGIN_ZEROCOPY = 5
 BATCH = 32  # sends between clock reads and (zero-copy loops) completion reads
 DRAIN_LIMIT = 30.0  # seconds a runner waits for its last completions
+# seconds an io_uring row waits for notifications when the kernel refuses to pin more
+# (ENOMEM: RLIMIT_MEMLOCK without CAP_IPC_LOCK), then gives up (SendBufferError)
+ENOBUFS_LIMIT = 5.0
 _U32 = 0xFFFFFFFF
 
 
@@ -319,7 +322,7 @@ def _uring_socket(mode: str, batch: Batch, fixed: bool) -> Runner:
 
     def open_sender(sock: socket.socket, work: Work) -> Sender:
         ring = fixed_ring(work) if fixed else None
-        return UringSocket(sock, zerocopy=mode, ring=ring)
+        return UringSocket(sock, zerocopy=mode, ring=ring, enobufs_timeout=ENOBUFS_LIMIT)
 
     return _tracked(open_sender, _cycling(batch))
 
@@ -556,7 +559,8 @@ def run_uring_pool(mode: str, many: bool = False) -> Runner:
     from ..uring import UringSocket
 
     def open_sender(sock: socket.socket, work: Work) -> Sender:
-        return UringSocket(sock, zerocopy=mode, ring=registered_pool(work).ring)
+        ring = registered_pool(work).ring
+        return UringSocket(sock, zerocopy=mode, ring=ring, enobufs_timeout=ENOBUFS_LIMIT)
 
     return _tracked(open_sender, _pool_steps(many))
 
