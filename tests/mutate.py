@@ -1,9 +1,9 @@
 """Mutation checks: each mutant plants a reference bug in a copy of ``src/`` and must
 make the tests named beside it fail (KILLED). A mutant of a ``.py`` file runs with the
 pure-Python core (``PAGEFRAG_PURE_PYTHON=1``: the compiled twins would hide it); a mutant
-of ``_speedups.pyx`` rebuilds the extension in the copy and runs with it. Usage:
-``python tests/mutate.py [N ...]`` (all mutants, or those numbered). Not collected by
-pytest; a run takes a few minutes."""
+of a ``.pyx`` file (``_speedups``, ``_uring``) rebuilds that extension in the copy and
+runs with it. Usage: ``python tests/mutate.py [N ...]`` (all mutants, or those
+numbered). Not collected by pytest; a run takes a few minutes."""
 
 from __future__ import annotations
 
@@ -92,6 +92,23 @@ MUTANTS = [
         "                elif sid not in pending:  # (an interrupted absorb may repeat a filing)",
         "                elif sid not in pending and (released.append(token) or False):",
         POISON,
+    ),
+    (
+        "io_uring ring: pins released at the result CQE, not at the notification",
+        "src/pagefrag/_uring.pyx",
+        "                if not req.more or req.notified:\n                    self._finish(req)\n",
+        "                if req.pin is not None:\n"
+        "                    self._releases.append((0, req.pin, ch.holder))\n"
+        "                    req.pin = None\n"
+        "                if req.ref is not None:\n"
+        "                    self._releases.append((2, req.ref, ch.holder))\n"
+        "                    req.ref = None\n"
+        "                req.view = None\n"
+        "                if not req.more or req.notified:\n                    self._finish(req)\n",
+        [
+            "tests/test_backends_net.py::test_poison_after_release_under_loss[uring-sendall]",
+            "tests/test_backends_net.py::test_poison_after_release_under_loss[uring-send]",
+        ],
     ),
 ]
 

@@ -4,6 +4,7 @@ input refused up front; Ctrl-C and SIGTERM end it in one line, namespaces delete
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -212,3 +213,30 @@ def test_a_run_that_outlives_its_test_timeout_leaves_no_namespaces() -> None:
     needs_netns()
     with pytest.raises(subprocess.TimeoutExpired):  # run_cli asserts none of its are left
         demo("--netns", "--seconds", "60", "--total-mib", str(1 << 20), timeout=4)
+
+
+@pytest.mark.parametrize("backend", ["msg_zerocopy", "uring"])
+def test_demo_verifies_every_buffer_on_either_backend(backend: str) -> None:
+    from pagefrag.uring import unsupported_reason
+
+    if backend == "uring" and unsupported_reason():
+        pytest.skip(f"io_uring zero-copy: {unsupported_reason()}")
+    out = demo("--seconds", "1", "--total-mib", "32", "--backend", backend, "--json")
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert s["backend"] == backend and s["ok"]
+    assert s["buffers_sent"] == s["received_buffers"] == s["releases"] == 32
+    assert s["completions"] == s["copied_completions"] > 0  # loopback copies
+
+
+def test_demo_backend_uring_without_the_compiled_ring_is_a_usage_error() -> None:
+    proc = subprocess.run(
+        [*CLI, "demo", "--backend", "uring", "--seconds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PAGEFRAG_PURE_PYTHON": "1"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+    assert "--backend uring" in proc.stderr and "compiled core" in proc.stderr

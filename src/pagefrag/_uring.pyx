@@ -29,8 +29,10 @@ is marked inert by ``pagefrag.uring`` (at fork) and refuses everything.
 from libc.stdint cimport uint64_t, uint32_t, int32_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
+from libc.errno cimport EAGAIN, EBADF, EBUSY, EINTR, ENOBUFS, ENOMEM, EOPNOTSUPP, ETIME
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.memoryview cimport PyMemoryView_FromObject
 
 cimport cython
 
@@ -177,6 +179,9 @@ cdef extern from *:
         return sqe;
     }
     static void pf_commit_sqe(pf_ring *r) { r->sqe_tail++; }
+    static unsigned pf_sq_free(pf_ring *r) {
+        return r->sq_entries - (r->sqe_tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE));
+    }
 
     static void pf_prep_send(struct io_uring_sqe *sqe, int op, int fd, const void *addr,
                              unsigned len, int msg_flags, uint64_t ud, unsigned zc_flags,
@@ -303,6 +308,7 @@ cdef extern from *:
     void pf_publish(pf_ring *r) nogil
     io_uring_sqe *pf_get_sqe(pf_ring *r) nogil
     void pf_commit_sqe(pf_ring *r) nogil
+    unsigned pf_sq_free(pf_ring *r) nogil
     void pf_prep_send(io_uring_sqe *sqe, int op, int fd, const void *addr, unsigned len,
                       int msg_flags, uint64_t ud, unsigned zc_flags, int buf_index,
                       unsigned sqe_flags) nogil
@@ -326,7 +332,7 @@ cdef extern from *:
 
 SEND_ZC_SUPPORTED_OPS = ("IORING_OP_SEND_ZC", "IORING_OP_SENDMSG_ZC")
 MAX_FIXED_BUFFERS = 16384  # IORING_MAX_REG_BUFFERS
-_INTERNAL = 1ULL << 63  # user_data of requests the ring makes itself (cancels)
+cdef uint64_t _INTERNAL = 1ULL << 63  # user_data of requests the ring makes itself (cancels)
 cdef long long _SLICE_NS = 50 * 1000 * 1000  # a wait re-checks its request this often
 # Rings with requests in flight: never collected, since their table holds the pins of
 # pages the kernel may still read (the table, its requests and their channels form a
@@ -341,6 +347,8 @@ cdef class Request:
 
     cdef readonly Channel channel
     cdef object pin  # released on the notification (or the result, without F_MORE)
+    cdef object view  # (a flat send) the export that keeps its memory in place ...
+    cdef object ref  # ... and the one destructor reference it holds, or None
     cdef pf_msg *msg  # SENDMSG's header: kept until the result
     cdef readonly Py_ssize_t nbytes
     cdef readonly long long result
@@ -348,7 +356,13 @@ cdef class Request:
     cdef readonly bint more  # ... and said a notification follows
     cdef bint notified
     cdef readonly bint zerocopy
+    cdef readonly bint finished  # out of the table: nothing held any more
     cdef readonly uint64_t user_data
+    # the SQE to be: set by Ring._request, written by Ring._file
+    cdef int op, slot, msg_flags
+    cdef unsigned zc_flags, sqe_flags
+    cdef const void *addr
+    cdef size_t length
 
     def __dealloc__(self):
         if self.msg is not NULL:
@@ -398,6 +412,115 @@ cdef class Channel:
         Refs: the request holds ``pin`` until the kernel is done with its pages."""
         return self.ring._prepare(self, pin, views, zerocopy, msg_flags, link)
 
+    def file_linked(self, list pins, list views, bint zerocopy, int msg_flags):
+        """Datagrams ``views[i]`` (each a list of byte memoryviews) holding ``pins[i]``,
+        as one linked batch (``IOSQE_IO_LINK``: issued in order, the first that fails
+        cancels the rest), filed in one step, all or none; returns their requests, for
+        :meth:`Ring.submit`. Kernel: ``SEND_ZC``/``SENDMSG_ZC`` (or ``SEND``/``SENDMSG``).
+
+        Refs: each request holds its pin until the kernel is done with its pages (if
+        this raises, none was taken over: the caller releases them)."""
+        cdef Ring ring = self.ring
+        cdef Py_ssize_t i, n = len(pins)
+        cdef list reqs = []
+        if len(views) != n:
+            raise ValueError("one list of views per pin")
+        for i in range(n):
+            reqs.append(ring._request(self, pins[i], views[i], zerocopy, msg_flags, i + 1 < n))
+        ring._reserve(n)
+        for i in range(n):
+            ring._file(reqs[i])
+        return reqs
+
+    cdef Request _flat(self, data, destructor, bint zerocopy, int msg_flags, bint link):
+        """A request (not filed yet) for one flat buffer. It keeps a memoryview export
+        (the memory can be neither freed nor resized) and, for zero-copy, one reference
+        on ``destructor``, taken here, before the kernel can see the pages."""
+        cdef Request req
+        view = PyMemoryView_FromObject(data)
+        req = self.ring._request(self, None, [view], zerocopy, msg_flags, link)
+        req.view = view
+        if zerocopy and destructor is not None:
+            destructor.ref(holder=self.holder)
+            req.ref = destructor
+        return req
+
+    cdef int _unfiled(self, list reqs, Py_ssize_t start) except -1:
+        """Drop the references of requests that were never filed."""
+        cdef Request req
+        for req in reqs[start:]:
+            ref, req.ref = req.ref, None
+            if ref is not None:
+                ref.unref(holder=self.holder)
+        return 0
+
+    def send_flat(self, data, destructor, bint zerocopy, int msg_flags):
+        """One send of one flat buffer (bytes, bytearray, contiguous memoryview) in one
+        C call: pin, prepare, submit, wait for the result (the GIL released while it
+        waits); returns the result (bytes taken, or ``-errno`` for the caller to raise
+        or retry). An interrupt while waiting leaves the request and its pin in the
+        ring. Kernel: ``IORING_OP_SEND_ZC`` (fixed buffer when registered) or ``SEND``.
+
+        Refs: +1 on ``destructor`` for a zero-copy send, dropped on its notification."""
+        cdef Request req = self._flat(data, destructor, zerocopy, msg_flags, False)
+        try:
+            self.ring._reserve(1)
+            self.ring._file(req)
+        except BaseException:
+            self._unfiled([req], 0)
+            raise
+        self.ring._wait_for(req, None)
+        return req.result
+
+    def send_flat_batch(self, list items, list destructors, Py_ssize_t start,
+                        Py_ssize_t count, Py_ssize_t zc_min, int msg_flags):
+        """Datagrams ``items[start:start+count]`` (flat buffers) as one linked batch,
+        one ``io_uring_enter``; waits for every result. Returns ``(sent, result)``: how
+        many were sent before the first that failed, and that one's result (0 if none
+        failed). An item of at least ``zc_min`` bytes goes zero-copy (``zc_min < 0``:
+        none), the others copied. ``destructors[i]`` (or None) is held by a zero-copy
+        ``items[i]``'s request.
+
+        Refs: +1 on each destructor of a zero-copy send, dropped on its notification."""
+        cdef Py_ssize_t i, end = start + count, sent = 0
+        cdef Request req
+        cdef list reqs = []
+        cdef Ring ring = self.ring
+        if start < 0 or count < 0 or end > len(items) or end > len(destructors):
+            raise IndexError("batch out of range")
+        cdef Py_ssize_t filed = 0
+        try:
+            for i in range(start, end):
+                item = items[i]
+                reqs.append(self._flat(item, destructors[i], 0 <= zc_min <= len(item),
+                                       msg_flags, i + 1 < end))
+            # Filed in one step (no Python code: see _file): no other thread can submit
+            # half of this linked batch.
+            ring._reserve(len(reqs))
+            for req in reqs:
+                ring._file(req)
+                filed += 1
+        except BaseException:
+            self._unfiled(reqs, filed)
+            del reqs[filed:]
+            if filed:
+                ring._submit()  # what was filed is handed over, never left behind
+            raise
+        try:
+            ring._submit()
+            for req in reqs:
+                ring._wait_for(req, None)
+        except BaseException as exc:
+            # An interrupt (or error) while waiting: learn exactly what went, so the
+            # caller's items_sent is true, then raise it.
+            sent = ring.settle(reqs)
+            try:
+                exc.items_sent = getattr(exc, "items_sent", 0) + sent
+            except AttributeError:
+                pass
+            raise
+        return ring.outcome(reqs)
+
     def wait_result(self, Request req not None, deadline):
         """Reap until ``req``'s result is in; ``deadline`` (monotonic seconds, or None)
         bounds it: False when it passed first. Kernel: ``io_uring_enter(GETEVENTS)``.
@@ -416,9 +539,16 @@ cdef class Channel:
         return self.ring._wait_channel(self, deadline, True)
 
     def pending_pins(self):
-        """The pins of this channel's requests still in the ring (to keep them alive)."""
-        return [r.pin for r in self.ring._table.values()
-                if (<Request>r).channel is self and (<Request>r).pin is not None]
+        """What each of this channel's requests in the ring still holds: one
+        ``(pin, view, reference)`` per request (a flat send holds a view and at most one
+        reference, any other a pin)."""
+        cdef Request req
+        held = []
+        for r in self.ring._table.values():
+            req = <Request>r
+            if req.channel is self:
+                held.append((req.pin, req.view, req.ref))
+        return held
 
 
 @cython.final
@@ -466,11 +596,11 @@ cdef class Ring:
         self._free_slots = []
         if not (self.r.features & IORING_FEAT_NODROP) or not (self.r.features & IORING_FEAT_EXT_ARG):
             self._teardown()
-            raise OSError(_errno.EOPNOTSUPP, "io_uring without NODROP/EXT_ARG (Linux < 5.11)")
+            raise OSError(EOPNOTSUPP, "io_uring without NODROP/EXT_ARG (Linux < 5.11)")
         rc = pf_probe_op(self.r.fd, IORING_OP_SEND_ZC)
         if rc <= 0 or pf_probe_op(self.r.fd, IORING_OP_SENDMSG_ZC) <= 0:
             self._teardown()
-            raise OSError(_errno.EOPNOTSUPP, "io_uring without SEND_ZC (Linux < 6.0)")
+            raise OSError(EOPNOTSUPP, "io_uring without SEND_ZC (Linux < 6.0)")
 
     def __dealloc__(self):
         # Only a ring with nothing in flight is ever collected (pagefrag.uring keeps
@@ -487,9 +617,9 @@ cdef class Ring:
 
     cdef int _check(self) except -1:
         if self.forked:
-            raise OSError(_errno.EBADF, "this io_uring belongs to the parent process")
+            raise OSError(EBADF, "this io_uring belongs to the parent process")
         if not self.opened:
-            raise OSError(_errno.EBADF, "the io_uring is closed")
+            raise OSError(EBADF, "the io_uring is closed")
         return 0
 
     def fileno(self):
@@ -542,7 +672,7 @@ cdef class Ring:
             return
         self.reap()
         if self._table:
-            raise OSError(_errno.EBUSY, f"{len(self._table)} requests still in flight")
+            raise OSError(EBUSY, f"{len(self._table)} requests still in flight")
         self._teardown()
 
     # -- fixed buffers ---------------------------------------------------------------
@@ -574,7 +704,7 @@ cdef class Ring:
             if not self.fixed_lo or not self.fixed_hi or not self.fixed_slot:
                 raise MemoryError()
         if not self._free_slots:
-            raise OSError(_errno.ENOBUFS, f"all {MAX_FIXED_BUFFERS} fixed buffers are in use")
+            raise OSError(ENOBUFS, f"all {MAX_FIXED_BUFFERS} fixed buffers are in use")
         PyObject_GetBuffer(mv, &b, PyBUF_SIMPLE)
         try:
             slot = self._free_slots[-1]
@@ -670,79 +800,103 @@ cdef class Ring:
             self._submit()  # hand the prepared ones over: their slots free up
             sqe = pf_get_sqe(&self.r)
             if sqe is NULL:
-                raise OSError(_errno.EBUSY, "io_uring submission ring is full")
+                raise OSError(EBUSY, "io_uring submission ring is full")
         return sqe
 
-    cdef Request _prepare(self, Channel ch, pin, list views, bint zerocopy, int msg_flags,
+    cdef Request _request(self, Channel ch, pin, list views, bint zerocopy, int msg_flags,
                           bint link):
+        """A request for ``views``, not filed yet: its memory's addresses, its opcode,
+        its fixed buffer. May run Python code (allocations): nothing is shared yet."""
         cdef Py_buffer b
         cdef Py_ssize_t n = len(views), i, total = 0
-        cdef io_uring_sqe *sqe
         cdef pf_msg *msg = NULL
-        cdef int op, slot = -1
-        cdef unsigned zc = IORING_SEND_ZC_REPORT_USAGE if zerocopy else 0
-        cdef unsigned sflags = IOSQE_IO_LINK if link else 0
-        cdef const void *addr = NULL
-        cdef size_t length = 0
         cdef Request req
-        cdef uint64_t ud
         self._check()
         if n == 0:
             raise ValueError("nothing to send")
-        sqe = self._sqe()
+        req = Request.__new__(Request)
+        req.channel = ch
+        req.pin = pin
+        req.zerocopy = zerocopy
+        req.zc_flags = IORING_SEND_ZC_REPORT_USAGE if zerocopy else 0
+        req.sqe_flags = IOSQE_IO_LINK if link else 0
+        req.msg_flags = msg_flags | MSG_NOSIGNAL
+        req.slot = -1
         if n == 1:
-            # Our own export is released at once: the pin's view keeps the memory
+            # Our own export is released at once: the caller's view keeps the memory
             # exported (not resizable, not freed) until the request lets it go.
             PyObject_GetBuffer(views[0], &b, PyBUF_SIMPLE)
-            addr = b.buf
-            length = <size_t>b.len
+            req.addr = b.buf
+            req.length = <size_t>b.len
             PyBuffer_Release(&b)
-            if length > 0xFFFFFFFF:
+            if req.length > 0xFFFFFFFF:
                 raise ValueError("one send takes at most 4 GiB")
-            total = <Py_ssize_t>length
-            op = IORING_OP_SEND_ZC if zerocopy else IORING_OP_SEND
+            total = <Py_ssize_t>req.length
+            req.op = IORING_OP_SEND_ZC if zerocopy else IORING_OP_SEND
             if zerocopy:
-                slot = self._fixed_index(<size_t>addr, length)
+                req.slot = self._fixed_index(<size_t>req.addr, req.length)
         else:
             msg = pf_msg_new(n)
             if msg is NULL:
                 raise MemoryError()
+            req.msg = msg  # freed with the request, whatever happens next
             for i in range(n):
                 PyObject_GetBuffer(views[i], &b, PyBUF_SIMPLE)
                 msg.iov[i].iov_base = b.buf
                 msg.iov[i].iov_len = <size_t>b.len
                 total += b.len
                 PyBuffer_Release(&b)
-            addr = msg
-            length = 1
-            op = IORING_OP_SENDMSG_ZC if zerocopy else IORING_OP_SENDMSG
-        req = Request.__new__(Request)
-        req.channel = ch
-        req.pin = pin
-        req.msg = msg
+            req.addr = msg
+            req.length = 1
+            req.op = IORING_OP_SENDMSG_ZC if zerocopy else IORING_OP_SENDMSG
         req.nbytes = total
-        req.zerocopy = zerocopy
-        req.result = 0
-        ud = self._next_ud
+        return req
+
+    cdef int _reserve(self, Py_ssize_t n) except -1:
+        """Make room for ``n`` SQEs (submitting what is prepared), before filing a batch
+        in one step."""
+        if n > self.r.sq_entries:
+            raise ValueError(f"a batch of {n} requests on a ring of {self.r.sq_entries}")
+        if pf_sq_free(&self.r) < <unsigned>n:
+            self._submit()
+            if pf_sq_free(&self.r) < <unsigned>n:
+                raise OSError(EBUSY, "io_uring submission ring is full")
+        return 0
+
+    cdef int _file(self, Request req) except -1:
+        """File ``req`` in the table and commit its SQE: no Python code runs in here (no
+        allocation of a tracked object), so the request is in the table exactly when its
+        SQE is committed, and a batch filed in a loop of these is atomic for other
+        threads (none can hand half a linked batch to the kernel). Room reserved."""
+        cdef Channel ch = req.channel
+        cdef io_uring_sqe *sqe = pf_get_sqe(&self.r)
+        cdef uint64_t ud = self._next_ud
+        if sqe is NULL:
+            raise OSError(EBUSY, "io_uring submission ring is full")
         self._next_ud += 1
         req.user_data = ud
-        # From here to the commit: no Python code can run (no allocation of a tracked
-        # object): the request is in the table exactly when its SQE is prepared.
         if not self._table:
             _BUSY.add(self)
         self._table[ud] = req
-        pf_prep_send(sqe, op, ch.fd, addr, <unsigned>length, msg_flags | MSG_NOSIGNAL, ud,
-                     zc, slot, sflags)
+        pf_prep_send(sqe, req.op, ch.fd, req.addr, <unsigned>req.length, req.msg_flags, ud,
+                     req.zc_flags, req.slot, req.sqe_flags)
         pf_commit_sqe(&self.r)
         ch.in_flight += 1
         ch.sends += 1
-        if zerocopy:
+        if req.zerocopy:
             ch.zerocopy_sends += 1
             ch.outstanding += 1
-            ch.pinned_bytes += total
+            ch.pinned_bytes += req.nbytes
             if ch.pinned_bytes > ch.peak_pinned_bytes:
                 ch.peak_pinned_bytes = ch.pinned_bytes
         ch.last_request = req
+        return 0
+
+    cdef Request _prepare(self, Channel ch, pin, list views, bint zerocopy, int msg_flags,
+                          bint link):
+        cdef Request req = self._request(ch, pin, views, zerocopy, msg_flags, link)
+        self._reserve(1)
+        self._file(req)
         return req
 
     def cancel(self, Channel ch=None, Request req=None):
@@ -771,14 +925,14 @@ cdef class Ring:
         todo = pf_sq_ready(&self.r)
         while todo:
             rc = pf_sys_enter(self.r.fd, todo, 0, 0, NULL, 0)
-            if rc == -_errno.EINTR:
+            if rc == -EINTR:
                 PyErr_CheckSignals()
                 continue
-            if rc == -_errno.EBUSY or rc == -_errno.EAGAIN:
+            if rc == -EBUSY or rc == -EAGAIN:
                 # Completions are backed up (overflow) or the kernel is short of memory:
                 # take what is there, then hand the rest over again.
                 self._reap_raw()
-                if self._flush_overflow() == 0 and rc == -_errno.EAGAIN:
+                if self._flush_overflow() == 0 and rc == -EAGAIN:
                     with nogil:
                         pf_wait(self.r.fd, 1000000)
                 todo = pf_sq_ready(&self.r)
@@ -805,7 +959,7 @@ cdef class Ring:
             return 0
         rc = pf_sys_enter(self.r.fd, 0, 0, IORING_ENTER_GETEVENTS, NULL, 0)
         self.overflow_flushes += 1
-        if rc < 0 and rc != -_errno.EINTR and rc != -_errno.EBUSY:
+        if rc < 0 and rc != -EINTR and rc != -EBUSY:
             raise OSError(-rc, "io_uring_enter (overflow flush)")
         return 1
 
@@ -842,6 +996,10 @@ cdef class Ring:
                 req.result = res
                 req.more = (flags & IORING_CQE_F_MORE) != 0
                 ch.in_flight -= 1
+                if req.zerocopy and not req.more:
+                    # Refused before it ran (or cancelled in its link): no notification
+                    # comes, so it was no zero-copy send (as a failed MSG_ZEROCOPY call).
+                    ch.zerocopy_sends -= 1
                 if ch.on_result is not None:
                     self._releases.append((1, ch.on_result, req))
                 if res > 0:
@@ -856,6 +1014,7 @@ cdef class Ring:
 
     cdef inline void _finish(self, Request req):
         cdef Channel ch = req.channel
+        req.finished = True
         self._table.pop(req.user_data, None)
         if not self._table:
             _BUSY.discard(self)
@@ -865,6 +1024,10 @@ cdef class Ring:
         if req.pin is not None:
             self._releases.append((0, req.pin, ch.holder))
             req.pin = None
+        req.view = None  # the kernel is done with the memory
+        if req.ref is not None:
+            self._releases.append((2, req.ref, ch.holder))
+            req.ref = None
 
     cdef int _release_all(self) except -1:
         """Release the pins reaped (destructors run here) and call the channels'
@@ -879,6 +1042,8 @@ cdef class Ring:
                 try:
                     if kind == 0:
                         obj.release(arg)
+                    elif kind == 2:
+                        obj.unref(holder=arg)
                     else:
                         obj(arg)
                 except (KeyboardInterrupt, SystemExit) as exc:
@@ -913,14 +1078,18 @@ cdef class Ring:
                 ns = <long long>(left * 1e9) + 1
         with nogil:
             rc = pf_wait(self.r.fd, ns)
-        if rc == -_errno.EINTR:
+        if rc == -EINTR:
             PyErr_CheckSignals()
-        elif rc < 0 and rc != -_errno.ETIME and rc != -_errno.EBUSY:
+        elif rc < 0 and rc != -ETIME and rc != -EBUSY:
             raise OSError(-rc, "io_uring_enter (wait)")
         return True
 
     cdef object _wait_for(self, Request req, deadline):
         self._check()
+        if req.done_result:  # (a batch's later requests: reaped with the first)
+            self._reap_raw()
+            self._release_all()
+            return True
         self._submit()
         while True:
             self._reap_raw()
@@ -952,6 +1121,61 @@ cdef class Ring:
         self._wait_once(None if timeout is None else _time.monotonic() + timeout)
         return self.reap()
 
+    def settle(self, list reqs):
+        """After an interrupt: cancel the requests of ``reqs`` (one linked batch) whose
+        result is not in, wait for every result — a second interrupt meanwhile is raised
+        only once all are in — and return how many were sent before the first that
+        failed. Kernel: ``IORING_OP_ASYNC_CANCEL``.
+
+        Refs: drops those of every request completed meanwhile."""
+        cdef Request req
+        cdef Py_ssize_t sent = 0
+        interrupt = None
+        for req in reqs:
+            if not req.done_result:
+                self.cancel(req=req)
+        for req in reqs:
+            while not req.done_result:
+                try:
+                    self._wait_for(req, None)
+                except (KeyboardInterrupt, SystemExit) as exc:
+                    if interrupt is None:
+                        interrupt = exc
+        for req in reqs:
+            if req.result < 0:
+                break
+            sent += 1
+        if interrupt is not None:
+            try:
+                interrupt.items_sent = getattr(interrupt, "items_sent", 0) + sent
+            except AttributeError:
+                pass
+            raise interrupt
+        return sent
+
+    def outcome(self, list reqs):
+        """``(sent, result, refused)`` of a linked batch whose results are in: how many
+        were sent before the first that failed, that one's result (0: none failed), and
+        the index of the first zero-copy request refused for pinned memory (``ENOMEM``,
+        ``ENOBUFS``: charged when the kernel prepares it, so it cancels its whole
+        link), or -1."""
+        cdef Request req
+        cdef Py_ssize_t sent = -1, refused = -1, k = 0
+        cdef long long first = 0
+        for req in reqs:
+            if req.result < 0:
+                if sent < 0:
+                    sent, first = k, req.result
+                if refused < 0 and req.zerocopy and (req.result == -ENOMEM or req.result == -ENOBUFS):
+                    refused = k
+            k += 1
+        return (k if sent < 0 else sent), first, refused
+
     def pending_pins(self):
-        """Every pin still in the table (for keeping them alive forever)."""
-        return [(<Request>r).pin for r in self._table.values() if (<Request>r).pin is not None]
+        """What each request in the table still holds, as :meth:`Channel.pending_pins`."""
+        cdef Request req
+        held = []
+        for r in self._table.values():
+            req = <Request>r
+            held.append((req.pin, req.view, req.ref))
+        return held

@@ -24,14 +24,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import BufferPool, SkBuff, ZeroCopySocket
+from ..errors import ZeroCopyUnsupportedError
 from ..testing.netlab import NetLab, missing_tools
-from ..zerocopy import tcp_info
+from ..uring import UringSocket
+from ..zerocopy import BACKENDS, choose_backend, tcp_info, zerocopy_socket
 from ._args import UsageError, int_in, seconds_up_to
 
 EXAMPLE = """examples:
   pagefrag demo                          # loopback, a few seconds, no root needed
   sudo pagefrag demo --netns --loss 2    # two namespaces, veth, 2 % of frames dropped: retransmits
-  pagefrag demo --seconds 2 --json"""
+  pagefrag demo --seconds 2 --json
+  pagefrag demo --backend msg_zerocopy   # MSG_ZEROCOPY instead of io_uring SEND_ZC"""
 
 HEADER = struct.Struct("!QII")  # sequence, payload length, CRC-32
 POISON = 0xEE
@@ -61,6 +64,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--buffers", type=int_in(1, 4096), default=8, help="pool buffers (8)")
     p.add_argument("--zerocopy", choices=["auto", "always", "never"], default="always")
+    p.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="auto",
+        help="MSG_ZEROCOPY or io_uring SEND_ZC (auto: io_uring where it works)",
+    )
     p.add_argument("--netns", action="store_true", help="two namespaces joined by veth (root)")
     p.add_argument(
         "--loss",
@@ -80,6 +89,7 @@ class Progress:
 
     mode: str
     path: str
+    backend: str = "msg_zerocopy"
     buffers_sent: int = 0
     bytes_sent: int = 0
     releases: int = 0
@@ -154,6 +164,10 @@ def check(args: argparse.Namespace) -> None:
     """Refuse options that do not fit together, before anything runs."""
     if args.loss and not args.netns:
         raise UsageError("--loss needs --netns (loopback cannot drop packets here)")
+    try:
+        choose_backend(args.backend)
+    except ZeroCopyUnsupportedError as exc:
+        raise UsageError(f"--backend {args.backend}: {exc}") from exc
     pool_mib = args.buffers * args.buffer_kib / 1024
     if pool_mib > MAX_POOL_MIB:
         raise UsageError(
@@ -205,9 +219,9 @@ def stream(args: argparse.Namespace, on_tick: Callable[[Progress], None]) -> Pro
     check(args)
     size = args.buffer_kib * 1024
     with _connection(args) as (client, server, path, dropped):
-        p = Progress(mode=args.zerocopy, path=path)
+        p = Progress(mode=args.zerocopy, path=path, backend=choose_backend(args.backend))
         rx = Receiver(server, p)
-        zs = ZeroCopySocket(client, zerocopy=args.zerocopy)
+        zs = zerocopy_socket(client, backend=p.backend, zerocopy=args.zerocopy)
         pool = BufferPool(size, args.buffers)
         fill = bytes(range(256)) * (size // 256 + 1)
         poison = bytes([POISON]) * size
@@ -255,7 +269,12 @@ def stream(args: argparse.Namespace, on_tick: Callable[[Progress], None]) -> Pro
 
 
 def _sample(
-    p: Progress, zs: ZeroCopySocket, pool: BufferPool, sock: socket.socket, fired: int, t: float
+    p: Progress,
+    zs: ZeroCopySocket | UringSocket,
+    pool: BufferPool,
+    sock: socket.socket,
+    fired: int,
+    t: float,
 ) -> None:
     st = zs.stats
     p.releases, p.elapsed = fired, t
@@ -268,7 +287,9 @@ def _sample(
 def _table(p: Progress) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"pagefrag demo — {p.path}, zerocopy={p.mode}", show_header=False)
+    t = Table(
+        title=f"pagefrag demo — {p.path}, zerocopy={p.mode}, {p.backend}", show_header=False
+    )
     rows = [
         ("sent", f"{p.buffers_sent} buffers, {p.bytes_sent / MiB:,.0f} MiB"),
         ("throughput", f"{p.gbps:.2f} GB/s over {p.elapsed:.1f} s"),

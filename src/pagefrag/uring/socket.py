@@ -79,6 +79,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _flat(data: object) -> bool:
+    """One plain run of bytes the compiled path sends as it is."""
+    kind = type(data)
+    if kind is bytes or kind is bytearray:
+        return True
+    return kind is memoryview and data.ndim == 1 and data.format == "B" and data.c_contiguous  # type: ignore[attr-defined]
+
+
+def _nbytes(data: Any) -> int:
+    return data.nbytes if type(data) is IoVec or type(data) is memoryview else len(data)
+
+
 def _os_error(res: int) -> OSError:
     err = -res
     return OSError(err, os.strerror(err))
@@ -125,6 +137,7 @@ class UringSocket:
         self._lock = threading.RLock()
         self._closed = self._forked = False
         self._enobufs_retries = self._enobufs_copies = 0
+        self._refusal_deadline: float | None = None  # of the call being refused
         if self._policy.mode is Mode.AUTO:
             start_policy(self._policy, sock, time.monotonic())
         _LIVE.add(self)
@@ -139,10 +152,13 @@ class UringSocket:
 
         Refs: a zero-copy request takes one per piece sent (frag destructors,
         ``destructor``) and drops them on its notification; a copied one takes none."""
-        check_destructor(destructor)
-        iov = IoVec.of(data)
+        if destructor is not None and type(destructor) is not FragDestructor:
+            check_destructor(destructor)
         with self._lock:
             self._check_usable()
+            if _flat(data):
+                return self._call(data, destructor, 0, None)
+            iov = IoVec.of(data)
             if self._stream:
                 iov = iov.first(IOV_MAX)
             elif len(iov.views) > IOV_MAX:
@@ -210,68 +226,98 @@ class UringSocket:
             if self._stream:
                 self._sendall(stream_iovec(listed, ds), None, deadline)
                 return len(listed)
-            return self._send_datagrams(datagram_iovecs(listed), ds, deadline)
+            flat = deadline is None and all(map(_flat, listed))
+            return self._send_datagrams(
+                listed if flat else datagram_iovecs(listed), ds, deadline, flat=flat
+            )
 
     def _send_datagrams(
-        self, iovs: list[IoVec], ds: list[FragDestructor | None], deadline: float | None
+        self,
+        items: list[Any],
+        ds: list[FragDestructor | None],
+        deadline: float | None,
+        *,
+        flat: bool,
     ) -> int:
+        """Datagrams in linked batches until all are sent; ``items`` are flat buffers
+        (``flat``: the compiled batch) or iovecs."""
         done = 0
-        batch = max(1, self._ring.sq_entries)
+        batch = limit = max(1, self._ring.sq_entries)
         try:
-            while done < len(iovs):
-                end = min(len(iovs), done + batch)
-                sent = self._batch(iovs[done:end], ds[done:end], deadline)
+            while done < len(items):
+                self._feed_policy()
+                n = min(len(items) - done, limit)
+                limit = batch
+                threshold = self._policy.threshold()
+                if flat and threshold is not None:
+                    # One linked batch; each item zero-copy by its size, in C.
+                    zc = threshold >= 0
+                    sent, res, refused = self._ch.send_flat_batch(items, ds, done, n, threshold, 0)
+                else:
+                    now = time.monotonic()
+                    use = self._policy.use_zerocopy
+                    zc = use(_nbytes(items[done]), now)
+                    run = 1  # a batch is a run of items the policy treats alike
+                    while run < n and use(_nbytes(items[done + run]), now) == zc:
+                        run += 1
+                    if flat:
+                        sent, res, refused = self._ch.send_flat_batch(
+                            items, ds, done, run, 0 if zc else -1, 0
+                        )
+                    else:
+                        sent, res, refused = self._batch(
+                            items[done : done + run], ds[done : done + run], zc, deadline
+                        )
                 done += sent
-                if sent == 0:  # the first of a batch failed: _batch raised
-                    break
+                if res >= 0 or sent:
+                    continue  # a datagram that failed after others is the next one's first
+                if refused > 0 and res == -errno.ECANCELED:
+                    # Pinned memory is charged when the kernel prepares a request: one
+                    # refused then cancels its whole link before any of it ran. The ones
+                    # before it go on their own.
+                    self._enobufs_retries += 1
+                    limit = refused
+                elif refused == 0:
+                    # The first refused goes as one send (auto: copied; always: once
+                    # notifications have made room), which counts its copy or retry.
+                    self._call(items[done], ds[done], 0, deadline)
+                    done += 1
+                elif res == -errno.ECANCELED:
+                    raise TimeoutError("send_many timed out")
+                else:
+                    raise _os_error(res)
         except BaseException as exc:
             count_sent(exc, done)
             raise
         return done
 
     def _batch(
-        self, iovs: list[IoVec], ds: list[FragDestructor | None], deadline: float | None
-    ) -> int:
-        """One linked batch: returns how many datagrams were sent before the first that
-        failed (if that was the first, its error is raised)."""
+        self, iovs: list[IoVec], ds: list[FragDestructor | None], zc: bool, deadline: float | None
+    ) -> tuple[int, int, int]:
+        """One linked batch of iovecs: its :meth:`Ring.outcome <pagefrag._uring.Ring.outcome>`."""
         ch = self._ch
-        self._feed_policy()
-        now = time.monotonic()
-        reqs = []
+        pins: list[Pin] = []
         try:
-            for k, (iov, d) in enumerate(zip(iovs, ds, strict=True)):
-                zc = not iov.lent and self._policy.use_zerocopy(iov.nbytes, now)
-                pin = self._pin(iov, d, zc)
-                try:
-                    reqs.append(ch.submit_one(pin, iov.views, zc, 0, k + 1 < len(iovs)))
-                except BaseException:
-                    pin.release(ch.holder)
-                    raise
-        finally:
-            # What was prepared is always handed over (and waited for below): never
-            # leave a prepared request behind for another socket's enter to submit.
+            for iov, d in zip(iovs, ds, strict=True):
+                pins.append(self._pin(iov, d, zc))
+            reqs = ch.file_linked(pins, [iov.views for iov in iovs], zc, 0)
+        except BaseException:
+            for pin in pins:  # (filing is all or nothing: none was taken over)
+                pin.release(ch.holder)
+            raise
+        try:
             self._ring.submit()
-        sent = 0
-        for req in reqs:
-            if not ch.wait_result(req, deadline):
-                self._cancel(req)
-            if req.result < 0:
-                if req.result == -errno.ECANCELED and sent:
-                    break
-                if sent == 0 and req.result == -errno.ECANCELED:
-                    raise TimeoutError("send_many timed out")
-                if sent == 0:
-                    self._wait_batch(reqs)
-                    raise _os_error(req.result)
-                break
-            sent += 1
-        self._wait_batch(reqs)
-        return sent
-
-    def _wait_batch(self, reqs: list[Any]) -> None:
-        """Every request of a batch has its result in (the links cancel the rest fast)."""
-        for req in reqs:
-            self._ch.wait_result(req, None)
+            for req in reqs:
+                if not ch.wait_result(req, deadline):
+                    self._cancel(req)
+            for req in reqs:
+                ch.wait_result(req, None)
+        except BaseException as exc:
+            # Interrupted: learn exactly what went (items_sent must be true).
+            count_sent(exc, self._ring.settle(reqs))
+            raise
+        outcome: tuple[int, int, int] = self._ring.outcome(reqs)
+        return outcome
 
     def _pin(self, iov: IoVec, destructor: FragDestructor | None, zerocopy: bool) -> Pin:
         """A zero-copy request's pin holds references; a copy's only keeps the views
@@ -282,59 +328,101 @@ class UringSocket:
 
     def _call(
         self,
-        iov: IoVec,
+        data: Any,
         destructor: FragDestructor | None,
         flags: int,
         deadline: float | None,
         *,
         copy: bool = False,
     ) -> int:
-        """One request of ``iov`` under the send lock; returns the bytes taken."""
+        """One request under the send lock; returns the bytes taken. ``data``: an
+        :class:`IoVec`, or one flat buffer (sent by the compiled path)."""
         ch = self._ch
         if self._stream and ch.in_flight and not ch.wait_idle(deadline):
             raise TimeoutError("a send on this stream is still in flight")
         self._feed_policy()
-        zc = not copy and not iov.lent and self._policy.use_zerocopy(iov.nbytes)
-        refusal_deadline: float | None = None
+        if type(data) is not IoVec and deadline is not None:
+            data = IoVec.of(data)
+        flat = type(data) is not IoVec
+        zc = not copy and (flat or not data.lent) and self._policy.use_zerocopy(_nbytes(data))
+        self._refusal_deadline = None
         while True:
-            pin = self._pin(iov, destructor, zc)
-            try:
-                req = ch.submit_one(pin, iov.views, zc, flags)
-            except BaseException:
-                pin.release(ch.holder)
-                raise
-            if not ch.wait_result(req, deadline):
-                self._cancel(req)
-                if req.result <= 0:
-                    raise TimeoutError("the send timed out with nothing sent")
-            res: int = req.result
+            if flat:
+                res: int = ch.send_flat(data, destructor, zc, flags)
+            else:
+                res = self._request(data, destructor, zc, flags, deadline)
             if res >= 0:
                 return res
-            if zc and -res in _REFUSALS:
-                # Too much memory pinned (RLIMIT_MEMLOCK, optmem): make room or copy.
-                if self._policy.mode is Mode.AUTO:
-                    self._enobufs_copies += 1
-                    zc = False
-                    continue
-                if refusal_deadline is None and self._enobufs_timeout is not None:
-                    refusal_deadline = time.monotonic() + self._enobufs_timeout
-                self._enobufs_retries += 1
-                if not self._make_room(refusal_deadline):
-                    raise SendBufferError(
-                        -res, f"{os.strerror(-res)}: the kernel kept refusing zero-copy sends"
-                    )
-                continue
-            raise _os_error(res)
+            if not (zc and self._refused(res)):
+                raise _os_error(res)
+            zc = self._policy.mode is not Mode.AUTO
 
-    def _make_room(self, deadline: float | None) -> bool:
-        """Wait for one notification of this socket's (or until ``deadline``)."""
+    def _request(
+        self,
+        iov: IoVec,
+        destructor: FragDestructor | None,
+        zc: bool,
+        flags: int,
+        deadline: float | None,
+    ) -> int:
+        """One request of an iovec, waited for until ``deadline`` (then cancelled:
+        ``TimeoutError`` if nothing was sent); returns its result."""
         ch = self._ch
-        before = ch.completions
-        while ch.completions == before and ch.outstanding:
+        pin = self._pin(iov, destructor, zc)
+        try:
+            req = ch.submit_one(pin, iov.views, zc, flags)
+        except BaseException:
+            pin.release(ch.holder)
+            raise
+        if not ch.wait_result(req, deadline):
+            self._cancel(req)
+            if req.result <= 0:
+                raise TimeoutError("the send timed out with nothing sent")
+        return int(req.result)
+
+    def _refused(self, res: int) -> bool:
+        """A zero-copy request refused for pinned memory (``ENOMEM``/``ENOBUFS``):
+        ``auto`` sends it copied (True); ``always`` waits for a notification and tries
+        again (True), or raises :class:`SendBufferError` after ``enobufs_timeout``.
+        False: another error, for the caller to raise."""
+        if -res not in _REFUSALS:
+            return False
+        if self._policy.mode is Mode.AUTO:
+            self._enobufs_copies += 1
+            self._policy.unsent(time.monotonic())
+            return True
+        if self._refusal_deadline is None and self._enobufs_timeout is not None:
+            self._refusal_deadline = time.monotonic() + self._enobufs_timeout
+        self._enobufs_retries += 1
+        if not self._make_room(self._ch.last_request, self._refusal_deadline):
+            raise SendBufferError(
+                -res, f"{os.strerror(-res)}: the kernel kept refusing zero-copy sends"
+            )
+        return True
+
+    def _make_room(self, refused: Any, deadline: float | None) -> bool:
+        """Wait for one notification of this socket's, after that of the ``refused``
+        request (which frees nothing); when no request of this socket holds pages (the
+        memory is held elsewhere, or this send alone is over the limit), for up to 50 ms
+        (any completion on the ring ends it); until ``deadline`` at most."""
+        ch = self._ch
+
+        def wait() -> bool:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
             self._ring.wait(0.05 if left is None else min(left, 0.05))
+            return True
+
+        while refused is not None and not refused.finished:
+            if not wait():
+                return False
+        before = ch.completions
+        if not ch.outstanding and not wait():
+            return False
+        while ch.completions == before and ch.outstanding:
+            if not wait():
+                return False
         return deadline is None or time.monotonic() < deadline
 
     def _cancel(self, req: Any) -> None:

@@ -280,6 +280,21 @@ class ZeroCopyPolicy:
             return True
         return False  # SEND: COPYING -> COPYING
 
+    def threshold(self) -> int | None:
+        """What :meth:`use_zerocopy` answers now for every size, as one number: sends
+        of at least that many bytes go zero-copy (-1: none). None while ``auto`` copies
+        and probes (each send must then be asked, a probe may fall due).
+
+        Refs: none."""
+        state = self._state
+        if state is _ZEROCOPY:
+            return self._min_size
+        if state is _ALWAYS:
+            return 0
+        if state is _NEVER:
+            return -1
+        return None
+
     def known_copying(self, clock: float) -> None:
         """Before any send: the destination is known to copy (delivered locally, or
         learned by an earlier socket), so ``auto`` starts in ``COPYING`` with the probe
