@@ -32,8 +32,8 @@ and 60000 B (true zero-copy) and TCP veth 64 KiB and 1 MiB, with issue 13's targ
   uring always, pool[, send_many]     ... each send a loan of a BufferPool(register=ring)
                                       spanning 256 MiB, sent whole, released
   uring raw[+pin], fixed[, 1 per enter]   time splits: Channel.submit_one/Ring.submit/
-                                      wait_result driven directly (+pin: pinned as
-                                      UringSocket pins, a FragDestructor each)
+                                      wait_result driven directly (+pin: each send pinned
+                                      in Python, IoVec/Pin, a FragDestructor each)
 
 Every pagefrag and uring row carries a FragDestructor per send; its release latency is
 stamped (perf_counter_ns) in the destructor callback of one send in 32.

@@ -417,25 +417,25 @@ def write(
 
 
 # Issue 13's time splits: from the C floor up to what a program calls, CPU µs per message
-# on the true zero-copy path (each step adds one layer; see runners.run_uring_raw).
+# on the true zero-copy path (the raw rows add one layer each; see runners.run_uring_raw).
 SPLITS = {
     "60000B": [
         ("C io_uring SEND_ZC fixed", "C: 32 SEND_ZC per io_uring_enter, fixed buffer"),
         ("uring raw, fixed", "+ Python calls into the ring (submit_one, submit, wait_result)"),
-        ("uring raw+pin, fixed", "+ each send pinned as UringSocket pins (IoVec, Pin, destructor)"),
-        ("uring always, fixed, send_many", "+ UringSocket.send_many (= what a program calls)"),
+        ("uring raw+pin, fixed", "+ each send pinned in Python (IoVec, Pin, destructor)"),
+        ("uring always, fixed, send_many", "UringSocket.send_many (compiled flat batch)"),
         ("uring always, pool, send_many", "+ a BufferPool loan per send (acquire, release)"),
         ("C MSG_ZEROCOPY", "for comparison: C MSG_ZEROCOPY send() loop"),
         ("C io_uring SEND_ZC fixed, 1 per enter", "C: one SEND_ZC per io_uring_enter"),
         ("uring raw, fixed, 1 per enter", "+ Python calls into the ring"),
-        ("uring always, fixed", "+ UringSocket.send, pinned (= what a program calls)"),
+        ("uring always, fixed", "UringSocket.send (compiled flat send)"),
         ("uring always, pool", "+ a BufferPool loan per send"),
     ],
     "4KiB": [
         ("C copy", "C send() loop (copies)"),
         ("C io_uring SEND", "C: 32 copying SEND per io_uring_enter"),
         ("uring raw, fixed", "Python: 32 SEND_ZC per enter, nothing pinned"),
-        ("uring raw+pin, fixed", "+ pinned as UringSocket pins"),
+        ("uring raw+pin, fixed", "+ pinned in Python (IoVec, Pin, destructor)"),
         ("uring auto, send_many", "UringSocket.send_many, auto (copies 4 KiB)"),
         ("pagefrag auto, send_many", "ZeroCopySocket.send_many, auto (sendmmsg)"),
     ],

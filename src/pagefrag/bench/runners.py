@@ -570,10 +570,11 @@ def run_uring_raw(per_enter: int, pin: bool) -> Runner:
     working set is registered (:func:`fixed_ring`): ``per_enter`` linked
     ``Channel.submit_one`` zero-copy requests, one ``Ring.submit`` (one
     ``io_uring_enter``), each result waited for (``Channel.wait_result``). ``pin``:
-    each request also pins its slice as ``UringSocket`` does (``IoVec.of``,
-    ``IoVec.pin`` with a :class:`FragDestructor` per send, fired by the
-    notification); otherwise it holds nothing (no safety: the floor of the Python
-    calls into the ring). Datagram sockets only."""
+    each request also pins its slice in Python, as ``UringSocket``'s generic path does
+    (``IoVec.of``, ``IoVec.pin`` with a :class:`FragDestructor` per send, fired by the
+    notification; plain buffers take the compiled ``send_flat`` paths instead);
+    otherwise it holds nothing (no safety: the floor of the Python calls into the
+    ring). Datagram sockets only."""
     from .. import _uring
 
     def run(sock: socket.socket, work: Work, seconds: float) -> Run:
