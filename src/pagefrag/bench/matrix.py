@@ -32,8 +32,12 @@ from typing import Any
 from ..testing.netlab import RECEIVER_IP, NetLab, missing_tools
 from . import anchor
 from .runners import (
+    BATCH,
     Run,
     Runner,
+    fixed_ring,
+    pool_fits,
+    registered_pool,
     run_asyncio_streams,
     run_bare_zerocopy,
     run_c,
@@ -41,6 +45,10 @@ from .runners import (
     run_pagefrag_aio,
     run_pagefrag_many,
     run_send,
+    run_uring,
+    run_uring_many,
+    run_uring_pool,
+    run_uring_raw,
     run_zmq,
 )
 from .workset import COLD, HOT, Work, work
@@ -54,12 +62,19 @@ SENDER_CPU, RECEIVER_CPU = 0, 1
 
 @dataclass(frozen=True)
 class Variant:
-    """A way of sending: its runner, its column label in the compact table, and on
-    which paths it runs (``any``, ``stream`` or ``datagram``)."""
+    """A way of sending: its runner, its column label in the compact table, on which
+    paths it runs (``any``, ``stream`` or ``datagram``), and whether it needs io_uring
+    (left out, and said so, where io_uring zero-copy does not work); ``fits``: the
+    cells it can run (a registered pool needs a fixed-buffer slot per buffer);
+    ``prepare``: what it sets up once per cell before the timed rounds (registering
+    memory with a ring)."""
 
     run: Runner
     short: str
     on: str = "any"
+    uring: bool = False
+    fits: Callable[[Work], bool] | None = None  # cells whose work it can send
+    prepare: Callable[[Work], object] | None = None  # before the rounds, untimed
 
 
 def _zmq_placeholder(sock: socket.socket, w: Work, seconds: float) -> Run:
@@ -79,9 +94,48 @@ VARIANTS: dict[str, Variant] = {
     "asyncio streams": Variant(run_asyncio_streams, "asyncio", on="stream"),
     "pagefrag.aio": Variant(run_pagefrag_aio, "pf-aio", on="stream"),
     "pyzmq track": Variant(_zmq_placeholder, "zmq", on="stream"),
+    # issue 13: UringSocket (IORING_OP_SEND_ZC), a FragDestructor per send
+    "uring always": Variant(run_uring("always"), "ur-alw", uring=True),
+    "uring auto": Variant(run_uring("auto"), "ur-auto", uring=True),
+    "uring always, send_many": Variant(run_uring_many("always"), "ur-many", uring=True),
+    "uring auto, send_many": Variant(run_uring_many("auto"), "ur-amany", uring=True),
+    "uring always, fixed": Variant(
+        run_uring("always", fixed=True), "ur-fix", uring=True, prepare=fixed_ring
+    ),
+    "uring always, fixed, send_many": Variant(
+        run_uring_many("always", fixed=True), "ur-fixm", uring=True, prepare=fixed_ring
+    ),
+    "uring always, pool": Variant(
+        run_uring_pool("always"), "ur-pool", uring=True, fits=pool_fits, prepare=registered_pool
+    ),
+    "uring always, pool, send_many": Variant(
+        run_uring_pool("always", many=True),
+        "ur-poolm",
+        uring=True,
+        fits=pool_fits,
+        prepare=registered_pool,
+    ),
+    # time splits: the compiled ring driven directly (raw: nothing pinned; +pin: what
+    # UringSocket pins), from the registered working set
+    "uring raw, fixed, 1 per enter": Variant(
+        run_uring_raw(1, pin=False), "raw1", on="datagram", uring=True, prepare=fixed_ring
+    ),
+    "uring raw, fixed": Variant(
+        run_uring_raw(BATCH, pin=False), "raw32", on="datagram", uring=True, prepare=fixed_ring
+    ),
+    "uring raw+pin, fixed": Variant(
+        run_uring_raw(BATCH, pin=True), "raw32pin", on="datagram", uring=True, prepare=fixed_ring
+    ),
 }
 C_COPY, C_ZEROCOPY = "C copy", "C MSG_ZEROCOPY"
-C_VARIANTS = [C_COPY, C_ZEROCOPY]
+# The anchor's io_uring loops (issue 13): what C reaches through io_uring on this kernel.
+C_URING = {
+    "C io_uring SEND": ("uring-copy", "C-ur"),
+    "C io_uring SEND_ZC": ("uring-zc", "C-urzc"),
+    "C io_uring SEND_ZC fixed": ("uring-fixed", "C-urfix"),
+    "C io_uring SEND_ZC fixed, 1 per enter": ("uring-fixed-1", "C-urfix1"),
+}
+C_VARIANTS = [C_COPY, C_ZEROCOPY, *C_URING]
 # What benchmarks/zerocopy_send.py runs by default (``pagefrag bench`` runs them all).
 ZEROCOPY_SEND = [
     C_COPY,
@@ -94,9 +148,32 @@ ZEROCOPY_SEND = [
     "pagefrag always, no destructor",
     "pagefrag auto, send_many",
 ]
+# What benchmarks/zerocopy_send.py --uring runs (issue 13): both backends on the same
+# cells, the C anchor beside them.
+URING_SEND = [
+    C_COPY,
+    C_ZEROCOPY,
+    *C_URING,
+    "pagefrag always",
+    "pagefrag auto",
+    "pagefrag auto, send_many",
+    "uring always",
+    "uring auto",
+    "uring always, send_many",
+    "uring auto, send_many",
+    "uring always, fixed",
+    "uring always, fixed, send_many",
+    "uring always, pool",
+    "uring always, pool, send_many",
+    "uring raw, fixed, 1 per enter",
+    "uring raw, fixed",
+    "uring raw+pin, fixed",
+]
+# ... on these cells: the true zero-copy path and TCP over veth.
+URING_CELLS = {"UDP true zero-copy": ["4KiB", "60000B"], "TCP veth": ["64KiB", "1MiB"]}
 
 
-C_SHORT = {C_COPY: "C-copy", C_ZEROCOPY: "C-zc"}
+C_SHORT = {C_COPY: "C-copy", C_ZEROCOPY: "C-zc", **{k: v[1] for k, v in C_URING.items()}}
 
 
 def c_variants(binary: FilePath) -> dict[str, Variant]:
@@ -104,6 +181,12 @@ def c_variants(binary: FilePath) -> dict[str, Variant]:
     return {
         C_COPY: Variant(run_c(binary, "copy"), C_SHORT[C_COPY]),
         C_ZEROCOPY: Variant(run_c(binary, "zerocopy"), C_SHORT[C_ZEROCOPY]),
+        **{
+            # datagrams only: a stream would need one request in flight and the rest of
+            # a partial send sent again, which these loops do not do
+            name: Variant(run_c(binary, mode), short, on="datagram", uring=True)
+            for name, (mode, short) in C_URING.items()
+        },
     }
 
 
@@ -265,8 +348,11 @@ def _measure(path: Path, name: str, runner: Runner, w: Work, seconds: float) -> 
     return metrics(run, wall, cpu)
 
 
-def runs_on(path: Path, name: str, variants: dict[str, Variant]) -> bool:
+def runs_on(path: Path, name: str, variants: dict[str, Variant], w: Work | None = None) -> bool:
     on = variants[name].on
+    fits = variants[name].fits
+    if fits is not None and w is not None and not fits(w):
+        return False
     if name == "pyzmq track" and not path.zmq_endpoint:
         return False
     return on == "any" or on == ("stream" if path.stream else "datagram")
@@ -301,13 +387,16 @@ def run_matrix(
     path_names: list[str] | None = None,
     sizes: list[str] | None = None,
     c_anchor: bool = True,
+    cells: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Measure every cell. Returns ``{"results": {path: {size: {workset: {variant:
     metrics}}}}, "left_out": {what: why}, "worksets": [...], "load": ...}``.
 
     ``variants`` defaults to all (the C anchor's when it builds); ``worksets`` to
     ``["256MiB"]`` (add ``"hot"`` for one reused buffer); ``path_names``/``sizes``
-    filter the paths and sizes."""
+    filter the paths and sizes; ``cells`` (path -> sizes) narrows each path's sizes
+    further. The io_uring variants are left out, and said so, where io_uring zero-copy
+    does not work."""
     wanted = list(variants or all_variants())
     unknown = [v for v in wanted if v not in all_variants()]
     if unknown:
@@ -317,6 +406,8 @@ def run_matrix(
         if ws not in (COLD, HOT):
             raise ValueError(f"unknown working set {ws!r}")
     wanted_paths = set(path_names or PATH_KEYS.values())
+    if cells is not None:
+        wanted_paths &= set(cells)
     left_out: dict[str, str] = {}
     load_before = os.getloadavg()
     rng = random.Random(1)
@@ -334,25 +425,60 @@ def run_matrix(
                 wanted = [v for v in wanted if v not in C_VARIANTS]
             else:
                 table = {**c_variants(binary), **table}
+        if any(table[v].uring for v in wanted if v in table):
+            from ..uring import unsupported_reason
+
+            no_uring = unsupported_reason()
+            if no_uring is not None:
+                left_out["io_uring variants"] = no_uring
+                wanted = [v for v in wanted if not (v in table and table[v].uring)]
         if "pyzmq track" in wanted and not _zmq_available():
             left_out["pyzmq track"] = "pyzmq is not installed"
         stack.enter_context(_pinned(SENDER_CPU))
         ps, why = stack.enter_context(paths(veth, wanted_paths, zmq="pyzmq track" in wanted))
         if why is not None:
             left_out["veth paths"] = why
+
+        def measured(path: Path) -> list[str]:
+            return [
+                s
+                for s in path.sizes
+                if (not sizes or s in sizes) and (cells is None or s in cells.get(path.name, []))
+            ]
+
+        for path in ps:  # registrations and the like: never inside a timed cell
+            for size_name in measured(path):
+                for ws in worksets:
+                    w = work(SIZES[size_name], ws)
+                    for name in list(wanted):
+                        prepare = table[name].prepare
+                        if prepare is not None and runs_on(path, name, table, w):
+                            try:
+                                prepare(w)
+                            except OSError as exc:  # e.g. RLIMIT_MEMLOCK without root
+                                left_out[name] = f"could not set up ({exc})"
+                                wanted.remove(name)
         for _ in range(rounds):
             for path in ps:
-                for size_name in path.sizes:
-                    if sizes and size_name not in sizes:
-                        continue
+                for size_name in measured(path):
                     for ws in worksets:
                         w = work(SIZES[size_name], ws)
-                        order = [v for v in wanted if runs_on(path, v, table)]
+                        order = [v for v in wanted if runs_on(path, v, table, w)]
                         rng.shuffle(order)
                         for name in order:
+                            if name in left_out:
+                                continue
                             if progress:
                                 progress(f"{path.name} {size_name} {ws} {name}")
-                            cell = _measure(path, name, table[name].run, w, seconds)
+                            try:
+                                cell = _measure(path, name, table[name].run, w, seconds)
+                            except OSError as exc:
+                                if not table[name].uring:
+                                    raise
+                                # io_uring refusing for good (non-root: RLIMIT_MEMLOCK
+                                # below one request's pages): said so, not measured on
+                                left_out[name] = f"{path.name} {size_name}: {exc}"
+                                continue
                             samples.setdefault((path.name, size_name, ws, name), []).append(cell)
     results: dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]] = {}
     for (path_name, size_name, ws, name), runs in samples.items():

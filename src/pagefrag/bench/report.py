@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .machine import machine
-from .matrix import C_COPY, C_ZEROCOPY, all_variants, short_name
+from .matrix import C_COPY, C_ZEROCOPY, SIZES, all_variants, short_name
 from .workset import COLD
 
 LOOPBACK_NOTE = (
@@ -29,7 +29,15 @@ WORKSET_NOTE = (
 )
 
 # Anchors a pagefrag variant is divided by in the Markdown page's "pagefrag ÷" tables.
-ANCHORS = [C_COPY, C_ZEROCOPY, "socket.send", "bare MSG_ZEROCOPY", "asyncio streams", "pyzmq track"]
+ANCHORS = [
+    C_COPY,
+    C_ZEROCOPY,
+    "C io_uring SEND_ZC fixed",
+    "socket.send",
+    "bare MSG_ZEROCOPY",
+    "asyncio streams",
+    "pyzmq track",
+]
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,25 @@ RATIOS: dict[str, Ratio] = {
         Ratio("pagefrag always, no destructor", C_ZEROCOPY, "nod/Czc"),
         Ratio("bare MSG_ZEROCOPY", C_ZEROCOPY, "bare/Czc"),
         Ratio("pagefrag auto, send_many", C_COPY, "many/Ccopy"),
+        # issue 13: the io_uring backend beside the C anchor and the MSG_ZEROCOPY backend
+        Ratio("uring always, fixed", C_ZEROCOPY, "ufix/Czc"),
+        Ratio("uring always, fixed", C_COPY, "ufix/Ccopy"),
+        Ratio("uring always, fixed, send_many", C_ZEROCOPY, "ufixm/Czc"),
+        Ratio("uring always, fixed, send_many", C_COPY, "ufxm/Ccopy"),
+        Ratio("uring always", C_ZEROCOPY, "ualw/Czc"),
+        Ratio("uring auto, send_many", C_COPY, "uam/Ccopy"),
+        Ratio("uring always, send_many", C_COPY, "um/Ccopy"),
+        Ratio("uring always", "pagefrag always", "ualw/alw"),
+        Ratio("uring auto", "pagefrag auto", "uauto/auto"),
+        Ratio("uring always, pool", C_ZEROCOPY, "upool/Czc"),
+        Ratio("uring always, pool", C_COPY, "upool/Ccp"),
+        Ratio("uring always, pool, send_many", C_ZEROCOPY, "upoolm/Czc"),
+        Ratio("uring always, pool, send_many", C_COPY, "upoolm/Ccp"),
+        # what C itself reaches through io_uring here, and how near the Python rows come
+        Ratio("C io_uring SEND_ZC fixed", C_ZEROCOPY, "Curfix/Czc"),
+        Ratio("C io_uring SEND", C_COPY, "Cur/Ccopy"),
+        Ratio("uring always, fixed, send_many", "C io_uring SEND_ZC fixed", "ufixm/Curf"),
+        Ratio("uring always, fixed", "C io_uring SEND_ZC fixed, 1 per enter", "ufix/Curf1"),
     )
 }
 
@@ -63,6 +90,7 @@ class Target:
     size: str
     workset: str
     at_least: float
+    issue: int = 12
 
 
 UDP = "UDP true zero-copy"
@@ -74,6 +102,25 @@ TARGETS = [
     Target("pagefrag auto / C MSG_ZEROCOPY", UDP, "60000B", COLD, 0.9),
     Target("pagefrag auto / socket.send", UDP, "4KiB", COLD, 0.95),
     Target("pagefrag auto, send_many / C copy", UDP, "4KiB", COLD, 1.0),
+]
+TCP_VETH = "TCP veth"
+# Issue 13's targets for UringSocket, a destructor per send: 60000 B datagrams from
+# registered buffers — a registered BufferPool's (a loan per send) and, to tell the pool's
+# cost from the ring's, slices of a working set registered whole — sent one per
+# io_uring_enter (send) and in linked batches of 32 (send_many); 4 KiB datagrams in
+# batches; TCP over veth beside the MSG_ZEROCOPY backend (ZeroCopySocket), same mode.
+URING_TARGETS = [
+    Target("uring always, pool / C MSG_ZEROCOPY", UDP, "60000B", COLD, 1.0, 13),
+    Target("uring always, pool / C copy", UDP, "60000B", COLD, 1.9, 13),
+    Target("uring always, pool, send_many / C MSG_ZEROCOPY", UDP, "60000B", COLD, 1.0, 13),
+    Target("uring always, pool, send_many / C copy", UDP, "60000B", COLD, 1.9, 13),
+    Target("uring always, fixed / C MSG_ZEROCOPY", UDP, "60000B", COLD, 1.0, 13),
+    Target("uring always, fixed / C copy", UDP, "60000B", COLD, 1.9, 13),
+    Target("uring always, fixed, send_many / C MSG_ZEROCOPY", UDP, "60000B", COLD, 1.0, 13),
+    Target("uring always, fixed, send_many / C copy", UDP, "60000B", COLD, 1.9, 13),
+    Target("uring auto, send_many / C copy", UDP, "4KiB", COLD, 1.2, 13),
+    Target("uring always / pagefrag always", TCP_VETH, "64KiB", COLD, 1.0, 13),
+    Target("uring always / pagefrag always", TCP_VETH, "1MiB", COLD, 1.0, 13),
 ]
 
 
@@ -90,7 +137,7 @@ def pagefrag_ratios(cells: dict[str, dict[str, Any]]) -> dict[str, dict[str, flo
     """pagefrag variant -> anchor -> throughput ratio."""
     out: dict[str, dict[str, float]] = {}
     for pf in cells:
-        if pf.startswith("pagefrag"):
+        if pf.startswith(("pagefrag", "uring")):
             out[pf] = {
                 a: cells[pf]["gbps"] / cells[a]["gbps"]
                 for a in ANCHORS
@@ -99,19 +146,36 @@ def pagefrag_ratios(cells: dict[str, dict[str, Any]]) -> dict[str, dict[str, flo
     return out
 
 
-def build(data: dict[str, Any], seconds: float, rounds: int) -> dict[str, Any]:
+def _measured(data: dict[str, Any]) -> set[str]:
+    return {
+        v
+        for by_size in data["results"].values()
+        for by_ws in by_size.values()
+        for cells in by_ws.values()
+        for v in cells
+    }
+
+
+def build(
+    data: dict[str, Any], seconds: float, rounds: int, targets: list[Target] | None = None
+) -> dict[str, Any]:
     """The whole report of a :func:`~.matrix.run_matrix` result: machine, settings,
-    results, ratios per cell, and each target with its measured value."""
+    results, ratios per cell, and each target with its measured value. ``targets``
+    defaults to issue 12's, and issue 13's too when an io_uring variant was measured."""
+    if targets is None:
+        uring = any(v.startswith("uring") for v in _measured(data))
+        targets = TARGETS + (URING_TARGETS if uring else [])
     ratios: dict[str, Any] = {}
     for path, by_size in data["results"].items():
         for size, by_ws in by_size.items():
             for ws, cells in by_ws.items():
                 ratios.setdefault(path, {}).setdefault(size, {})[ws] = cell_ratios(cells)
-    targets = []
-    for t in TARGETS:
+    checked = []
+    for t in targets:
         value = ratios.get(t.path, {}).get(t.size, {}).get(t.workset, {}).get(t.ratio)
-        targets.append(
+        checked.append(
             {
+                "issue": t.issue,
                 "ratio": t.ratio,
                 "cell": f"{t.path} {t.size} {t.workset}",
                 "at_least": t.at_least,
@@ -125,7 +189,7 @@ def build(data: dict[str, Any], seconds: float, rounds: int) -> dict[str, Any]:
         "rounds": rounds,
         **data,
         "ratios": ratios,
-        "targets": targets,
+        "targets": checked,
     }
 
 
@@ -167,6 +231,19 @@ def table(report: dict[str, Any]) -> str:
             f"{path:<19} {size:<6} {ws:<6}"
             + "".join(f"{cells[v]['gbps']:>9.2f}" if v in cells else f"{'-':>9}" for v in variants)
         )
+    lines += ["", "CPU µs per message (this process, or the C anchor's)"]
+    lines.append(head + "".join(f"{short_name(v):>9}" for v in variants))
+    for path, size, ws, cells in rows:
+        nbytes = SIZES[size]
+        lines.append(
+            f"{path:<19} {size:<6} {ws:<6}"
+            + "".join(
+                f"{cells[v]['cpu_s_per_gb'] * nbytes / 1e3:>9.2f}"
+                if v in cells and cells[v]["cpu_s_per_gb"] is not None
+                else f"{'-':>9}"
+                for v in variants
+            )
+        )
     lines += ["", "ratios (GB/s over GB/s)", head + "".join(f"{_rs(n):>11}" for n in ratio_names)]
     for row in rows:
         rs = _ratios_of(report, row)
@@ -174,8 +251,11 @@ def table(report: dict[str, Any]) -> str:
             f"{row[0]:<19} {row[1]:<6} {row[2]:<6}"
             + "".join(f"{rs[n]:>11.2f}" if n in rs else f"{'-':>11}" for n in ratio_names)
         )
-    lines += ["", "targets (issue 12)"]
+    issue = None
     for t in report["targets"]:
+        if t.get("issue", 12) != issue:
+            issue = t.get("issue", 12)
+            lines += ["", f"targets (issue {issue})"]
         value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
         verdict = "" if t["met"] is None else ("  met" if t["met"] else "  MISSED")
         lines.append(f"  {t['ratio']} >= {t['at_least']} ({t['cell']}): {value}{verdict}")
@@ -198,12 +278,15 @@ def _ratios_of(report: dict[str, Any], row: tuple[str, str, str, Any]) -> dict[s
     return found
 
 
-def markdown(report: dict[str, Any], charts: list[str] | None = None) -> str:
-    """The results page; ``charts`` are image paths relative to where it is written."""
+def markdown(
+    report: dict[str, Any], charts: list[str] | None = None, command: str = "pagefrag bench"
+) -> str:
+    """The results page; ``charts`` are image paths relative to where it is written;
+    ``command``: what generated it."""
     lines = [
         "# pagefrag bench",
         "",
-        "Generated by `pagefrag bench`: pagefrag beside a C send loop (copying and "
+        f"Generated by `{command}`: pagefrag beside a C send loop (copying and "
         "`MSG_ZEROCOPY`, benchmarks/zc_anchor.c), plain `socket.send`, a bare Python "
         "`MSG_ZEROCOPY` loop, asyncio streams and pyzmq `send(copy=False, track=True)` "
         "(waiting on its `MessageTracker`), on the same work in the same run. Release "
@@ -221,13 +304,18 @@ def markdown(report: dict[str, Any], charts: list[str] | None = None) -> str:
     ]
     for what, why in report.get("left_out", {}).items():
         lines += [f"Left out: {what} ({why}).", ""]
-    lines += [
-        "## Targets (issue 12)",
-        "",
-        "| ratio | cell | target | measured |",
-        "|---|---|---:|---:|",
-    ]
+    issue = None
     for t in report["targets"]:
+        if t.get("issue", 12) != issue:
+            if issue is not None:
+                lines.append("")
+            issue = t.get("issue", 12)
+            lines += [
+                f"## Targets (issue {issue})",
+                "",
+                "| ratio | cell | target | measured |",
+                "|---|---|---:|---:|",
+            ]
         value = "-" if t["value"] is None else f"{t['value']:.2f}"
         verdict = "" if t["met"] is None else (" met" if t["met"] else " missed")
         lines.append(f"| {t['ratio']} | {t['cell']} | ≥ {t['at_least']} | {value}{verdict} |")
@@ -326,3 +414,71 @@ def write(
         page.write_text(markdown(report, rel))
         files.append(page)
     return files
+
+
+# Issue 13's time splits: from the C floor up to what a program calls, CPU µs per message
+# on the true zero-copy path (the raw rows add one layer each; see runners.run_uring_raw).
+SPLITS = {
+    "60000B": [
+        ("C io_uring SEND_ZC fixed", "C: 32 SEND_ZC per io_uring_enter, fixed buffer"),
+        ("uring raw, fixed", "+ Python calls into the ring (submit_one, submit, wait_result)"),
+        ("uring raw+pin, fixed", "+ each send pinned in Python (IoVec, Pin, destructor)"),
+        ("uring always, fixed, send_many", "UringSocket.send_many (compiled flat batch)"),
+        ("uring always, pool, send_many", "send_many of registered pool loans (generic path)"),
+        ("C MSG_ZEROCOPY", "for comparison: C MSG_ZEROCOPY send() loop"),
+        ("C io_uring SEND_ZC fixed, 1 per enter", "C: one SEND_ZC per io_uring_enter"),
+        ("uring raw, fixed, 1 per enter", "+ Python calls into the ring"),
+        ("uring always, fixed", "UringSocket.send (compiled flat send)"),
+        ("uring always, pool", "send of a registered BufferPool loan (generic path)"),
+    ],
+    "4KiB": [
+        ("C copy", "C send() loop (copies)"),
+        ("C io_uring SEND", "C: 32 copying SEND per io_uring_enter"),
+        ("uring raw, fixed", "Python: 32 SEND_ZC per enter, nothing pinned"),
+        ("uring raw+pin, fixed", "+ pinned in Python (IoVec, Pin, destructor)"),
+        ("uring auto, send_many", "UringSocket.send_many, auto (copies 4 KiB)"),
+        ("pagefrag auto, send_many", "ZeroCopySocket.send_many, auto (sendmmsg)"),
+    ],
+}
+# Release latency, both backends side by side: (MSG_ZEROCOPY row, io_uring row).
+LATENCY_PAIRS = [
+    ("pagefrag always", "uring always"),
+    ("pagefrag auto", "uring auto"),
+    ("pagefrag auto, send_many", "uring auto, send_many"),
+]
+
+
+def splits_markdown(report: dict[str, Any]) -> str:
+    """Issue 13's time splits (CPU µs per message, with the GB/s of each row) and the
+    release latencies of both backends side by side, as Markdown tables."""
+    lines = [
+        "| size | step | row | CPU µs per message | GB/s |",
+        "|---|---|---|---:|---:|",
+    ]
+    udp = report["results"].get(UDP, {})
+    for size, steps in SPLITS.items():
+        cells = udp.get(size, {}).get(COLD, {})
+        for name, what in steps:
+            m = cells.get(name)
+            if m is None or m["cpu_s_per_gb"] is None:
+                continue
+            cpu_us = m["cpu_s_per_gb"] * SIZES[size] / 1e3
+            lines.append(f"| {size} | {what} | {name} | {cpu_us:.2f} | {m['gbps']:.2f} |")
+    lines += [
+        "",
+        "| path | size | MSG_ZEROCOPY row | p50 µs | p99 µs | io_uring row | p50 µs | p99 µs |",
+        "|---|---|---|---:|---:|---|---:|---:|",
+    ]
+    for path, by_size in report["results"].items():
+        for size, by_ws in by_size.items():
+            cells = by_ws.get(COLD, {})
+            for zc, ur in LATENCY_PAIRS:
+                a, b = cells.get(zc), cells.get(ur)
+                if a is None or b is None or b["release_p50_us"] is None:
+                    continue
+                lines.append(
+                    f"| {path} | {size} | {zc} | {_num(a['release_p50_us'])} | "
+                    f"{_num(a['release_p99_us'])} | {ur} | {_num(b['release_p50_us'])} | "
+                    f"{_num(b['release_p99_us'])} |"
+                )
+    return "\n".join(lines)

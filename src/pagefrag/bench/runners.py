@@ -16,18 +16,21 @@ import asyncio
 import contextlib
 import errno
 import json
+import os
 import select
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import cycle, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .._destructor import FragDestructor
-from ..zerocopy import ZeroCopySocket
+from .._iov import IoVec
+from ..pool import BufferPool, PoolBuffer, PoolExhaustedError
+from ..zerocopy import ZeroCopySocket, ZeroCopyStats
 from ..zerocopy._syscalls import (
     ERRQUEUE_ANCBUF,
     MSG_DONTWAIT,
@@ -38,9 +41,13 @@ from ..zerocopy._syscalls import (
 from .workset import Work
 
 now = time.perf_counter
+now_ns = time.perf_counter_ns
 SO_EE_ORIGIN_ZEROCOPY = 5
 BATCH = 32  # sends between clock reads and (zero-copy loops) completion reads
 DRAIN_LIMIT = 30.0  # seconds a runner waits for its last completions
+# seconds an io_uring row waits for notifications when the kernel refuses to pin more
+# (ENOMEM: RLIMIT_MEMLOCK without CAP_IPC_LOCK), then gives up (SendBufferError)
+ENOBUFS_LIMIT = 5.0
 _U32 = 0xFFFFFFFF
 
 
@@ -68,10 +75,11 @@ def _released(data: object) -> None:
     is nothing to give back (a program would return it to its pool here)."""
 
 
-def _stamp(data: tuple[list[float], float]) -> None:
-    """The ``destroy`` of a timed send: record the time since the send began."""
+def _stamp(data: tuple[list[float], int]) -> None:
+    """The ``destroy`` of a timed send: record the time (seconds, from
+    ``perf_counter_ns`` stamps) since the send began."""
     latencies, start = data
-    latencies.append(now() - start)
+    latencies.append((now_ns() - start) * 1e-9)
 
 
 def run_send(sock: socket.socket, work: Work, seconds: float) -> Run:
@@ -168,14 +176,31 @@ def run_bare_zerocopy(sock: socket.socket, work: Work, seconds: float) -> Run:
     return r
 
 
-Batch = Callable[[ZeroCopySocket, Iterator[memoryview], list[float]], int]
-"""Sends one batch of :data:`BATCH` slices from the cycle; returns the bytes taken."""
+class Sender(Protocol):
+    """What the pagefrag runners drive: :class:`ZeroCopySocket` or
+    :class:`~pagefrag.uring.UringSocket` (the same surface)."""
+
+    def send(self, data: Any, *, destructor: FragDestructor | None = None) -> int: ...
+    def send_many(
+        self, items: Sequence[Any], *, destructors: Sequence[FragDestructor | None] | None = ...
+    ) -> int: ...
+    def flush(self, timeout: float | None = None) -> None: ...
+    def abort(self, timeout: float | None = ...) -> None: ...
+    def close(self, timeout: float | None = None) -> None: ...
+    def poll_completions(self, timeout: float | None = 0) -> int: ...
+    @property
+    def stats(self) -> ZeroCopyStats: ...
 
 
-def _sends(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]) -> int:
+Batch = Callable[[Any, Iterator[memoryview], list[float]], int]
+"""Sends one batch of :data:`BATCH` slices from the cycle through a :class:`Sender`;
+returns the bytes taken."""
+
+
+def _sends(zs: Sender, views: Iterator[memoryview], lat: list[float]) -> int:
     nbytes = 0
     send = zs.send
-    d = FragDestructor(_stamp, (lat, now()))
+    d = FragDestructor(_stamp, (lat, now_ns()))
     nbytes += send(next(views), destructor=d)
     d.unref()
     for view in islice(views, BATCH - 1):
@@ -185,7 +210,7 @@ def _sends(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]) ->
     return nbytes
 
 
-def _sends_bare(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]) -> int:
+def _sends_bare(zs: Sender, views: Iterator[memoryview], lat: list[float]) -> int:
     nbytes = 0
     send = zs.send
     for view in islice(views, BATCH):
@@ -193,9 +218,9 @@ def _sends_bare(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float
     return nbytes
 
 
-def _send_many(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]) -> int:
+def _send_many(zs: Sender, views: Iterator[memoryview], lat: list[float]) -> int:
     items = list(islice(views, BATCH))
-    ds = [FragDestructor(_stamp, (lat, now()))]
+    ds = [FragDestructor(_stamp, (lat, now_ns()))]
     ds += [FragDestructor(_released) for _ in range(BATCH - 1)]
     zs.send_many(items, destructors=ds)
     for d in ds:
@@ -203,20 +228,38 @@ def _send_many(zs: ZeroCopySocket, views: Iterator[memoryview], lat: list[float]
     return sum(map(len, items))
 
 
-def _zerocopy_socket(mode: str, batch: Batch) -> Runner:
-    """A runner: ``ZeroCopySocket(zerocopy=mode)``, ``batch`` until the time is up, then
-    every completion read (or, interrupted, an abort that does not wait)."""
+Step = Callable[[list[float]], int]
+"""Sends one batch of :data:`BATCH` messages; returns the bytes taken."""
+
+
+def _cycling(batch: Batch) -> Callable[[Sender, Work], Step]:
+    """Steps of ``batch`` over the slices of the working set, in turn."""
+
+    def steps(zs: Sender, work: Work) -> Step:
+        views = cycle(work.views)
+        return lambda lat: batch(zs, views, lat)
+
+    return steps
+
+
+def _tracked(
+    open_sender: Callable[[socket.socket, Work], Sender],
+    steps: Callable[[Sender, Work], Step],
+) -> Runner:
+    """A runner: the :class:`Sender` ``open_sender`` wraps the socket in, its ``steps``
+    until the time is up, then every completion read (or, interrupted, an abort that
+    does not wait)."""
 
     def run(sock: socket.socket, work: Work, seconds: float) -> Run:
-        zs = ZeroCopySocket(sock, zerocopy=mode)
+        zs = open_sender(sock, work)
         r = Run()
-        views = cycle(work.views)
+        step = steps(zs, work)
         nbytes = calls = 0
         done = False
         try:
             end = now() + seconds
             while True:
-                nbytes += batch(zs, views, r.latencies)
+                nbytes += step(r.latencies)
                 calls += BATCH
                 if now() >= end:
                     break
@@ -238,6 +281,10 @@ def _zerocopy_socket(mode: str, batch: Batch) -> Runner:
     return run
 
 
+def _zerocopy_socket(mode: str, batch: Batch) -> Runner:
+    return _tracked(lambda sock, work: ZeroCopySocket(sock, zerocopy=mode), _cycling(batch))
+
+
 def run_pagefrag(mode: str, destructor: bool = True) -> Runner:
     """``ZeroCopySocket(zerocopy=mode).send``, with a :class:`FragDestructor` per send
     (fired by the kernel's completion) or, ``destructor=False``, none."""
@@ -249,6 +296,49 @@ def run_pagefrag_many(mode: str) -> Runner:
     :class:`FragDestructor` per item (datagrams: one ``sendmmsg`` per batch with the
     compiled core; a stream: one iovec)."""
     return _zerocopy_socket(mode, _send_many)
+
+
+_fixed: dict[int, Any] = {}  # id of the working-set buffer -> a ring with it registered
+
+
+def fixed_ring(work: Work) -> Any:
+    """A ring of its own (made once per process) on which ``work``'s whole working set
+    is one registered (fixed) buffer: sends of its slices go with
+    ``IORING_RECVSEND_FIXED_BUF``, their pages pinned once, at registration. Kept apart
+    from the default ring so that the other io_uring rows pin their pages per send."""
+    from ..uring import new_ring
+
+    base = work.views[0].obj
+    key = id(base)
+    if key not in _fixed:
+        ring = new_ring()
+        ring.register_buffer(memoryview(base).cast("B"))
+        _fixed[key] = ring
+    return _fixed[key]
+
+
+def _uring_socket(mode: str, batch: Batch, fixed: bool) -> Runner:
+    from ..uring import UringSocket
+
+    def open_sender(sock: socket.socket, work: Work) -> Sender:
+        ring = fixed_ring(work) if fixed else None
+        return UringSocket(sock, zerocopy=mode, ring=ring, enobufs_timeout=ENOBUFS_LIMIT)
+
+    return _tracked(open_sender, _cycling(batch))
+
+
+def run_uring(mode: str, fixed: bool = False) -> Runner:
+    """``UringSocket(zerocopy=mode).send`` (one ``io_uring_enter`` per send), a
+    :class:`FragDestructor` per send, fired by the request's notification CQE.
+    ``fixed``: the working set is a registered buffer of the socket's ring."""
+    return _uring_socket(mode, _sends, fixed)
+
+
+def run_uring_many(mode: str, fixed: bool = False) -> Runner:
+    """``UringSocket(zerocopy=mode).send_many`` of batches of 32 slices, a
+    :class:`FragDestructor` per item (datagrams: one linked batch, one
+    ``io_uring_enter``; a stream: one iovec)."""
+    return _uring_socket(mode, _send_many, fixed)
 
 
 def run_asyncio_streams(sock: socket.socket, work: Work, seconds: float) -> Run:
@@ -353,7 +443,8 @@ def run_zmq(endpoint: str, work: Work, seconds: float) -> Run:
 
 def run_c(binary: Path, mode: str) -> Runner:
     """The C anchor (benchmarks/zc_anchor.c, built by :mod:`.anchor`) in a child
-    process, on the caller's socket (inherited): ``mode`` ``copy`` or ``zerocopy``.
+    process, on the caller's socket (inherited): ``mode`` ``copy``, ``zerocopy``, or
+    one of the io_uring loops (``uring-copy``, ``uring-zc``, ``uring-fixed[-N]``).
     The child measures its own wall and CPU time; it runs on the caller's core."""
 
     def run(sock: socket.socket, work: Work, seconds: float) -> Run:
@@ -375,5 +466,160 @@ def run_c(binary: Path, mode: str) -> Runner:
             cpu=d["cpu_s"],
             wall=d["wall_s"],
         )
+
+    return run
+
+
+_pools: dict[int, BufferPool] = {}  # buffer size -> a registered pool spanning the working set
+
+
+def registered_pool(work: Work) -> BufferPool:
+    """A :class:`BufferPool` (made once per process and size) of ``work.workset //
+    work.size`` buffers of ``work.size`` bytes — as much distinct memory as the working
+    set — registered as fixed buffers of a ring of its own (``register=ring``)."""
+    from ..uring import new_ring
+
+    if work.size not in _pools:
+        count = max(1, work.workset // work.size)
+        _pools[work.size] = BufferPool(work.size, count, register=new_ring())
+    return _pools[work.size]
+
+
+def pool_fits(work: Work) -> bool:
+    """Whether a registered pool can span ``work``'s working set (one fixed-buffer slot
+    per buffer, at most ``MAX_FIXED_BUFFERS``)."""
+    from .._uring import MAX_FIXED_BUFFERS
+
+    return work.workset // work.size <= MAX_FIXED_BUFFERS
+
+
+def _acquire(pool: BufferPool, zs: Sender) -> PoolBuffer:
+    """A free buffer; none free: reap this socket's notifications (the pool's buffers
+    come back on them) and ask again, up to :data:`DRAIN_LIMIT`."""
+    try:
+        return pool.acquire(timeout=0)
+    except PoolExhaustedError:
+        limit = now() + DRAIN_LIMIT
+        while True:
+            zs.poll_completions(0.01)
+            try:
+                return pool.acquire(timeout=0)
+            except PoolExhaustedError:
+                if now() > limit:
+                    raise
+
+
+def _pool_steps(many: bool) -> Callable[[Sender, Work], Step]:
+    """Each send takes a free buffer of the registered pool (its destructor, fresh per
+    loan, held by the send until the notification), sends all of it and releases it: it
+    returns to the pool when the kernel lets go. The timed send also carries a stamping
+    :class:`FragDestructor` (``destructor=``; not with ``send_many`` on a stream, whose
+    items go as one iovec: no release latency there)."""
+
+    def steps(zs: Sender, work: Work) -> Step:
+        pool = registered_pool(work)
+        size = work.size
+        stream = zs.socket.type == socket.SOCK_STREAM  # type: ignore[attr-defined]
+
+        def sends(lat: list[float]) -> int:
+            send = zs.send
+            buf = _acquire(pool, zs)
+            d = FragDestructor(_stamp, (lat, now_ns()))
+            nbytes = send(buf, destructor=d)
+            d.unref()
+            buf.release()
+            for _ in range(BATCH - 1):
+                buf = _acquire(pool, zs)
+                nbytes += send(buf)
+                buf.release()
+            return nbytes
+
+        def send_many(lat: list[float]) -> int:
+            bufs = [_acquire(pool, zs) for _ in range(BATCH)]
+            if stream:  # one iovec: an item with a destructor of its own takes no other
+                zs.send_many(bufs)
+            else:
+                d = FragDestructor(_stamp, (lat, now_ns()))
+                zs.send_many(bufs, destructors=[d] + [None] * (BATCH - 1))
+                d.unref()
+            for buf in bufs:
+                buf.release()
+            return BATCH * size
+
+        return send_many if many else sends
+
+    return steps
+
+
+def run_uring_pool(mode: str, many: bool = False) -> Runner:
+    """``UringSocket(zerocopy=mode)`` on the ring of a registered :class:`BufferPool`
+    (:func:`registered_pool`): every send (``many``: ``send_many`` of 32) is a whole
+    pool buffer, a fixed buffer (``IORING_RECVSEND_FIXED_BUF``), with the buffer's own
+    destructor held until the notification."""
+    from ..uring import UringSocket
+
+    def open_sender(sock: socket.socket, work: Work) -> Sender:
+        ring = registered_pool(work).ring
+        return UringSocket(sock, zerocopy=mode, ring=ring, enobufs_timeout=ENOBUFS_LIMIT)
+
+    return _tracked(open_sender, _pool_steps(many))
+
+
+def run_uring_raw(per_enter: int, pin: bool) -> Runner:
+    """The time-split rows: the compiled ring driven directly, on the ring where the
+    working set is registered (:func:`fixed_ring`): ``per_enter`` linked
+    ``Channel.submit_one`` zero-copy requests, one ``Ring.submit`` (one
+    ``io_uring_enter``), each result waited for (``Channel.wait_result``). ``pin``:
+    each request also pins its slice in Python, as ``UringSocket``'s generic path does
+    (``IoVec.of``, ``IoVec.pin`` with a :class:`FragDestructor` per send, fired by the
+    notification; plain buffers take the compiled ``send_flat`` paths instead);
+    otherwise it holds nothing (no safety: the floor of the Python calls into the
+    ring). Datagram sockets only."""
+    from .. import _uring
+
+    def run(sock: socket.socket, work: Work, seconds: float) -> Run:
+        ring = fixed_ring(work)
+        ch = _uring.Channel(ring, sock.fileno(), False)
+        submit_one, wait_result = ch.submit_one, ch.wait_result
+        r = Run()
+        lat = r.latencies
+        views = cycle(work.views)
+        nbytes = calls = 0
+        last = per_enter - 1
+        try:
+            end = now() + seconds
+            while True:
+                for _ in range(BATCH // per_enter):
+                    reqs = []
+                    for k, view in enumerate(islice(views, per_enter)):
+                        if pin:
+                            d = (
+                                FragDestructor(_stamp, (lat, now_ns()))
+                                if k == 0
+                                else FragDestructor(_released)
+                            )
+                            iov = IoVec.of(view)
+                            reqs.append(
+                                submit_one(iov.pin(ch.holder, d), iov.views, True, 0, k < last)
+                            )
+                            d.unref()
+                        else:
+                            reqs.append(submit_one(None, [view], True, 0, k < last))
+                    ring.submit()
+                    for req in reqs:
+                        wait_result(req, None)
+                        if req.result < 0:
+                            raise OSError(-req.result, os.strerror(-req.result))
+                        nbytes += req.result
+                calls += BATCH
+                if now() >= end:
+                    break
+        finally:
+            # Pins (if any) are released only by notifications: wait for them all.
+            ch.wait_all(time.monotonic() + DRAIN_LIMIT)
+        r.bytes, r.messages = nbytes, calls
+        r.zerocopy_calls = ch.zerocopy_sends
+        r.completions, r.copied = ch.completions, ch.copied_completions
+        return r
 
     return run
