@@ -1315,3 +1315,44 @@ def test_a_ring_refuses_close_while_a_thread_waits_on_it() -> None:
         waiting.join(10)
     ring.close()
     assert ring.closed
+
+
+@needs_uring
+def test_pool_buffers_take_the_flat_path_and_come_back_after_their_notifications() -> None:
+    """A PoolBuffer without a destructor of its own goes as its memory and its
+    destructor (one reference, registered: a fixed buffer); it returns to the pool only
+    once the ring has its notification. A released one is refused before anything."""
+    from pagefrag import BufferPool
+    from pagefrag.errors import BufferReleasedError
+
+    ring = new_ring(16, 64)
+    pool = BufferPool(30000, 4, register=ring)
+    tx, rx = udp_pair()
+    us = UringSocket(tx, zerocopy="always", ring=ring)
+    with closing_all(us, rx):
+        bufs = [pool.acquire() for _ in range(4)]
+        for i, b in enumerate(bufs):
+            b.data[:] = bytes([97 + i]) * len(b)
+            assert ring.fixed_index(b.data) >= 0
+        assert us.send_many(bufs[:3]) == 3
+        assert us.send(bufs[3]) == 30000
+        for b in bufs:
+            b.release()
+        us.flush(timeout=30)
+        assert pool.free == 4
+        st = us.stats
+        assert st.zerocopy_sends == st.completions == 4
+        assert read_datagrams(rx, 4) == [bytes([97 + i]) * 30000 for i in range(4)]
+        with pytest.raises(BufferReleasedError):
+            us.send_many([bufs[0]])
+        with pytest.raises(BufferReleasedError):
+            us.send(bufs[0])
+        assert ring.in_flight == 0 and us.stats.sends == 4
+        # With a destructor of its own too: the general path holds both.
+        extra = FragDestructor()
+        b = pool.acquire()
+        assert us.send_many([b], destructors=[extra]) == 1
+        b.release()
+        extra.unref()
+        us.flush(timeout=30)
+        assert extra.done and pool.free == 4

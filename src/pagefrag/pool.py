@@ -86,6 +86,15 @@ class PoolBuffer:
             self._mem, offset, len(self._mem) - offset if size is None else size, self.destructor
         )
 
+    def parts(self) -> tuple[bytearray, FragDestructor]:
+        """The whole buffer's memory and its destructor, for a send that holds one
+        reference on it (the io_uring fast path). Raises :class:`BufferReleasedError`
+        once released.
+
+        Refs: none (the send takes its own)."""
+        self._check()
+        return self._mem, self.destructor
+
     def release(self) -> None:
         """Drop the holder's reference: the buffer returns once every write is released.
         From now on the buffer refuses access. Releasing twice raises

@@ -55,6 +55,7 @@ from ..errors import (
     QueuedSocketError,
     SendBufferError,
 )
+from ..pool import PoolBuffer
 from ..zerocopy._deadline import acquire_within, deadline_after
 from ..zerocopy._items import batch_destructors, datagram_iovecs, stream_iovec
 from ..zerocopy._sender import ZeroCopyStats, count_sent
@@ -86,6 +87,23 @@ def _flat(data: object) -> bool:
     if kind is bytes or kind is bytearray:
         return True
     return kind is memoryview and data.ndim == 1 and data.format == "B" and data.c_contiguous  # type: ignore[attr-defined]
+
+
+def _flatten(items: list[Any], ds: list[FragDestructor | None]) -> bool:
+    """Whether every item can take the compiled flat path; if so, each pool buffer
+    without a destructor of its own in ``ds`` becomes its memory and its destructor (in
+    place). Nothing changes when one cannot."""
+    pool = [i for i, item in enumerate(items) if type(item) is PoolBuffer]
+    if any(ds[i] is not None for i in pool):
+        return False  # two destructors for one item: the general path
+    if len(pool) < len(items) and not all(
+        map(_flat, (item for item in items if type(item) is not PoolBuffer))
+    ):
+        return False
+    parts = [items[i].parts() for i in pool]  # BufferReleasedError before any change
+    for i, (mem, own) in zip(pool, parts, strict=True):
+        items[i], ds[i] = mem, own
+    return True
 
 
 def _nbytes(data: Any) -> int:
@@ -159,6 +177,9 @@ class UringSocket:
             self._check_usable()
             if _flat(data):
                 return self._call(data, destructor, 0, None)
+            if type(data) is PoolBuffer and destructor is None:
+                mem, own = data.parts()  # one buffer, one destructor: the flat path
+                return self._call(mem, own, 0, None)
             iov = IoVec.of(data)
             if self._stream:
                 iov = iov.first(IOV_MAX)
@@ -227,10 +248,9 @@ class UringSocket:
             if self._stream:
                 self._sendall(stream_iovec(listed, ds), None, deadline)
                 return len(listed)
-            flat = deadline is None and all(map(_flat, listed))
-            return self._send_datagrams(
-                listed if flat else datagram_iovecs(listed), ds, deadline, flat=flat
-            )
+            if deadline is None and _flatten(listed, ds):
+                return self._send_datagrams(listed, ds, None, flat=True)
+            return self._send_datagrams(datagram_iovecs(listed), ds, deadline, flat=False)
 
     def _send_datagrams(
         self,
