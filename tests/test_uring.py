@@ -1356,3 +1356,52 @@ def test_pool_buffers_take_the_flat_path_and_come_back_after_their_notifications
         extra.unref()
         us.flush(timeout=30)
         assert extra.done and pool.free == 4
+
+
+def _big_stream_send_over_the_limit(client: socket.socket, server: socket.socket) -> dict[str, Any]:
+    """In the child (256 KiB of RLIMIT_MEMLOCK): one 1 MiB ``sendall`` in ``always``
+    to a reader that reads; the request alone is over the limit."""
+    rx = VerifyingReceiver.__new__(VerifyingReceiver)
+    threading.Thread.__init__(rx, daemon=True)
+    rx.sock, rx.received, rx.bad_bytes, rx.poison_bytes = server, 0, 0, 0
+    drop_root(256 << 10)
+    ring = new_ring(8, 64)
+    us = UringSocket(client, zerocopy="always", ring=ring, enobufs_timeout=3)
+    rx.start()
+    fired = Fired()
+    d = fired.make(0)
+    try:
+        us.sendall(counters(0, 1 << 20).tobytes(), destructor=d)
+    except SendBufferError as exc:
+        return {"error": repr(exc)}
+    finally:
+        d.unref()
+    us.flush(timeout=60)
+    client.shutdown(socket.SHUT_WR)
+    us.close(timeout=60)
+    rx.join(60)
+    st = us.stats
+    return {
+        "received": rx.received,
+        "bad": rx.bad_bytes,
+        "once": fired.once_each([0]),
+        "copies": st.enobufs_copies,
+        "exact": st.completions == st.zerocopy_sends,
+    }
+
+
+@needs_uring
+def test_enomem_always_a_stream_request_over_the_limit_goes_in_shorter_requests() -> None:
+    """A stream request that alone pins more than RLIMIT_MEMLOCK is halved until the
+    kernel takes it (the rest goes by the next request), as MSG_ZEROCOPY makes partial
+    progress. Failed before: SendBufferError after enobufs_timeout."""
+    client, server = tcp_pair(rcvbuf=65536)
+    with closing_all(client, server):
+        out = run_in_child(lambda: _big_stream_send_over_the_limit(client, server))
+    assert out == {
+        "received": 1 << 20,
+        "bad": 0,
+        "once": True,
+        "copies": 0,
+        "exact": True,
+    }, out

@@ -145,6 +145,24 @@ class IoVec:
                 lent = None
         return IoVec(self.views[:count], self.owners[:count], lent)
 
+    def head(self, n: int) -> IoVec:
+        """The first ``n`` bytes (a shorter stream send), sharing their views.
+
+        Refs: none."""
+        views: list[memoryview] = []
+        for view in self.views:
+            if n <= 0:
+                break
+            views.append(view if len(view) <= n else view[:n])
+            n -= len(view)
+        k = len(views)
+        lent = self.lent
+        if lent is not None:
+            lent = lent[:k]
+            if not any(lent):
+                lent = None
+        return IoVec(views, self.owners[:k], lent)
+
     def advance(self, n: int) -> None:
         """Drop the first ``n`` bytes in place (after a partial stream send).
 

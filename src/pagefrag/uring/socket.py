@@ -106,6 +106,14 @@ def _flatten(items: list[Any], ds: list[FragDestructor | None]) -> bool:
     return True
 
 
+_SHORTEST_REFUSED = 64 * 1024  # a refused stream request is halved down to this, then waits
+
+
+def _head(data: Any, n: int) -> memoryview:
+    """The first ``n`` bytes of a flat buffer."""
+    return memoryview(data)[:n]
+
+
 def _nbytes(data: Any) -> int:
     return data.nbytes if type(data) is IoVec or type(data) is memoryview else len(data)
 
@@ -360,6 +368,19 @@ class UringSocket:
                 res = self._request(data, destructor, zc, flags, deadline)
             if res >= 0:
                 return res
+            size = _nbytes(data)
+            if (
+                zc
+                and self._stream
+                and self._policy.mode is Mode.ALWAYS
+                and -res in _REFUSALS
+                and size > _SHORTEST_REFUSED
+            ):
+                # Too much to pin at once (RLIMIT_MEMLOCK): a stream may take fewer bytes
+                # now and the rest in the next request, as MSG_ZEROCOPY's would.
+                self._enobufs_retries += 1
+                data = data.head(size // 2) if type(data) is IoVec else _head(data, size // 2)
+                continue
             if not (zc and self._refused(res)):
                 raise _os_error(res)
             zc = self._policy.mode is not Mode.AUTO
