@@ -43,7 +43,6 @@ import time
 import warnings
 import weakref
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 from .._buffers import as_timeout
@@ -60,6 +59,7 @@ from ..zerocopy._deadline import acquire_within, deadline_after
 from ..zerocopy._items import batch_destructors, datagram_iovecs, stream_iovec
 from ..zerocopy._sender import ZeroCopyStats, count_sent
 from ..zerocopy._syscalls import IOV_MAX, check_connected_inet, disconnect
+from ..zerocopy._wrapper import SocketWrapper
 from ..zerocopy.destinations import start_policy
 from ..zerocopy.policy import DEFAULT_MIN_ZEROCOPY_SIZE, Mode, ZeroCopyPolicy
 from ._ring import default_ring
@@ -123,7 +123,7 @@ def _os_error(res: int) -> OSError:
     return OSError(err, os.strerror(err))
 
 
-class UringSocket:
+class UringSocket(SocketWrapper):
     """A connected TCP or UDP socket (IPv4 or IPv6) whose sends go through an io_uring
     ring as ``SEND_ZC`` requests, each pinning its pages until the kernel's notification.
 
@@ -573,17 +573,6 @@ class UringSocket:
             # (a socket closed behind the wrapper's back: its number may be another's now)
             raise OSError(errno.EBADF, "UringSocket is closed")
 
-    def __enter__(self) -> UringSocket:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __del__(self) -> None:
         ch = getattr(self, "_ch", None)
         if ch is not None and not self._closed and not self._forked and ch.outstanding:
@@ -625,28 +614,10 @@ class UringSocket:
             enobufs_copies=self._enobufs_copies,
         )
 
-    @property
-    def close_timeout(self) -> float | None:
-        return self._close_timeout
+    def _held(self) -> int:
+        return int(self._ch.outstanding)
 
     @property
     def ring(self) -> Any:
         """The ring this socket's requests go through."""
         return self._ring
-
-    @property
-    def socket(self) -> socket.socket:
-        """The wrapped socket (for reads and options; send through this wrapper)."""
-        return self._sock
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "inherited by a child" if self._forked else ""
-        state = state or f"outstanding={self._ch.outstanding}"
-        return f"<UringSocket fd={self._sock.fileno()} {self._policy.mode.value} {state}>"

@@ -61,7 +61,6 @@ import time
 import warnings
 import weakref
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 from .._buffers import as_timeout
@@ -83,6 +82,7 @@ from ._syscalls import (
     enable_recverr,
     enable_zerocopy,
 )
+from ._wrapper import SocketWrapper
 from .destinations import start_policy
 from .policy import DEFAULT_MIN_ZEROCOPY_SIZE, Mode, ZeroCopyPolicy
 from .tracker import CompletionTracker, ErrQueueMessage
@@ -111,7 +111,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class ZeroCopySocket:
+class ZeroCopySocket(SocketWrapper):
     """A connected TCP or UDP socket (IPv4 or IPv6, blocking or not) whose sends hand
     their pages to the kernel with ``MSG_ZEROCOPY`` and release them only on the kernel's
     completion.
@@ -449,17 +449,6 @@ class ZeroCopySocket:
         self._check_usable()
         self._eq.raise_queued()
 
-    def __enter__(self) -> ZeroCopySocket:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __del__(self) -> None:
         if not getattr(self, "_blocked", True) and self._tracker.has_pending:
             _keep_forever(self._tracker)
@@ -479,30 +468,11 @@ class ZeroCopySocket:
         return self._counted().pinned_bytes
 
     @property
-    def close_timeout(self) -> float | None:
-        """How long :meth:`close` waits by default (None: no bound)."""
-        return self._close_timeout
-
-    @property
     def stats(self) -> ZeroCopyStats:
         return self._tx.stats(self._counted())
 
-    @property
-    def socket(self) -> socket.socket:
-        """The wrapped socket (for reads and options; send through this wrapper)."""
-        return self._sock
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "inherited by a child" if self._forked else ""
-        state = state or f"outstanding={self._tracker.outstanding}"
-        return f"<ZeroCopySocket fd={self._sock.fileno()} {self._policy.mode.value} {state}>"
+    def _held(self) -> int:
+        return self._tracker.outstanding
 
 
 def _keep_forever(tracker: CompletionTracker[Pin]) -> None:
