@@ -538,3 +538,51 @@ def test_backend_uring_raises_where_io_uring_is_unavailable() -> None:
             await aio.open_connection("127.0.0.1", 9, backend="uring")
 
     asyncio.run(main())
+
+
+class _InterruptAfterFiling:
+    """A channel whose submit_iov raises KeyboardInterrupt once, right after the real
+    call returned: where CPython raises a SIGINT that arrived during the call."""
+
+    def __init__(self, ch: Any) -> None:
+        self.__dict__["_real"] = ch
+        self.__dict__["armed"] = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def submit_iov(self, *args: Any, **kwargs: Any) -> Any:
+        req = self._real.submit_iov(*args, **kwargs)
+        if self.armed:
+            self.__dict__["armed"] = False
+            raise KeyboardInterrupt
+        return req
+
+
+@needs_uring
+def test_an_interrupt_as_a_request_is_filed_neither_stalls_nor_duplicates(run: Run) -> None:
+    """The request is filed (and handed to the kernel) when the interrupt is raised: the
+    transport still knows it as the one in flight, so the stream neither stalls nor
+    sends the head again. Failed before: 0 bytes and CompletionTimeoutError, or (with
+    another connection submitting the ring) the first write arrived twice."""
+
+    async def main() -> None:
+        server, port, received = await sink()
+        _, writer = await aio.open_connection("127.0.0.1", port, backend="uring", zerocopy="always")
+        zs = writer.transport._zs  # type: ignore[attr-defined]
+        real = zs._ch
+        zs._ch = _InterruptAfterFiling(real)
+        with pytest.raises(KeyboardInterrupt):
+            writer.write(b"A" * (1 << 20))
+        zs._ch = real
+        writer.write(b"B" * (1 << 20))
+        await asyncio.wait_for(writer.drain(), 30)
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 30)
+        await until(lambda: sum(map(len, received.values())) >= 2 << 20)
+        await asyncio.sleep(0.1)
+        (got,) = received.values()
+        assert got == b"A" * (1 << 20) + b"B" * (1 << 20)
+        server.close()
+
+    run(main())

@@ -39,12 +39,13 @@ class Channel:
     ) -> Request: ...
     def file_linked(
         self,
+        filed: list[Request],
         views: list[list[memoryview]],
         owners: list[Any],
         destructors: list[Any],
         zerocopy: bool,
         msg_flags: int,
-    ) -> list[Request]: ...
+    ) -> None: ...
     def submit_iov(
         self,
         views: list[memoryview],

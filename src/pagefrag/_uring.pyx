@@ -437,28 +437,27 @@ cdef class Channel:
                 pin.release(self.holder)
             raise
 
-    cdef object _pinned(self, list views, owners, destructor, bint zerocopy):
-        """A pin of ``views`` for a request: for zero-copy, one reference on each owner
-        (``owners[i]`` of ``views[i]``, or None) and on ``destructor``, all or none; a
-        copy's pin takes none (it keeps the views until the result). With the compiled
-        core no bytecode runs in here, so no interrupt lands between the references and
-        the filing."""
+    cdef object _pinned(self, list views, owners, destructor):
+        """A pin of ``views`` for a request: one reference on each owner (``owners[i]``
+        of ``views[i]``, or None) and on ``destructor``, all or none. A copying request
+        holds them too, until its result: io_uring copies when it sends, which may be
+        after the call that asked (the socket full). With the compiled core no bytecode
+        runs in here, so no interrupt lands between the references and the filing."""
         pin = _Pin(views[:], None if owners is None else list(owners))
-        if zerocopy:
-            pin.take(self.holder, destructor)
+        pin.take(self.holder, destructor)
         return pin
 
     def submit_iov(self, list views, owners, destructor, bint zerocopy, int msg_flags,
                    on_release=None):
         """One request of ``views`` (byte memoryviews; ``owners[i]``, the destructor of
-        ``views[i]``, or None), pinned and filed in this one call, not yet submitted;
+        ``views[i]``, or None), pinned, filed and handed to the kernel in this one call;
         returns it. ``on_release(request)`` is called once the ring has released it.
         Kernel: ``SEND_ZC``/``SENDMSG_ZC`` (or the copying ``SEND``/``SENDMSG``).
 
         Refs: zero-copy: +1 on every owner and on ``destructor``, dropped when the
         kernel is done with the pages (at once if this raises)."""
         cdef Request req
-        pin = self._pinned(views, owners, destructor, zerocopy)
+        pin = self._pinned(views, owners, destructor)
         try:
             req = self.ring._request(self, pin, views, zerocopy, msg_flags, False)
             req.on_release = on_release
@@ -467,15 +466,18 @@ cdef class Channel:
         except BaseException:
             pin.release(self.holder)  # not filed: the kernel never saw these pages
             raise
+        self.ring._submit()  # in the same call: never left filed and not handed over
         return req
 
-    def file_linked(self, list views, list owners, list destructors, bint zerocopy,
-                    int msg_flags):
+    def file_linked(self, list filed, list views, list owners, list destructors,
+                    bint zerocopy, int msg_flags):
         """Datagrams ``views[i]`` (each a list of byte memoryviews, ``owners[i]`` their
         destructors), each pinned with ``destructors[i]``, as one linked batch
         (``IOSQE_IO_LINK``: issued in order, the first that fails cancels the rest),
-        filed in one step, all or none; returns their requests, for :meth:`Ring.submit`.
-        Kernel: ``SEND_ZC``/``SENDMSG_ZC`` (or ``SEND``/``SENDMSG``).
+        filed in one step, all or none; their requests are appended to ``filed`` as they
+        are filed (so the caller has them even if an interrupt is raised as this
+        returns), for :meth:`Ring.submit`. Kernel: ``SEND_ZC``/``SENDMSG_ZC`` (or
+        ``SEND``/``SENDMSG``).
 
         Refs: zero-copy: +1 on every owner and destructor of each datagram, dropped when
         the kernel is done with its pages (at once if this raises)."""
@@ -486,7 +488,7 @@ cdef class Channel:
             raise ValueError("one list of owners and one destructor per datagram")
         try:
             for i in range(n):
-                pins.append(self._pinned(views[i], owners[i], destructors[i], zerocopy))
+                pins.append(self._pinned(views[i], owners[i], destructors[i]))
             for i in range(n):
                 reqs.append(ring._request(self, pins[i], views[i], zerocopy, msg_flags,
                                           i + 1 < n))
@@ -499,17 +501,18 @@ cdef class Channel:
         # reserved but for a dict that cannot grow (then the pins stay with the ring).
         for i in range(n):
             ring._file(reqs[i])
-        return reqs
+            filed.append(reqs[i])  # (no tracked allocation: still one step)
 
     cdef Request _flat(self, data, destructor, bint zerocopy, int msg_flags, bint link):
         """A request (not filed yet) for one flat buffer. It keeps a memoryview export
-        (the memory can be neither freed nor resized) and, for zero-copy, one reference
-        on ``destructor``, taken here, before the kernel can see the pages."""
+        (the memory can be neither freed nor resized) and one reference on
+        ``destructor``, taken here, before the kernel can see the pages (a copying
+        request too: io_uring may copy after the call that asked)."""
         cdef Request req
         view = PyMemoryView_FromObject(data)
         req = self.ring._request(self, None, [view], zerocopy, msg_flags, link)
         req.view = view
-        if zerocopy and destructor is not None:
+        if destructor is not None:
             destructor.ref(holder=self.holder)
             req.ref = destructor
         return req
@@ -996,6 +999,8 @@ cdef class Ring:
         self._submit()
 
     cdef int _submit(self) except -1:
+        """Hand every prepared SQE to the kernel. Never raises an interrupt: a signal's
+        handler runs once this returns (what was filed is always handed over)."""
         cdef long rc
         cdef unsigned todo
         pf_publish(&self.r)
@@ -1003,15 +1008,16 @@ cdef class Ring:
         while todo:
             rc = pf_sys_enter(self.r.fd, todo, 0, 0, NULL, 0)
             if rc == -EINTR:
-                PyErr_CheckSignals()
-                continue
+                continue  # (a submission without GETEVENTS does not wait)
             if rc == -EBUSY or rc == -EAGAIN:
                 # Completions are backed up (overflow) or the kernel is short of memory:
                 # take what is there, then hand the rest over again.
                 self._reap_raw()
                 if self._flush_overflow() == 0 and rc == -EAGAIN:
+                    self.waiters += 1
                     with nogil:
                         pf_wait(self.r.fd, 1000000)
+                    self.waiters -= 1
                 todo = pf_sq_ready(&self.r)
                 continue
             if rc < 0:
@@ -1127,7 +1133,11 @@ cdef class Ring:
                     else:
                         obj(arg)
                 except Exception as exc:
-                    report_unraisable(exc, "Exception in an io_uring ring callback", obj)
+                    try:
+                        report_unraisable(exc, "Exception in an io_uring ring callback", obj)
+                    except BaseException as late:  # an interrupt while reporting
+                        if interrupt is None:
+                            interrupt = late
                 except BaseException as exc:  # an interrupt: raised after the last
                     if interrupt is None:
                         interrupt = exc

@@ -76,7 +76,7 @@ class UringBridge:
         self._on_result = on_result
         self._on_released = on_released
         self._release_due = False
-        self.request: Any = None
+        self._taken: Any = None  # the last request whose result the transport took
         self.sent_by: object = None
         self.pumping = False  # the transport is sending: it reads results itself
         self.copied_sends = self.copied_bytes = 0
@@ -110,15 +110,34 @@ class UringBridge:
         dropped when the ring reaps its notification."""
         if self._sock.fileno() != self._ch.fd:
             raise OSError(errno.EBADF, "the transport's socket was closed")
-        # Pinned and filed in one C call (a copying request takes no reference: the
-        # kernel copies at the send): the pin is the ring's from then on.
+        self.sent_by = owner  # before: an interrupt may come as the filing returns
+        # Pinned and filed in one C call (a copying request holds the references too,
+        # until its result: the ring copies when there is room): the pin is the ring's
+        # from then on, and the request is the channel's last (see request).
         req = self._ch.submit_iov(
             iov.views, iov.owners, handle, zerocopy, SEND_FLAGS, self._released
         )
-        self.request = req
-        self.sent_by = owner
         self._lring.submit()  # a socket with room sends it here: its result is in
         return req
+
+    @property
+    def request(self) -> Any:
+        """The request in flight: the channel's last one (filed in C, so it is known
+        even if an interrupt was raised as the filing returned) until the transport
+        takes its result (``request = None``)."""
+        req = self._ch.last_request
+        return None if req is self._taken else req
+
+    @request.setter
+    def request(self, value: None) -> None:
+        if value is not None:
+            raise ValueError("only None: the channel knows its requests")
+        self._taken = self._ch.last_request
+
+    def kick(self) -> None:
+        """Hand a filed request to the kernel if nothing did (an interrupt between the
+        filing and its submit). Kernel: ``io_uring_enter``. Refs: none."""
+        self._lring.submit()
 
     def cancel(self) -> None:
         """Cancel the request in flight, if any. Kernel: ``IORING_OP_ASYNC_CANCEL``.

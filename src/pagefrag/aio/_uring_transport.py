@@ -142,7 +142,9 @@ class UringTransport(ZeroCopyTransport):
             req = zs.request
             if req is not None:
                 if not req.done_result:
-                    return True  # its result wakes the loop through the ring
+                    zs.kick()  # (filed but never handed over if an interrupt came between)
+                    if not req.done_result:
+                        return True  # its result wakes the loop through the ring
                 zs.request = None
                 if zs.sent_by is queue and not self._took(req):
                     return writes.queue is queue

@@ -106,6 +106,7 @@ def _flatten(items: list[Any], ds: list[FragDestructor | None]) -> bool:
     return True
 
 
+_MAX_REQUEST = 1 << 30  # bytes per stream request (io_uring lengths are 32 bits)
 _SHORTEST_REFUSED = 64 * 1024  # a refused stream request is halved down to this, then waits
 
 
@@ -184,6 +185,8 @@ class UringSocket(SocketWrapper):
         with self._lock:
             self._check_usable()
             if _flat(data):
+                if self._stream and len(data) > _MAX_REQUEST:  # type: ignore[arg-type]
+                    data = _head(data, _MAX_REQUEST)  # a stream may take fewer bytes
                 return self._call(data, destructor, 0, None)
             if type(data) is PoolBuffer and destructor is None:
                 mem, own = data.parts()  # one buffer, one destructor: the flat path
@@ -191,6 +194,8 @@ class UringSocket(SocketWrapper):
             iov = IoVec.of(data)
             if self._stream:
                 iov = iov.first(IOV_MAX)
+                if iov.nbytes > _MAX_REQUEST:
+                    iov = iov.head(_MAX_REQUEST)
             elif len(iov.views) > IOV_MAX:
                 raise ValueError(f"a datagram of {len(iov.views)} pieces (at most {IOV_MAX})")
             return self._call(iov, destructor, 0, None)
@@ -229,7 +234,10 @@ class UringSocket(SocketWrapper):
         while iov.views:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("sendall timed out; what was sent stays sent")
-            n = self._call(iov.first(IOV_MAX), destructor, MSG_WAITALL, deadline)
+            part = iov.first(IOV_MAX)
+            if part.nbytes > _MAX_REQUEST:
+                part = part.head(_MAX_REQUEST)  # a request's length is 32 bits
+            n = self._call(part, destructor, MSG_WAITALL, deadline)
             iov.advance(n)
 
     def send_many(
@@ -256,8 +264,11 @@ class UringSocket(SocketWrapper):
             if self._stream:
                 self._sendall(stream_iovec(listed, ds), None, deadline)
                 return len(listed)
+            keep = listed[:]  # the items themselves (a pool buffer) live through the call
             if deadline is None and _flatten(listed, ds):
-                return self._send_datagrams(listed, ds, None, flat=True)
+                sent = self._send_datagrams(listed, ds, None, flat=True)
+                del keep
+                return sent
             return self._send_datagrams(datagram_iovecs(listed), ds, deadline, flat=False)
 
     def _send_datagrams(
@@ -309,7 +320,7 @@ class UringSocket(SocketWrapper):
                 elif refused == 0:
                     # The first refused goes as one send (auto: copied; always: once
                     # notifications have made room), which counts its copy or retry.
-                    self._call(items[done], ds[done], 0, deadline)
+                    self._one_of_many(items[done], ds[done], deadline)
                     done += 1
                 elif res == -errno.ECANCELED:
                     raise TimeoutError("send_many timed out")
@@ -320,14 +331,30 @@ class UringSocket(SocketWrapper):
             raise
         return done
 
+    def _one_of_many(self, item: Any, d: FragDestructor | None, deadline: float | None) -> None:
+        """One datagram of a ``send_many`` sent alone; an error or interrupt raised
+        while its request is in flight first settles it, so ``items_sent`` counts it
+        exactly when it went."""
+        before = self._ch.last_request
+        try:
+            self._call(item, d, 0, deadline)
+        except BaseException as exc:
+            req = self._ch.last_request
+            if req is not None and req is not before:
+                count_sent(exc, self._ring.settle([req]))
+            raise
+
     def _batch(
         self, iovs: list[IoVec], ds: list[FragDestructor | None], zc: bool, deadline: float | None
     ) -> tuple[int, int, int]:
         """One linked batch of iovecs: its :meth:`Ring.outcome <pagefrag._uring.Ring.outcome>`."""
         ch = self._ch
-        # Pinned and filed in one C call: the pins are the ring's from then on.
-        reqs = ch.file_linked([i.views for i in iovs], [i.owners for i in iovs], ds, zc, 0)
+        # Pinned and filed in one C call, which appends each request to reqs as it is
+        # filed: the pins are the ring's from then on, and an interrupt raised as the
+        # call returns still finds every request here to settle.
+        reqs: list[Any] = []
         try:
+            ch.file_linked(reqs, [i.views for i in iovs], [i.owners for i in iovs], ds, zc, 0)
             self._ring.submit()
             for req in reqs:
                 if not ch.wait_result(req, deadline):
@@ -336,7 +363,8 @@ class UringSocket(SocketWrapper):
                 ch.wait_result(req, None)
         except BaseException as exc:
             # Interrupted: learn exactly what went (items_sent must be true).
-            count_sent(exc, self._ring.settle(reqs))
+            if reqs:
+                count_sent(exc, self._ring.settle(reqs))
             raise
         outcome: tuple[int, int, int] = self._ring.outcome(reqs)
         return outcome
