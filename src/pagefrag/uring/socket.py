@@ -41,7 +41,6 @@ import socket
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,16 +68,6 @@ __all__ = ["DEFAULT_CLOSE_TIMEOUT", "UringSocket"]
 DEFAULT_CLOSE_TIMEOUT = 30.0
 MSG_WAITALL = int(socket.MSG_WAITALL)
 _REFUSALS = (errno.ENOBUFS, errno.ENOMEM)  # pinned-memory limits: retried, never lost
-_LIVE: weakref.WeakSet[UringSocket] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for us in list(_LIVE):
-        us._inherited()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _flat(data: object) -> bool:
@@ -168,7 +157,7 @@ class UringSocket(SocketWrapper):
         self._refusal_deadline: float | None = None  # of the call being refused
         if self._policy.mode is Mode.AUTO:
             start_policy(self._policy, sock, time.monotonic())
-        _LIVE.add(self)
+        self._watch_fork()
 
     # -- sending -------------------------------------------------------------------------
     def send(self, data: Data, *, destructor: FragDestructor | None = None) -> int:
@@ -584,7 +573,7 @@ class UringSocket(SocketWrapper):
 
     def _close_descriptor(self) -> None:
         self._closed = True
-        _LIVE.discard(self)
+        self._unwatch_fork()
         self._sock.close()
 
     def _inherited(self) -> None:

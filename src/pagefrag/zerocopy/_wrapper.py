@@ -1,9 +1,12 @@
 """What both zero-copy socket wrappers (``ZeroCopySocket``, ``UringSocket``) share: the
-wrapped socket, ``with``, and how they show themselves. No I/O, no references."""
+wrapped socket, ``with``, how they show themselves, and fork (a child's copies made
+inert). No I/O, no references."""
 
 from __future__ import annotations
 
+import os
 import socket
+import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -12,11 +15,25 @@ __all__ = ["SocketWrapper"]
 if TYPE_CHECKING:
     from typing import Self
 
+# Every wrapper not yet closed: a forked child makes its copies inert.
+_LIVE: weakref.WeakSet[SocketWrapper] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for wrapper in list(_LIVE):
+        wrapper._inherited()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class SocketWrapper:
     """The common surface of a zero-copy socket wrapper. Subclasses set ``_sock``,
-    ``_closed``, ``_forked``, ``_close_timeout`` and ``_policy`` and define ``close``
-    and ``_held`` (what the kernel still holds, for ``repr``)."""
+    ``_closed``, ``_forked``, ``_close_timeout`` and ``_policy`` and define ``close``,
+    ``_held`` (what the kernel still holds, for ``repr``) and ``_inherited`` (a forked
+    child's copy made inert); they call ``_watch_fork`` when made and ``_unwatch_fork``
+    when closed."""
 
     _sock: socket.socket
     _closed: bool
@@ -29,6 +46,16 @@ class SocketWrapper:
 
     def _held(self) -> int:  # pragma: no cover (abstract)
         raise NotImplementedError
+
+    def _inherited(self) -> None:  # pragma: no cover (abstract)
+        """In a forked child: make this copy inert."""
+        raise NotImplementedError
+
+    def _watch_fork(self) -> None:
+        _LIVE.add(self)
+
+    def _unwatch_fork(self) -> None:
+        _LIVE.discard(self)
 
     def __enter__(self) -> Self:
         return self

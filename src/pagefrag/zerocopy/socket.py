@@ -54,12 +54,10 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import socket
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,18 +95,6 @@ itself may take ~15 minutes to give up on a dead peer."""
 # Keeping them forever is a leak, but freeing them could let Python reuse memory the
 # kernel may still transmit.
 _IMMORTAL_PINS: list[object] = []
-
-# Every ZeroCopySocket not yet closed: a forked child makes its copies inert.
-_LIVE: weakref.WeakSet[ZeroCopySocket] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for zs in list(_LIVE):
-        zs._inherited()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class ZeroCopySocket(SocketWrapper):
@@ -172,7 +158,7 @@ class ZeroCopySocket(SocketWrapper):
         if not self._stream:
             # ICMP errors arrive on the error queue, in order with the completions.
             enable_recverr(sock)
-        _LIVE.add(self)
+        self._watch_fork()
 
     # -- sending -------------------------------------------------------------------------
     def send(self, data: Data, *, destructor: FragDestructor | None = None) -> int:
@@ -425,7 +411,7 @@ class ZeroCopySocket(SocketWrapper):
 
     def _close_descriptor(self) -> None:
         self._closed = self._tx.blocked = True
-        _LIVE.discard(self)
+        self._unwatch_fork()
         self._eq.close()
         self._sock.close()
 
