@@ -172,8 +172,9 @@ root_setpriv = pytest.mark.skipif(
 @root_setpriv
 def test_bench_without_cap_ipc_lock_leaves_io_uring_rows_out_and_says_why(tmp_path: Path) -> None:
     """Without CAP_IPC_LOCK, RLIMIT_MEMLOCK (8 MiB) counts registered and pinned pages:
-    the registered rows cannot be set up, and a 32 MiB send_many on a stream is refused
-    for good. The bench says so and measures the rest (it used to die with ENOMEM)."""
+    the registered rows cannot be set up; the bench says so and measures the rest (it
+    used to die with ENOMEM). A 32 MiB send_many on a stream, over the limit on its own,
+    goes in halved requests (it used to be refused for good)."""
     argv = ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock"]
     argv += [sys.executable, "-m", "pagefrag.cli", "bench", "--quick", "--no-veth"]
     out = subprocess.run(
@@ -188,9 +189,9 @@ def test_bench_without_cap_ipc_lock_leaves_io_uring_rows_out_and_says_why(tmp_pa
     left = report["left_out"]
     for name in ("uring always, fixed", "uring always, pool"):
         assert "could not set up" in left[name] and "ENOMEM" in left[name], left
-    assert "refusing" in left["uring always, send_many"], left
+    assert "uring always, send_many" not in left, left
     cells = report["results"]["TCP loopback"]["1MiB"]["256MiB"]
-    assert {"pagefrag always", "uring always", "C MSG_ZEROCOPY"} <= set(cells)
-    assert not {"uring always, fixed", "uring always, send_many"} & set(cells)
+    assert {"pagefrag always", "uring always", "uring always, send_many"} <= set(cells)
+    assert "C MSG_ZEROCOPY" in cells and "uring always, fixed" not in cells
     page = (tmp_path / "results.md").read_text()
     assert "Left out: uring always, fixed (could not set up" in page
