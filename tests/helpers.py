@@ -206,3 +206,19 @@ def poison_run(
     assert rx.poison_bytes == 0 and rx.bad_bytes == 0
     assert fired.once_each(range(n))
     return zs
+
+
+def drop_sent_udp(lab: Any, match: str) -> None:
+    """In the lab's sender namespace, drop outgoing UDP matching ``match`` (an nft
+    expression after ``udp``, e.g. ``"length 1007"``) at the output hook: the send
+    call fails with ``EPERM`` after the kernel took it. :func:`stop_dropping` ends it."""
+    lab.ns(
+        lab.sender,
+        "nft",
+        "add table inet out; add chain inet out o "
+        f"{{ type filter hook output priority 0; }}; add rule inet out o udp {match} drop",
+    )
+
+
+def stop_dropping(lab: Any) -> None:
+    lab.ns(lab.sender, "nft", "delete table inet out")

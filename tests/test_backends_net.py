@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import POISON, Fired, Receiver, VerifyingReceiver, counters
+from helpers import (
+    POISON,
+    Fired,
+    Receiver,
+    VerifyingReceiver,
+    counters,
+    drop_sent_udp,
+    stop_dropping,
+)
 
 from pagefrag import FragDestructor
 from pagefrag.errors import CompletionTimeoutError
@@ -216,12 +224,7 @@ def test_a_datagram_dropped_in_a_batch_is_reported_and_nothing_is_lost(
     kernel took the call): the two before it are sent, the error carries
     ``items_sent``, every destructor fires once and the socket goes on sending."""
     zs = backend.wrap(_towards_the_discarding_neighbour(lab), zerocopy="always")
-    lab.ns(
-        lab.sender,
-        "nft",
-        "add table inet out; add chain inet out o "
-        "{ type filter hook output priority 0; }; add rule inet out o udp length 1007 drop",
-    )
+    drop_sent_udp(lab, "length 1007")
     sizes = [1000, 1000, 999, 1000, 1000]
     ds = [fired.make(i) for i in range(len(sizes))]
     with pytest.raises(PermissionError) as caught:
@@ -230,7 +233,7 @@ def test_a_datagram_dropped_in_a_batch_is_reported_and_nothing_is_lost(
     del caught
     for d in ds:
         d.unref()
-    lab.ns(lab.sender, "nft", "delete table inet out")
+    stop_dropping(lab)
     later = [fired.make(i) for i in range(10, 20)]
     assert zs.send_many([bytearray(1000)] * 10, destructors=later) == 10
     for d in later:

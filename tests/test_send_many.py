@@ -7,7 +7,7 @@ import socket
 import time
 
 import pytest
-from helpers import Fired, Receiver, poison_run
+from helpers import Fired, Receiver, drop_sent_udp, poison_run, stop_dropping
 
 from pagefrag import Frag, FragDestructor, implementation
 from pagefrag.testing.netlab import NetLab
@@ -178,12 +178,7 @@ def test_a_dropped_datagram_in_a_batch_keeps_the_ids_right(lab: NetLab, fired: F
     tx = lab.open_socket(lab.sender, type=socket.SOCK_DGRAM)
     tx.connect((target, 9))
     zs = ZeroCopySocket(tx, zerocopy="always")
-    lab.ns(
-        lab.sender,
-        "nft",
-        "add table inet out; add chain inet out o "
-        "{ type filter hook output priority 0; }; add rule inet out o udp length 1007 drop",
-    )
+    drop_sent_udp(lab, "length 1007")
     sizes = [1000, 1000, 999, 1000, 1000]
     ds = [fired.make(i) for i in range(len(sizes))]
     with pytest.raises(PermissionError) as caught:
@@ -193,7 +188,7 @@ def test_a_dropped_datagram_in_a_batch_keeps_the_ids_right(lab: NetLab, fired: F
     for d in ds:
         d.unref()
     assert fired.counts.get(2) == 1 and 3 in fired.counts  # never pinned
-    lab.ns(lab.sender, "nft", "delete table inet out")
+    stop_dropping(lab)
     later = [fired.make(i) for i in range(10, 20)]
     zs.send_many([bytearray(1000)] * 10, destructors=later)
     for d in later:

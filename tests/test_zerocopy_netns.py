@@ -11,7 +11,7 @@ import termios
 import time
 
 import pytest
-from helpers import Fired, Receiver, poison_run
+from helpers import Fired, Receiver, drop_sent_udp, poison_run, stop_dropping
 
 from pagefrag import FragDestructor
 from pagefrag.testing.netlab import NetLab
@@ -140,18 +140,13 @@ def test_a_failed_datagram_send_that_used_an_id_keeps_accounting_right(
     d0 = fired.make(0)
     zs.send(bytearray(1000), destructor=d0)
     d0.unref()
-    lab.ns(
-        lab.sender,
-        "nft",
-        "add table inet out; add chain inet out o "
-        "{ type filter hook output priority 0; }; add rule inet out o udp dport 9 drop",
-    )
+    drop_sent_udp(lab, "dport 9")
     d1 = fired.make(1)
     with pytest.raises(PermissionError):
         zs.send(bytearray(1000), destructor=d1)
     d1.unref()
     assert fired.counts.get(1) == 1  # nothing was pinned for the failed call
-    lab.ns(lab.sender, "nft", "delete table inet out")
+    stop_dropping(lab)
     for i in range(2, 10):
         d = fired.make(i)
         zs.send(bytearray(1000), destructor=d)

@@ -78,21 +78,25 @@ def _flat(data: object) -> bool:
     return kind is memoryview and data.ndim == 1 and data.format == "B" and data.c_contiguous  # type: ignore[attr-defined]
 
 
-def _flatten(items: list[Any], ds: list[FragDestructor | None]) -> bool:
-    """Whether every item can take the compiled flat path; if so, each pool buffer
-    without a destructor of its own in ``ds`` becomes its memory and its destructor (in
-    place). Nothing changes when one cannot."""
-    pool = [i for i, item in enumerate(items) if type(item) is PoolBuffer]
-    if any(ds[i] is not None for i in pool):
-        return False  # two destructors for one item: the general path
-    if len(pool) < len(items) and not all(
-        map(_flat, (item for item in items if type(item) is not PoolBuffer))
-    ):
-        return False
-    parts = [items[i].parts() for i in pool]  # BufferReleasedError before any change
-    for i, (mem, own) in zip(pool, parts, strict=True):
-        items[i], ds[i] = mem, own
-    return True
+def _flattened(
+    items: list[Any], ds: list[FragDestructor | None]
+) -> tuple[list[Any], list[FragDestructor | None]] | None:
+    """The items and destructors for the compiled flat path — each pool buffer without
+    a destructor of its own as its memory and its destructor — or None when an item
+    cannot take it. New lists: the items themselves live on in the caller's."""
+    flat: list[Any] = []
+    owners: list[FragDestructor | None] = []
+    for item, d in zip(items, ds, strict=True):
+        if type(item) is PoolBuffer:
+            if d is not None:
+                return None  # two destructors for one item: the general path
+            mem, d = item.parts()  # BufferReleasedError before anything is sent
+            item = mem
+        elif not _flat(item):
+            return None
+        flat.append(item)
+        owners.append(d)
+    return flat, owners
 
 
 _MAX_REQUEST = 1 << 30  # bytes per stream request (io_uring lengths are 32 bits)
@@ -253,11 +257,9 @@ class UringSocket(SocketWrapper):
             if self._stream:
                 self._sendall(stream_iovec(listed, ds), None, deadline)
                 return len(listed)
-            keep = listed[:]  # the items themselves (a pool buffer) live through the call
-            if deadline is None and _flatten(listed, ds):
-                sent = self._send_datagrams(listed, ds, None, flat=True)
-                del keep
-                return sent
+            flat = _flattened(listed, ds) if deadline is None else None
+            if flat is not None:
+                return self._send_datagrams(*flat, None, flat=True)
             return self._send_datagrams(datagram_iovecs(listed), ds, deadline, flat=False)
 
     def _send_datagrams(
