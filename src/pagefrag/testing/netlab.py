@@ -29,6 +29,8 @@ import threading
 from collections.abc import Iterator
 from types import FrameType, TracebackType
 
+from ..zerocopy.destinations import forget_namespace
+
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _ids = itertools.count()
@@ -233,6 +235,9 @@ class NetLab:
             self.ns(ns, "ip", "link", "set", "lo", "up")
             self.ns(ns, "ip", "addr", "add", f"{ip4}/24", "dev", dev)
             self.ns(ns, "ip", "link", "set", dev, "up")
+            # The kernel may give it the inode of a namespace just deleted (an earlier
+            # lab's): that one's cached address table is not this one's.
+            forget_namespace(os.stat(f"/run/netns/{ns}").st_ino)
 
     def _destroy(self) -> None:
         # Each namespace is deleted even when the other's deletion failed or timed out

@@ -32,7 +32,8 @@ inside the socket's namespace; from another, only loopback and "peer is my own
 address" are recognised. Addresses made local by a ``local`` route without being
 configured (AnyIP) are not recognised: the copied completions teach ``auto`` as before.
 A namespace inode may be reused after its namespace is gone; a stale entry heals at
-the next probe.
+the next probe (and an address table within ``ADDRESS_TTL``: whoever makes namespaces,
+as ``pagefrag.testing.netlab`` does, calls :func:`forget_namespace`).
 """
 
 from __future__ import annotations
@@ -203,6 +204,16 @@ def local_addresses(netns: int | None = None) -> frozenset[tuple[int, bytes]]:
             _tables.pop(next(iter(_tables)))
         _tables[netns] = (now, table)
     return table
+
+
+def forget_namespace(netns: int) -> None:
+    """Drop the cached address table of namespace inode ``netns``: a namespace just
+    made may carry the inode of one deleted less than :data:`ADDRESS_TTL` ago, whose
+    table would otherwise be taken for its own.
+
+    Refs: none."""
+    with _tables_lock:
+        _tables.pop(netns, None)
 
 
 def is_local(sock: socket.socket) -> bool:
