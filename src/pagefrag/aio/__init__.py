@@ -11,6 +11,7 @@ from .streams import (
     ZeroCopyServer,
     ZeroCopyStreamWriter,
     create_connection,
+    create_server,
     open_connection,
     start_server,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "UringTransport",
     "ZeroCopyTransport",
     "create_connection",
+    "create_server",
     "open_connection",
     "start_server",
 ]

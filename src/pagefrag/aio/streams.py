@@ -33,6 +33,7 @@ __all__ = [
     "ZeroCopyServer",
     "ZeroCopyStreamWriter",
     "create_connection",
+    "create_server",
     "open_connection",
     "start_server",
 ]
@@ -292,28 +293,7 @@ async def start_server(
         raise TypeError("ssl argument must be an SSLContext or None")
     check_tls_options(ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
     loop = asyncio.get_running_loop()
-    if sock is not None:
-        check_ssl_socket(sock)
-    if host is not None or port is not None:
-        if sock is not None:
-            raise ValueError("host/port and sock can not be specified at the same time")
-        sockets = await listening_sockets(
-            host,
-            port,
-            family=family,
-            flags=flags,
-            reuse_address=reuse_address,
-            reuse_port=reuse_port,
-        )
-    else:
-        if sock is None:
-            raise ValueError("Neither host/port nor sock were specified")
-        if sock.type != socket.SOCK_STREAM:
-            raise ValueError(f"A Stream Socket was expected, got {sock!r}")
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            raise ValueError(f"a TCP (IPv4 or IPv6) socket was expected, got {sock!r}")
-        sock.setblocking(False)
-        sockets = [sock]
+    sockets = await _server_sockets(host, port, sock, family, flags, reuse_address, reuse_port)
 
     def on_accept(conn: socket.socket, server: ZeroCopyServer) -> None:
         reader = asyncio.StreamReader(limit=limit, loop=loop)
@@ -335,7 +315,99 @@ async def start_server(
             protocol.forget()
             raise
 
+    return await _serve(loop, sockets, on_accept, backlog, start_serving)
+
+
+async def _server_sockets(
+    host: str | Iterable[str] | None,
+    port: int | str | None,
+    sock: socket.socket | None,
+    family: int,
+    flags: int,
+    reuse_address: bool | None,
+    reuse_port: bool | None,
+) -> list[socket.socket]:
+    """The bound (not yet listening) sockets of a server, as ``loop.create_server``
+    checks and makes them: from ``host``/``port``, or ``sock`` as given."""
+    if sock is not None:
+        check_ssl_socket(sock)
+    if host is not None or port is not None:
+        if sock is not None:
+            raise ValueError("host/port and sock can not be specified at the same time")
+        return await listening_sockets(
+            host,
+            port,
+            family=family,
+            flags=flags,
+            reuse_address=reuse_address,
+            reuse_port=reuse_port,
+        )
+    if sock is None:
+        raise ValueError("Neither host/port nor sock were specified")
+    if sock.type != socket.SOCK_STREAM:
+        raise ValueError(f"A Stream Socket was expected, got {sock!r}")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise ValueError(f"a TCP (IPv4 or IPv6) socket was expected, got {sock!r}")
+    sock.setblocking(False)
+    return [sock]
+
+
+async def _serve(
+    loop: asyncio.AbstractEventLoop,
+    sockets: list[socket.socket],
+    on_accept: Callable[[socket.socket, ZeroCopyServer], None],
+    backlog: int,
+    start_serving: bool,
+) -> ZeroCopyServer:
     server = ZeroCopyServer(loop, sockets, on_accept, backlog)
     if start_serving:
-        await server.start_serving()
+        try:
+            await server.start_serving()
+        except BaseException:
+            server.close()
+            raise
     return server
+
+
+async def create_server(
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    host: str | Iterable[str] | None = None,
+    port: int | str | None = None,
+    *,
+    family: int = socket.AF_UNSPEC,
+    flags: int = socket.AI_PASSIVE,
+    sock: socket.socket | None = None,
+    backlog: int = 100,
+    reuse_address: bool | None = None,
+    reuse_port: bool | None = None,
+    start_serving: bool = True,
+    zerocopy: str = "auto",
+    min_zerocopy_size: int | None = None,
+    high_water: int | None = None,
+    linger: float | None = DEFAULT_LINGER,
+    enobufs_timeout: float = DEFAULT_ENOBUFS_TIMEOUT,
+    backend: str = DEFAULT_BACKEND,
+) -> ZeroCopyServer:
+    """Listen and give each accepted connection a protocol from ``protocol_factory`` and
+    a zero-copy transport, as ``loop.create_server`` of asyncio 3.11 (without ``ssl``:
+    :func:`start_server` has the copying TLS path), with the arguments of
+    :func:`start_server`. A ``BufferedProtocol`` is read into its own buffers
+    (``recv_into``). The server counts each connection until its ``connection_lost``
+    (``wait_closed()``). Kernel: ``bind()``, ``listen()``, ``accept()``.
+
+    Refs: none taken; each write's are described at :meth:`ZeroCopyTransport.write`."""
+    settings = _settings(zerocopy, min_zerocopy_size, high_water, linger, enobufs_timeout, backend)
+    loop = asyncio.get_running_loop()
+    sockets = await _server_sockets(host, port, sock, family, flags, reuse_address, reuse_port)
+
+    def on_accept(conn: socket.socket, server: ZeroCopyServer) -> None:
+        try:
+            protocol = protocol_factory()
+        except BaseException:
+            conn.close()
+            raise
+        transport = _transport(loop, conn, protocol, *settings)
+        transport._server = server
+        server._attach()
+
+    return await _serve(loop, sockets, on_accept, backlog, start_serving)

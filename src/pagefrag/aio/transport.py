@@ -129,6 +129,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
     _ignored_writes = 0  # writes after close() or the loss (see _ignored_write)
     _POLL_EVENTS = _POLL_ALL  # what the shared poller watches the socket for
     _failed = False  # abort() or a failure: flow control no longer resumes the protocol
+    _server: Any = None  # the ZeroCopyServer of create_server() counting this connection
 
     def __init__(
         self,
@@ -538,7 +539,17 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
             self._linger_socket()
         else:
             self._close_socket()
-        self._loop.call_soon(self._protocol.connection_lost, self._exc)
+        self._loop.call_soon(self._connection_lost)
+
+    def _connection_lost(self) -> None:
+        # As asyncio's _call_connection_lost: the server hears of the loss after the
+        # protocol, even if the protocol's callback raises.
+        try:
+            self._protocol.connection_lost(self._exc)
+        finally:
+            server, self._server = self._server, None
+            if server is not None:
+                server._detach()
 
     def _linger_socket(self) -> None:
         """Past the linger bound: hand the socket, pins and all, to :mod:`._linger`,
