@@ -126,17 +126,16 @@ class PagefragComm(Comm):
         return self._peer_addr
 
     def closed(self) -> bool:
-        if not self._closed and self._protocol.done:
-            self._closed = True
-            self._transport = None
-        return self._closed
+        """True after ``close()``/``abort()`` or once the connection has ended (messages
+        received before the end can still be read)."""
+        return self._closed or self._protocol.done or self._protocol.eof
 
     async def read(self, deserializers: Any = None) -> Any:
         """The next message, deserialized as Dask's ``from_frames`` does (unless the
         comm was made with ``deserialize=False``). ``CommClosedError`` once the
         connection has ended and every message received before was read. Kernel:
         ``recv_into``. Refs: none (each frame is a buffer of its own)."""
-        if self._transport is None:
+        if self._closed:  # closed here; a peer's close still lets what it sent be read
             raise CommClosedError(f"in {self}: closed")
         try:
             frames = await self._protocol.next_message()
@@ -146,7 +145,6 @@ class PagefragComm(Comm):
             self.abort()
             raise
         if frames is None:
-            self.closed()
             exc = self._protocol.exc
             raise CommClosedError(f"in {self}: {exc or 'the connection was closed'}") from exc
         self.bytes_read += sum(f.nbytes for f in frames)
