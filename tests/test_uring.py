@@ -1411,6 +1411,49 @@ def test_enomem_always_a_stream_request_over_the_limit_goes_in_shorter_requests(
     }, out
 
 
+def test_a_signal_handled_by_another_thread_still_interrupts_a_waiting_send() -> None:
+    """A signal whose C-level handler ran in another thread (or between two slices of
+    the wait) does not interrupt the main thread's ``io_uring_enter``: its Python
+    handler must still run within a slice. Hung for good before the wait checked for
+    pending signals after every slice, not only on EINTR (seen as a CI-suite hang of
+    the test below, whose SIGALRM came between two slices)."""
+    ring = new_ring(8, 64)
+    client, server = tcp_pair(rcvbuf=4096)
+    with closing_all(client, server):
+        zs = UringSocket(client, zerocopy="never", ring=ring)
+        main = threading.get_ident()
+        got: list[float] = []
+
+        def on_usr1(*_: object) -> None:
+            assert threading.get_ident() == main
+            got.append(time.monotonic())
+            raise KeyboardInterrupt
+
+        def from_another_thread() -> None:
+            time.sleep(0.5)
+            # Delivered to this thread: the main thread's wait is not interrupted.
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+        def rescue() -> None:
+            time.sleep(20)
+            if not got:
+                Receiver(server)  # let the send complete, so a failure is not a hang
+
+        old = signal.signal(signal.SIGUSR1, on_usr1)
+        try:
+            threading.Thread(target=from_another_thread, daemon=True).start()
+            threading.Thread(target=rescue, daemon=True).start()
+            start = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                for _ in range(10_000):  # bounded: each send waits for room at last
+                    zs.send(b"x" * 65536)
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+        assert got and got[0] - start < 10
+        Receiver(server)
+        zs.close()
+
+
 @needs_uring
 @pytest.mark.parametrize("mode", ["never", "auto"])
 @pytest.mark.parametrize("how", ["flat", "iov"])

@@ -1172,9 +1172,10 @@ cdef class Ring:
         with nogil:
             rc = pf_wait(self.r.fd, ns)
         self.waiters -= 1
-        if rc == -EINTR:
-            PyErr_CheckSignals()
-        elif rc < 0 and rc != -ETIME and rc != -EBUSY:
+        # Every slice, not only on EINTR: a signal whose C handler ran in another thread,
+        # or between two slices, interrupts no wait; its Python handler must still run.
+        PyErr_CheckSignals()
+        if rc < 0 and rc != -EINTR and rc != -ETIME and rc != -EBUSY:
             raise OSError(-rc, "io_uring_enter (wait)")
         return True
 
