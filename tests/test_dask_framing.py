@@ -195,3 +195,13 @@ def test_a_bad_setting_is_a_value_error_naming_its_key(key: str, value: object) 
         pytest.raises(ValueError, match=f"distributed.comm.pagefrag.{key}"),
     ):
         dask_settings()
+
+
+def test_a_tcp_timeout_too_short_for_the_keepalive_probes_is_refused() -> None:
+    with (
+        dask.config.set({"distributed.comm.timeouts.tcp": "5s"}),
+        pytest.raises(ValueError, match="distributed.comm.timeouts.tcp"),
+    ):
+        dask_settings()
+    with dask.config.set({"distributed.comm.timeouts.tcp": "45s"}):
+        assert dask_settings().tcp_timeout == 45

@@ -11,7 +11,7 @@ from typing import Any
 import dask.config
 from dask.utils import parse_bytes, parse_timedelta
 
-__all__ = ["DEFAULTS", "Settings", "settings"]
+__all__ = ["DEFAULTS", "TCP_PROBES", "Settings", "settings"]
 
 DEFAULTS: dict[str, Any] = {
     "backend": "auto",  # the kernel bridge: auto, msg_zerocopy, uring
@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "linger": "10 s",  # how long close() waits for the kernel's completions
 }
 _KEY = "distributed.comm.pagefrag"
+TCP_PROBES = 10  # keep-alive probes before a silent peer is given up (as distributed's)
 
 dask.config.update_defaults({"distributed": {"comm": {"pagefrag": DEFAULTS}}})
 
@@ -42,6 +43,7 @@ class Settings:
     max_message_size: int
     wait_for_release: bool
     linger: float
+    tcp_timeout: int  # distributed.comm.timeouts.tcp, whole seconds
 
 
 def _bytes(name: str, value: Any) -> int:
@@ -73,6 +75,12 @@ def settings() -> Settings:
         raise ValueError(f"{_KEY}.linger: not a duration: {raw['linger']!r}") from exc
     if linger is None or not linger >= 0:
         raise ValueError(f"{_KEY}.linger must be >= 0 seconds, not {raw['linger']!r}")
+    try:
+        tcp_timeout = int(parse_timedelta(dask.config.get("distributed.comm.timeouts.tcp"), "s"))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"distributed.comm.timeouts.tcp: not a duration: {exc}") from exc
+    if tcp_timeout < TCP_PROBES + 1:
+        raise ValueError(f"distributed.comm.timeouts.tcp must be >= {TCP_PROBES + 1} s")
     max_frames = raw["max-frames"]
     if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
         raise ValueError(f"{_KEY}.max-frames must be a positive integer, not {max_frames!r}")
@@ -86,4 +94,5 @@ def settings() -> Settings:
         max_message_size=_bytes("max-message-size", raw["max-message-size"]),
         wait_for_release=raw["wait-for-release"],
         linger=float(linger),
+        tcp_timeout=tcp_timeout,
     )

@@ -108,6 +108,7 @@ class MessageReader:
         self._scratch = memoryview(bytearray(_SCRATCH))
         self._direct = False  # the last get_buffer() was the current frame's own memory
         self.messages: deque[tuple[list[memoryview], int]] = deque()
+        self.message_bytes = 0  # the bytes of every message completed so far
         self._start()
 
     def _start(self) -> None:
@@ -183,4 +184,5 @@ class MessageReader:
             self._filled = 0
             return
         self.messages.append((self._frames, self._nbytes))
+        self.message_bytes += self._nbytes
         self._start()

@@ -33,7 +33,7 @@ class CommProtocol(asyncio.BufferedProtocol):
         self.reader = reader
         self.transport: asyncio.Transport | None = None
         self._read_high = read_high_water
-        self._unread = 0  # bytes of whole messages not yet taken
+        self._taken = 0  # bytes of the messages taken by next_message()
         self._on_made = on_made
         self._message_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -54,7 +54,7 @@ class CommProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         reader = self.reader
-        before = len(reader.messages)
+        before = reader.message_bytes
         try:
             reader.buffer_updated(nbytes)
         except FramingError as exc:
@@ -64,9 +64,8 @@ class CommProtocol(asyncio.BufferedProtocol):
             assert self.transport is not None
             self.transport.abort()
             return
-        if len(reader.messages) != before:
-            self._unread += sum(n for _, n in list(reader.messages)[before:])
-            if self._unread > self._read_high and self.transport is not None:
+        if reader.message_bytes != before:
+            if self.unread > self._read_high and self.transport is not None:
                 self.transport.pause_reading()
             self._wake_reader()
 
@@ -96,6 +95,11 @@ class CommProtocol(asyncio.BufferedProtocol):
 
     # -- the comm's calls ------------------------------------------------------------------
     @property
+    def unread(self) -> int:
+        """Bytes of whole messages received and not yet taken."""
+        return self.reader.message_bytes - self._taken
+
+    @property
     def done(self) -> bool:
         """The connection is lost (``connection_lost`` has run)."""
         return self.lost is not None and self.lost.done()
@@ -122,10 +126,10 @@ class CommProtocol(asyncio.BufferedProtocol):
             finally:
                 self._message_waiter = None
         frames, nbytes = reader.messages.popleft()
-        self._unread -= nbytes
+        self._taken += nbytes
         transport = self.transport
         if (
-            self._unread <= self._read_high // 4
+            self.unread <= self._read_high // 4
             and transport is not None
             and not transport.is_reading()
             and not self.done

@@ -82,13 +82,12 @@ class PagefragConnector(Connector):
         transport, protocol = await aio.create_connection(
             lambda: _protocol(s), ip, port, **_transport_args(s)
         )
-        try:
-            await asyncio.sleep(0)  # connection_made has run (create_connection awaited it)
+        try:  # (create_connection returned after connection_made ran)
             local = _address(transport.get_extra_info("sockname"))
+            return PagefragComm(protocol, local, PREFIX + address, s, deserialize)
         except BaseException:
             transport.abort()
             raise
-        return PagefragComm(protocol, local, PREFIX + address, s, deserialize)
 
 
 class PagefragListener(BaseListener):
@@ -123,7 +122,7 @@ class PagefragListener(BaseListener):
     async def start(self) -> None:
         """Bind and listen (``distributed.comm.socket-backlog``); an ephemeral port is
         retried on ``EADDRINUSE``, as distributed's TCP listener retries it."""
-        s = settings()
+        s = self._settings = settings()
         backlog = int(dask.config.get("distributed.comm.socket-backlog"))
         exc: OSError | None = None
         for _ in range(5):
@@ -176,14 +175,17 @@ class PagefragListener(BaseListener):
             # stop() ran after the accept: nobody will handshake or abort this comm.
             transport.abort()
             return
-        s = settings()
-        comm = PagefragComm(
-            protocol,
-            _address(transport.get_extra_info("sockname")),
-            _address(transport.get_extra_info("peername")),
-            s,
-            self.deserialize,
-        )
+        try:
+            comm = PagefragComm(
+                protocol,
+                _address(transport.get_extra_info("sockname")),
+                _address(transport.get_extra_info("peername")),
+                self._settings,
+                self.deserialize,
+            )
+        except BaseException:
+            transport.abort()  # not left open with nobody to read it
+            raise
         comm.allow_offload = self.allow_offload
         task = asyncio.get_running_loop().create_task(self._handle(comm))
         self._tasks.add(task)

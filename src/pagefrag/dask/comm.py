@@ -35,13 +35,13 @@ import weakref
 from typing import Any, ClassVar
 
 import dask.config
-from dask.utils import parse_bytes, parse_timedelta
+from dask.utils import parse_bytes
 from distributed.comm.core import Comm, CommClosedError
 from distributed.comm.utils import from_frames, to_frames
 
 from .._destructor import FragDestructor
 from ..zerocopy.policy import DEFAULT_MIN_ZEROCOPY_SIZE
-from ._config import Settings
+from ._config import TCP_PROBES, Settings
 from ._framing import frame_message
 from ._protocol import CommProtocol
 
@@ -50,19 +50,16 @@ __all__ = ["PagefragComm"]
 logger = logging.getLogger("pagefrag.dask")
 
 
-def set_tcp_timeout(sock: socket.socket) -> None:
-    """Keepalive probes and ``TCP_USER_TIMEOUT`` from ``distributed.comm.timeouts.tcp``,
-    as distributed's ``TCP`` comm sets them: a dead peer is noticed, and its pins are
-    released (TCP gives up, the completions come) within that bound."""
-    timeout = int(parse_timedelta(dask.config.get("distributed.comm.timeouts.tcp"), "seconds"))
-    nprobes = 10
-    if timeout < nprobes + 1:
-        raise ValueError(f"distributed.comm.timeouts.tcp must be >= {nprobes + 1} s")
+def set_tcp_timeout(sock: socket.socket, timeout: int) -> None:
+    """Keepalive probes and ``TCP_USER_TIMEOUT`` from ``distributed.comm.timeouts.tcp``
+    (``timeout`` seconds, checked by :func:`~._config.settings`), as distributed's ``TCP``
+    comm sets them: a dead peer is noticed, and its pins are released (TCP gives up,
+    the completions come) within that bound."""
     idle = max(2, timeout // 4)
-    interval = max(1, (timeout - idle) // nprobes)
-    idle = timeout - interval * nprobes
+    interval = max(1, (timeout - idle) // TCP_PROBES)
+    idle = timeout - interval * TCP_PROBES
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, nprobes)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, TCP_PROBES)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout * 1000)
@@ -110,7 +107,7 @@ class PagefragComm(Comm):
         sock = protocol.transport.get_extra_info("socket")
         if sock is not None:
             try:
-                set_tcp_timeout(sock)
+                set_tcp_timeout(sock, settings.tcp_timeout)
             except OSError:
                 logger.exception("Could not set the TCP timeouts of %s", peer_addr)
         self._finalizer = weakref.finalize(self, _close_dangling, protocol.transport, repr(self))
