@@ -805,6 +805,8 @@ def test_a_bad_setting_raises_naming_its_key_before_any_socket(name: str, value:
 # -- a malicious peer ------------------------------------------------------------------------
 MALICIOUS = {
     "2**40 frames": struct.pack("<Q", 1 << 40),
+    # unchecked, its 1 GiB of frame lengths would be allocated (and awaited)
+    "2**27 frames": struct.pack("<Q", 1 << 27),
     "one frame of 2**40 bytes": struct.pack("<QQ", 1, 1 << 40),
     "frames summing to 2**40 bytes": struct.pack("<QQQQ", 3, 1 << 38, 1 << 39, 1 << 38),
 }
