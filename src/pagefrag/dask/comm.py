@@ -149,7 +149,8 @@ class PagefragComm(Comm):
             self.closed()
             exc = self._protocol.exc
             raise CommClosedError(f"in {self}: {exc or 'the connection was closed'}") from exc
-        self.bytes_read += sum(f.nbytes for f in frames)
+        # The wire bytes, header included, as bytes_written counts them on the other end.
+        self.bytes_read += 8 * (len(frames) + 1) + sum(f.nbytes for f in frames)
         try:
             return await from_frames(  # type: ignore[no-untyped-call]
                 frames,
