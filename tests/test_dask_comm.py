@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
 import struct
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -377,6 +379,32 @@ def test_abort_closes_at_once_and_the_peer_sees_it(loop: str, bridge: str) -> No
 
     with _bridge(bridge):
         run_on(loop, body(), timeout=60)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_comm_left_open_when_its_loop_closed_is_collected_quietly(loop: str) -> None:
+    """A program that ends its event loop with comms still open (as many Dask programs
+    and tests do): collecting those comms later must not raise from their finalizer
+    (distributed's TCP comm does not either)."""
+    kept: list[Comm] = []
+
+    async def body() -> None:
+        a, b, listener = await _pair("pagefrag://127.0.0.1:0")
+        await a.write({"x": to_serialize(np.ones(MiB))})
+        assert (await asyncio.wait_for(b.read(), 10))["x"].nbytes == 8 * MiB
+        kept.extend((a, b))
+        listener.stop()
+
+    run_on(loop, body(), timeout=30)
+    assert len(kept) == 2 and not any(c.closed() for c in kept)
+    caught: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, caught.append
+    try:
+        kept.clear()
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert [f"{u.exc_type.__name__}: {u.exc_value}" for u in caught] == []
 
 
 # -- connecting ------------------------------------------------------------------------------

@@ -69,9 +69,16 @@ def set_tcp_timeout(sock: socket.socket) -> None:
 
 
 def _close_dangling(transport: asyncio.Transport, name: str) -> None:
-    if not transport.is_closing():
-        logger.warning("Closing dangling comm %s", name)
-        transport.close()  # sends what is queued; pages released on completions
+    if transport.is_closing():
+        return
+    loop = getattr(transport, "_loop", None)
+    if loop is not None and loop.is_closed():
+        # Nothing runs on a closed loop: the pages the kernel may hold stay pinned
+        # (never handed back early); the socket goes with the transport.
+        logger.warning("Dangling comm %s: its event loop is closed", name)
+        return
+    logger.warning("Closing dangling comm %s", name)
+    transport.close()  # sends what is queued; pages released on completions
 
 
 class PagefragComm(Comm):
