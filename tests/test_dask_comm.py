@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -579,6 +580,63 @@ async def _round_trip_one(scheme: str, msg: Any) -> Any:
         out = await asyncio.wait_for(comm.read(), 10)
         await comm.close()
     return out
+
+
+async def _serialization_errors(scheme: str) -> list[str]:
+    """What an unpicklable object does to each end, and that the comm goes on."""
+    seen = []
+    a, b, listener = await _pair(f"{scheme}://127.0.0.1:0")
+    try:
+        await a.write({"x": to_serialize(threading.Lock())})  # on_error="message"
+        with pytest.raises(TypeError, match="Could not serialize object of type lock"):
+            await asyncio.wait_for(b.read(), 10)  # the reader gets the error
+        with pytest.raises(TypeError, match="Could not serialize"):
+            await a.write({"x": to_serialize(threading.Lock())}, on_error="raise")
+        seen.append(f"closed: {a.closed()} {b.closed()}")
+        await a.write({"after": 1})
+        seen.append(repr(await asyncio.wait_for(b.read(), 10)))
+    finally:
+        await a.close()
+        await b.close()
+        listener.stop()
+    return seen
+
+
+def test_serialization_errors_behave_as_tcp() -> None:
+    async def body() -> None:
+        ours = await _serialization_errors("pagefrag")
+        assert ours == await _serialization_errors("tcp")
+        assert ours == ["closed: False False", "{'after': 1}"]
+
+    run_on("asyncio", body(), timeout=30)
+
+
+def _raise_eoferror() -> None:
+    raise EOFError
+
+
+class _EOFWhenLoaded:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _raise_eoferror, ()
+
+
+def test_eoferror_when_deserializing_closes_the_comm() -> None:
+    """As distributed's TCP comm: a truncated-looking payload (EOFError while loading)
+    means the stream cannot be trusted: the read raises CommClosedError and the comm is
+    closed, and the peer's read ends too."""
+
+    async def body() -> None:
+        a, b, listener = await _pair("pagefrag://127.0.0.1:0")
+        await a.write({"data": to_serialize(_EOFWhenLoaded())})
+        with pytest.raises(CommClosedError):
+            await asyncio.wait_for(b.read(), 10)
+        assert b.closed()
+        with pytest.raises(CommClosedError):
+            await asyncio.wait_for(a.read(), 10)
+        await a.close()
+        listener.stop()
+
+    run_on("asyncio", body(), timeout=30)
 
 
 # -- repr, stats -----------------------------------------------------------------------------
