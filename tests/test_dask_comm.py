@@ -852,6 +852,10 @@ def test_high_water_settings_reach_the_transport_and_hold_writers_back() -> None
             a, b, listener = await _pair("pagefrag://127.0.0.1:0")
         for comm in (a, b):
             assert _transport(comm).get_write_buffer_limits() == (MiB // 4, MiB)
+        # A fixed, small receive buffer (no autotuning up to tcp_rmem's 32 MiB): what the
+        # kernel holds for a reader that stopped is far below one message.
+        sock = _transport(b).get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024)
         msgs = [{"i": i, "a": to_serialize(np.full(size, i, dtype=np.uint8))} for i in range(3)]
         await asyncio.wait_for(a.write(msgs[0]), 20)
         await asyncio.wait_for(a.write(msgs[1]), 20)
