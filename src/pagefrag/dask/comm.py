@@ -66,9 +66,16 @@ def set_tcp_timeout(sock: socket.socket, timeout: int) -> None:
 
 
 def _close_dangling(transport: asyncio.Transport, name: str) -> None:
-    if not transport.is_closing():
-        logger.warning("Closing dangling comm %s", name)
-        transport.close()  # sends what is queued; pages released on completions
+    if transport.is_closing():
+        return
+    loop = getattr(transport, "_loop", None)
+    if loop is not None and loop.is_closed():
+        # Nothing runs on a closed loop: the pages the kernel may hold stay pinned
+        # (never handed back early); the socket goes with the transport.
+        logger.warning("Dangling comm %s: its event loop is closed", name)
+        return
+    logger.warning("Closing dangling comm %s", name)
+    transport.close()  # sends what is queued; pages released on completions
 
 
 class PagefragComm(Comm):
@@ -144,7 +151,8 @@ class PagefragComm(Comm):
         if frames is None:
             exc = self._protocol.exc
             raise CommClosedError(f"in {self}: {exc or 'the connection was closed'}") from exc
-        self.bytes_read += sum(f.nbytes for f in frames)
+        # The wire bytes, header included, as bytes_written counts them on the other end.
+        self.bytes_read += 8 * (len(frames) + 1) + sum(f.nbytes for f in frames)
         try:
             return await from_frames(  # type: ignore[no-untyped-call]
                 frames,
