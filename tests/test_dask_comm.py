@@ -710,21 +710,7 @@ def test_bytes_read_on_one_end_are_the_bytes_written_on_the_other() -> None:
     run_on("asyncio", body(), timeout=30)
 
 
-@pytest.mark.parametrize(
-    "bridge",
-    [
-        "msg_zerocopy",
-        pytest.param(
-            "uring",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="io_uring bridge: a request the kernel took only part of stays "
-                "counted in pinned_bytes at its full length until its notification, and "
-                "its rest is counted again in the next request",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("bridge", ["msg_zerocopy", "uring"])
 def test_unsent_plus_pinned_never_exceeds_what_was_written(bridge: str) -> None:
     """What repr/stats report as held (unsent + pinned) is memory the caller handed
     over: it can never be more than the bytes written."""

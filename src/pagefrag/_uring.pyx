@@ -1083,6 +1083,11 @@ cdef class Ring:
                     # Refused before it ran (or cancelled in its link): no notification
                     # comes, so it was no zero-copy send (as a failed MSG_ZEROCOPY call).
                     ch.zerocopy_sends -= 1
+                elif req.zerocopy and req.nbytes > res:
+                    # A partial send: the stack holds only the bytes it took; the rest
+                    # goes (and is counted) in a later request.
+                    ch.pinned_bytes -= req.nbytes - (res if res > 0 else 0)
+                    req.nbytes = res if res > 0 else 0
                 if ch.on_result is not None:
                     self._releases.append((1, ch.on_result, req))
                 if res > 0:
