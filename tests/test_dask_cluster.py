@@ -433,3 +433,53 @@ def test_a_write_the_peer_reads_and_then_closes_returns_its_byte_count(
     failed = [o for o in outcomes if not isinstance(o, int)]
     assert not failed, f"{len(failed)} of {rounds} writes raised: {failed[0]!r}"
     assert all(o > SIZES[0] for o in outcomes)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_write_whose_bytes_never_reach_the_kernel_still_raises(
+    lab: NetLab, run: Run, backend: str
+) -> None:
+    """The other side of the test above: a 32 MiB message goes to a peer no frame
+    reaches any more (100 % loss): the socket takes a window's worth, the rest waits
+    (in the transport's queue, or in the io_uring request in flight); then the comm is
+    aborted. Those bytes never reach the socket, and write() raises CommClosedError."""
+    _skip_unsupported(backend)
+    config = {
+        "distributed.comm.pagefrag.backend": backend,
+        "distributed.comm.pagefrag.zerocopy": "always",
+    }
+
+    async def main() -> Any:
+        async def hold(comm: Any) -> None:
+            with contextlib.suppress(OSError):
+                await comm.read()
+
+        with lab.inside(lab.receiver):
+            listener = listen(f"pagefrag://{RECEIVER_IP}:0", hold)
+            await listener.start()
+        try:
+            with lab.inside(lab.sender):
+                comm = await connect(listener.contact_address, timeout=30)
+            lab.add_loss(100)
+            write = asyncio.ensure_future(comm.write({"big": np.ones(32 * MIB // 8)}))
+            try:
+                deadline = time.monotonic() + 30
+                # Queued whole (pinned or unsent; an io_uring request in flight counts as
+                # pinned): the socket takes a window's worth at most, no ACK comes.
+                while comm.unsent_bytes + comm.pinned_bytes < 32 * MIB and not write.done():
+                    assert time.monotonic() < deadline, "the message was never queued"
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.1)
+                assert not write.done()
+                comm.abort()
+                return (await asyncio.gather(write, return_exceptions=True))[0]
+            finally:
+                write.cancel()
+                comm.abort()
+        finally:
+            listener.stop()
+
+    with dask.config.set(config):
+        outcome = run(main(), timeout=120)
+    assert lab.dropped() > 0
+    assert "the connection ended during the write" in str(outcome), repr(outcome)
