@@ -46,24 +46,25 @@ POISON64 = 0xEEEE_EEEE_EEEE_EEEE
 
 
 # -- item 1: a LocalCluster moving >= 256 MiB worker to worker ---------------------------
-def _comm_totals(dask_worker: Any) -> dict[str, Any]:
-    """In a worker process: the live pagefrag comms' byte counts and bridges."""
-    from pagefrag.dask.comm import PagefragComm
-
-    comms = [o for o in gc.get_objects() if isinstance(o, PagefragComm)]
-    transports = {type(c._protocol.transport).__name__ for c in comms}
-    return {
-        "written": sum(c.stats()["bytes_written"] for c in comms),
-        "read": sum(c.stats()["bytes_read"] for c in comms),
-        "sends": sum(c.stats()["zerocopy"].sends for c in comms if c.stats()["zerocopy"]),
-        "transports": sorted(transports - {"NoneType"}),
-    }
-
-
 def workload(protocol: str) -> dict[str, Any]:
     """Start the cluster, persist x (seeded) on worker a only, compute (x + x.T).sum() on
     worker b only (every chunk of x crosses), and gather what the workers logged."""
     out: dict[str, Any] = {}
+
+    def comm_totals(dask_worker: Any) -> dict[str, Any]:
+        # Runs in a worker process (sent by value: defined here, not importable there):
+        # the live pagefrag comms' byte counts and which bridge their transports are.
+        from pagefrag.dask.comm import PagefragComm
+
+        comms = [o for o in gc.get_objects() if isinstance(o, PagefragComm)]
+        transports = {type(c._protocol.transport).__name__ for c in comms}
+        return {
+            "written": sum(c.stats()["bytes_written"] for c in comms),
+            "read": sum(c.stats()["bytes_read"] for c in comms),
+            "sends": sum(c.stats()["zerocopy"].sends for c in comms if c.stats()["zerocopy"]),
+            "transports": sorted(transports - {"NoneType"}),
+        }
+
     with (
         LocalCluster(
             protocol=protocol,
@@ -93,7 +94,7 @@ def workload(protocol: str) -> dict[str, Any]:
             ]
         )
         if protocol == "pagefrag":
-            out["comms"] = client.run(_comm_totals)
+            out["comms"] = client.run(comm_totals)
         out["a"], out["b"] = a, b
     return out
 
