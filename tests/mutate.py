@@ -110,6 +110,13 @@ MUTANTS = [
             "tests/test_backends_net.py::test_poison_after_release_under_loss[uring-send]",
         ],
     ),
+    (
+        "dask comm: write() returns without waiting for the kernel's release",
+        "src/pagefrag/dask/comm.py",
+        "            if self._settings.wait_for_release:\n",
+        "            if False:\n",
+        ["tests/test_dask_cluster.py::test_overwrite_after_write_under_loss_through_dask"],
+    ),
 ]
 
 

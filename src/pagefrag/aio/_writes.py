@@ -62,15 +62,17 @@ class _Write:
 class WriteQueue:
     """The writes of one transport, first to send first. ``holder`` is who the pins'
     references are recorded for (the transport, in leak reports). ``unsent``: bytes
-    queued and not yet taken by the kernel; ``handles``: the handles not fired yet."""
+    queued and not yet taken by the kernel; ``dropped``: bytes :meth:`drop` abandoned
+    unsent, ever; ``handles``: the handles not fired yet."""
 
-    __slots__ = ("_holder", "gathered", "handles", "queue", "unsent")
+    __slots__ = ("_holder", "dropped", "gathered", "handles", "queue", "unsent")
 
     def __init__(self, holder: object) -> None:
         self._holder = holder
         self.queue: collections.deque[_Write] = collections.deque()
         self.handles: set[FragDestructor] = set()
         self.unsent = 0
+        self.dropped = 0
         self.gathered = 0  # bytes of the last iovec gather() returned
 
     def push(
@@ -190,6 +192,7 @@ class WriteQueue:
         Refs: releases each write's pin and its handle's first reference (the handle
         fires once the kernel has released the part it took)."""
         queue, self.queue = self.queue, collections.deque()
+        self.dropped += self.unsent
         self.unsent = 0
         each(self._release, queue)  # every write, also if a handle raises an interrupt
 

@@ -421,6 +421,12 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
     def pinned_bytes(self) -> int:
         return self._zs.pinned_bytes
 
+    @property
+    def dropped_bytes(self) -> int:
+        """Bytes written but never handed to the kernel: dropped by abort(), a failure
+        of the connection or the linger bound (a running total)."""
+        return self._writes.dropped
+
     def can_write_eof(self) -> bool:
         return True
 

@@ -168,7 +168,9 @@ class PagefragComm(Comm):
         """Serialize and send ``msg``; return the bytes written (header included).
         With ``wait-for-release`` (the default), return only once the kernel has
         released every frame that is the caller's memory: the caller may then free or
-        change it. Kernel: ``sendmsg(MSG_ZEROCOPY)`` / io_uring ``SEND_ZC``.
+        change it. ``CommClosedError`` if the comm is closed or some of the message's
+        bytes never reached the kernel (as TCP's comm: not when the connection ends after
+        they all did). Kernel: ``sendmsg(MSG_ZEROCOPY)`` / io_uring ``SEND_ZC``.
 
         Refs: a pin on each large frame until the kernel releases it."""
         transport = self._transport
@@ -189,8 +191,9 @@ class PagefragComm(Comm):
         pieces, total = frame_message(frames, self._copy_below)
         try:
             await self._protocol.writable()
-            if self.closed():
+            if self.closed() or transport.is_closing():
                 raise CommClosedError(f"in {self}: closed")
+            dropped = transport.dropped_bytes  # type: ignore[attr-defined]
             lent: list[FragDestructor] = []
             # One synchronous step: a concurrent writer's pieces cannot come between.
             for data, theirs in pieces:
@@ -210,7 +213,10 @@ class PagefragComm(Comm):
             # kernel releases them.
             self.abort()
             raise
-        if self.closed() or transport.is_closing():
+        # As TCP's comm: the write failed if some of its bytes never reached the kernel.
+        # The connection ending after they all did (the peer read them and closed, its
+        # FIN often arriving with the ACK that releases the pages) is no failure.
+        if transport.dropped_bytes != dropped:  # type: ignore[attr-defined]
             raise CommClosedError(f"in {self}: the connection ended during the write")
         self.bytes_written += total
         return total
