@@ -205,8 +205,16 @@ class PagefragComm(Comm):
             # kernel releases them.
             self.abort()
             raise
-        if self.closed() or transport.is_closing():
-            raise CommClosedError(f"in {self}: the connection ended during the write")
+        if not self._closed and transport.is_closing() and self._protocol.lost is not None:
+            # The connection is ending while this write waited (the peer closed it, or
+            # it failed). A peer that read the message and closed is no failure of this
+            # write (distributed's TCP comm returns then too): the transport's end says
+            # whether every byte went out (connection_lost(None)) or some were dropped.
+            await asyncio.shield(self._protocol.lost)
+        if self._closed or self._protocol.exc is not None:
+            raise CommClosedError(
+                f"in {self}: the connection ended during the write"
+            ) from self._protocol.exc
         self.bytes_written += total
         return total
 
