@@ -106,7 +106,7 @@ def test_write_returns_when_the_peer_reads_the_message_and_closes(
             return n, pinned, msg, closed
 
     n, pinned, msg, closed = run(main())
-    assert pinned == arr.nbytes  # the write was waiting for the kernel's release
+    assert pinned >= arr.nbytes  # the write was waiting for the kernel's release
     assert n > arr.nbytes
     assert msg["op"] == "x"
     np.testing.assert_array_equal(msg["data"], arr)

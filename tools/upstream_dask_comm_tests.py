@@ -16,21 +16,31 @@ The substitutions (``SUBSTITUTIONS``) make the generic tests run on ``pagefrag:/
   and hands the tests a stand-in module whose ``TCPListener``/``TCPConnector``/
   ``TCPBackend``/``TCP`` are pagefrag's ``PagefragListener``/``PagefragConnector``/
   ``PagefragBackend``/``PagefragComm`` (``TLS*`` stay distributed's);
-* ``DASK_DISTRIBUTED__COMM__DEFAULT_SCHEME=pagefrag`` in the environment, so that the
-  tests of scheme-less addresses ("the default scheme is TCP") use ``pagefrag://``.
+* ``DASK_DISTRIBUTED__COMM__DEFAULT_SCHEME=pagefrag`` in the environment, so that
+  ``resolve_address`` of a scheme-less address uses ``pagefrag://``.
+
+Each run is repeated on both event loops (``distributed.admin.event-loop``) and with
+``distributed.comm.pagefrag.zerocopy`` ``auto`` and ``always``: loopback copies at
+delivery, so ``auto`` copies there, and only ``always`` keeps frames pinned until the
+kernel delivers them, as a real NIC does. ``--src`` picks the pagefrag sources (e.g. an
+older tree, to compare). ``PAGEFRAG_PURE_PYTHON`` is passed through.
 
 Upstream's ``conftest.py`` is used verbatim and its pytest settings
 (``[tool.pytest.ini_options]`` of its ``pyproject.toml``: ``filterwarnings = error``,
 ``--strict-markers`` ...) are kept, minus pytest-timeout's keys when that plugin is not
-installed. Tests that cannot apply to ``pagefrag://`` (TLS-only, inproc-only,
-WebSocket-only, tornado or ``distributed.comm.tcp`` internals, scheme-independent
-helpers) are deselected by name with the reason in ``NOT_APPLICABLE``; any test in
-neither table is run and reported as unclassified.
+installed, plus an ignore for the FutureWarning of upstream's deprecated ``get_ipv6``
+(their CI has no IPv6, so it never sees it). distributed's test certificates are read
+from upstream too (module-level TLS contexts need them at import). Tests that cannot
+apply to ``pagefrag://`` (TLS-only, inproc-only, tornado or ``distributed.comm.tcp``
+internals, scheme-independent helpers, a scheme-less ``listen()`` that is hard-wired to
+``tcp://``) are deselected by name with the reason in ``NOT_APPLICABLE``;
+``test_ws.py`` (WebSocket only) is not collected; any test in neither table nor in
+``APPLICABLE_HINT`` is run and reported as unclassified.
 
 Example (from the repository root)::
 
     PYTHONPATH=$PWD/src .venv/bin/python tools/upstream_dask_comm_tests.py \\
-        --mirror /path/to/distributed.git --ref 2026.7.1 --loop both
+        --mirror /path/to/distributed.git --ref 40fcd99a8   # or --checkout DIR
 
 Exit status: 0 when no selected test failed, 1 otherwise, 2 for a usage or set-up error.
 """
