@@ -96,7 +96,7 @@ class PagefragComm(Comm):
         settings: Settings,
         deserialize: bool = True,
     ) -> None:
-        self._closed = False
+        self._closed = self._aborted = False
         super().__init__(deserialize=deserialize)
         assert protocol.transport is not None
         self._protocol = protocol
@@ -216,7 +216,8 @@ class PagefragComm(Comm):
         # As TCP's comm: the write failed if some of its bytes never reached the kernel.
         # The connection ending after they all did (the peer read them and closed, its
         # FIN often arriving with the ACK that releases the pages) is no failure.
-        if transport.dropped_bytes != dropped:  # type: ignore[attr-defined]
+        # Our own abort() meanwhile reset the connection: what was in flight may be lost.
+        if transport.dropped_bytes != dropped or self._aborted:  # type: ignore[attr-defined]
             raise CommClosedError(f"in {self}: the connection ended during the write")
         self.bytes_written += total
         return total
@@ -240,7 +241,7 @@ class PagefragComm(Comm):
         the kernel holds are released only when it reports them. Kernel:
         ``connect(AF_UNSPEC)``. Refs: dropped as the completions arrive."""
         transport, self._transport = self._transport, None
-        self._closed = True
+        self._closed = self._aborted = True
         if transport is not None:
             self._finalizer.detach()
             transport.abort()
