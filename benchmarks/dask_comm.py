@@ -26,11 +26,13 @@ Peak RSS: the sender resets its high-water mark before each cell (``echo 5 >
 
   cluster a ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
           protocol=...)`` (a process of its own per cell, loopback): ``x`` (8192 x 8192
-          float64, 2048 x 2048 chunks: 512 MiB) persisted; then, 5 times (after a
-          warm-up), ``y = (x + k).persist()`` (made where x's chunks are) and the timed
-          ``(y + y.T).sum().compute()``, which fetches half of ``y``'s off-diagonal chunks
-          from the other worker. Median wall time, and the bytes workers fetched from
-          each other per compute (from their ``transfer_incoming_log``).
+          float64, 2048 x 2048 chunks: 512 MiB), its top half persisted on one worker,
+          its bottom half on the other; then, 5 times (after a warm-up), ``y = (x +
+          k).persist()`` (made where x's chunks are) and the timed ``(y +
+          y.T).sum().compute()``, whose blocks off the two diagonal quarters each fetch
+          one 32 MiB block from the other worker (256 MiB per compute). Median wall time,
+          and the bytes workers fetched from each other per compute (their
+          ``transfer_incoming_log``).
 
 Local delivery (loopback and veth) copies on this machine: every zero-copy completion
 says COPIED, so these figures measure pagefrag's overhead, not its benefit. The report
@@ -289,8 +291,14 @@ def _cluster(protocol: str, n: int, chunk: int, reps: int, processes: bool) -> N
         Client(cluster) as client,
     ):
         pids = sorted(set(client.run(os.getpid).values()) - {os.getpid()})
-        x = da.random.random((n, n), chunks=(chunk, chunk)).persist()
-        wait(x)
+        # The top half of x's rows on one worker, the bottom half on the other: every
+        # block of (y + y.T) off the two diagonal quarters needs one block fetched from
+        # the other worker (n/2 x n/2 elements each way: 2 * n*n/4 * 8 bytes).
+        first, second = sorted(client.scheduler_info()["workers"])
+        top = client.persist(da.random.random((n // 2, n), chunks=chunk), workers=[first])
+        bottom = client.persist(da.random.random((n // 2, n), chunks=chunk), workers=[second])
+        x = da.concatenate([top, bottom], axis=0)
+        wait([top, bottom])
         base = float(2 * x.sum().compute())
         times, moved = [], 0
         for rep in range(reps + 1):  # the first is a warm-up (imports, code paths)
@@ -465,7 +473,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 samples.setdefault((path, workload, scheme), []).append(cell)
     print(" " * 60, end="\r", file=sys.stderr)
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    for (path, workload, scheme), runs in samples.items():
+    order = {
+        name: i for i, name in enumerate([*WORKLOADS, "cluster", "loopback", "veth", *VARIANTS])
+    }
+    for (path, workload, scheme), runs in sorted(
+        samples.items(), key=lambda item: [order[k] for k in (item[0][1], item[0][0], item[0][2])]
+    ):
         keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
         results.setdefault(workload, {}).setdefault(path, {})[scheme] = {
             k: statistics.median(float(r[k]) for r in runs) for k in keys

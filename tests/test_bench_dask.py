@@ -80,7 +80,7 @@ def test_quick_run_measures_every_cell_and_cleans_up(tmp_path: Path) -> None:
     cluster = results["cluster"]["loopback"]
     assert set(cluster) == {"tcp", "pagefrag"}
     for cell in cluster.values():
-        assert cell["wall_s"] > 0 and cell["fetched_mib_per_compute"] >= 0
+        assert cell["wall_s"] > 0 and cell["fetched_mib_per_compute"] > 0  # transfers
     assert report["ratios"]["cluster"]["loopback"]["wall_s"] == pytest.approx(
         cluster["pagefrag"]["wall_s"] / cluster["tcp"]["wall_s"]
     )
