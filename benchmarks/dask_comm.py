@@ -17,20 +17,27 @@ order, medians over the rounds):
   rpc     many small messages, request/response: one ~300-byte dict written, one small
           reply read, in a loop. Round trips/s.
 
+Variants: ``tcp`` (distributed's TCP comm), ``pagefrag`` (the defaults a Dask user gets)
+and, for the arrays, ``pagefrag-always`` (``distributed.comm.pagefrag.zerocopy: always``:
+every large frame sent zero-copy and pinned until the kernel releases it).
+
 Paths: TCP over loopback, and across veth from one network namespace to another
 (pagefrag.testing.netlab.NetLab; root only). Sender on core 0, receiver on core 1.
 Each path has one receiver process (listening on both schemes) and one sender process
 (it holds the working set); they live for the whole run and take one cell at a time.
 Peak RSS: the sender resets its high-water mark before each cell (``echo 5 >
-/proc/self/clear_refs``) and reads ``VmHWM`` after it.
+/proc/self/clear_refs``) and reads ``VmHWM`` after it. CPU: the kernel's delivery work
+(softirq) is charged to whichever process is on the CPU, so the split between sender and
+receiver shifts; their sum is the robust figure.
 
   cluster a ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
           protocol=...)`` (a process of its own per cell, loopback): ``x`` (8192 x 8192
           float64, 2048 x 2048 chunks: 512 MiB), its top half persisted on one worker,
           its bottom half on the other; then, 5 times (after a warm-up), ``y = (x +
           k).persist()`` (made where x's chunks are) and the timed ``(y +
-          y.T).sum().compute()``, whose blocks off the two diagonal quarters each fetch
-          one 32 MiB block from the other worker (256 MiB per compute). Median wall time,
+          y.T).sum().compute()``, whose blocks off the two diagonal quarters need a 32 MiB
+          block from the other worker (4 to 8 fetches, as replicas already fetched serve
+          the mirror block: 128-256 MiB per compute). Median wall time,
           and the bytes workers fetched from each other per compute (their
           ``transfer_incoming_log``).
 
@@ -67,7 +74,7 @@ from pagefrag.bench.machine import machine
 
 SCHEMES = ("tcp", "pagefrag")
 VARIANTS = {
-    # variant: (scheme, distributed.comm.pagefrag.zerocopy on the sender), workloads
+    # variant: (scheme, distributed.comm.pagefrag.zerocopy on the sender)
     "tcp": ("tcp", None),
     "pagefrag": ("pagefrag", None),  # the defaults: what a Dask user gets
     "pagefrag-always": ("pagefrag", "always"),  # zero-copy forced on, local or not
@@ -292,8 +299,8 @@ def _cluster(protocol: str, n: int, chunk: int, reps: int, processes: bool) -> N
     ):
         pids = sorted(set(client.run(os.getpid).values()) - {os.getpid()})
         # The top half of x's rows on one worker, the bottom half on the other: every
-        # block of (y + y.T) off the two diagonal quarters needs one block fetched from
-        # the other worker (n/2 x n/2 elements each way: 2 * n*n/4 * 8 bytes).
+        # block of (y + y.T) off the two diagonal quarters needs a block that is on the
+        # other worker (unless an earlier task of the compute fetched it already).
         first, second = sorted(client.scheduler_info()["workers"])
         top = client.persist(da.random.random((n // 2, n), chunks=chunk), workers=[first])
         bottom = client.persist(da.random.random((n // 2, n), chunks=chunk), workers=[second])
