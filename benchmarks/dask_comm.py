@@ -47,7 +47,7 @@ also gives an estimate for a real NIC, derived from the true zero-copy UDP measu
 (see ``NIC_ESTIMATE`` below and docs/performance.md, "Dask comm").
 
     python benchmarks/dask_comm.py [--seconds 2] [--rounds 5] [--no-veth] [--no-cluster]
-        [--quick] [--json FILE]
+        [--workloads array,stream,rpc,cluster] [--quick] [--json FILE]
 
 ``--quick``: 1 MiB arrays in a 4 MiB working set, 0.2 s cells, one round, a 512 x 512
 cluster array on a ``processes=False`` cluster (its workers are threads of the cell's
@@ -450,11 +450,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cells: list[tuple[str, str, str]] = [
                 (p, w, v)
                 for p in paths
-                for w in WORKLOADS
+                for w in args.workloads
+                if w != "cluster"
                 for v in VARIANTS
                 if w == "array" or v != "pagefrag-always"
             ]
-            if not args.no_cluster:
+            if "cluster" in args.workloads and not args.no_cluster:
                 cells += [("loopback", "cluster", s) for s in SCHEMES]
             rng.shuffle(cells)
             for path, workload, scheme in cells:
@@ -654,6 +655,13 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _workloads(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in (*WORKLOADS, "cluster") for n in names):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join((*WORKLOADS, 'cluster'))}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -662,6 +670,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds, medians kept (5)")
     parser.add_argument("--no-veth", action="store_true", help="loopback only")
     parser.add_argument("--no-cluster", action="store_true", help="leave out LocalCluster")
+    parser.add_argument(
+        "--workloads",
+        type=_workloads,
+        default=[*WORKLOADS, "cluster"],
+        metavar="W,W",
+        help="comma-separated, of array,stream,rpc,cluster (all)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run (tiny sizes)")
     parser.add_argument("--seed", type=int, default=None, help="of the shuffles")
     parser.add_argument("--json", metavar="FILE")
