@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from pagefrag.bench.machine import machine
+from pagefrag.cli._args import names_in
 
 SCHEMES = ("tcp", "pagefrag")
 VARIANTS = {
@@ -655,13 +656,6 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _workloads(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names or any(n not in (*WORKLOADS, "cluster") for n in names):
-        raise argparse.ArgumentTypeError(f"choose from {', '.join((*WORKLOADS, 'cluster'))}")
-    return names
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -672,7 +666,7 @@ def main() -> None:
     parser.add_argument("--no-cluster", action="store_true", help="leave out LocalCluster")
     parser.add_argument(
         "--workloads",
-        type=_workloads,
+        type=names_in((*WORKLOADS, "cluster")),
         default=[*WORKLOADS, "cluster"],
         metavar="W,W",
         help="comma-separated, of array,stream,rpc,cluster (all)",

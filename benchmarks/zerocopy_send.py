@@ -64,16 +64,7 @@ from pagefrag.bench.matrix import (
 )
 from pagefrag.bench.report import URING_TARGETS, build, markdown, splits_markdown, table
 from pagefrag.bench.workset import COLD, HOT
-
-
-def _names(known: list[str]) -> object:
-    def parse(text: str) -> list[str]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        if not names or any(n not in known for n in names):
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(known)}")
-        return names
-
-    return parse
+from pagefrag.cli._args import names_in
 
 
 def main() -> None:
@@ -85,8 +76,8 @@ def main() -> None:
     parser.add_argument("--hot", action="store_true", help="also from one reused buffer")
     parser.add_argument("--no-veth", action="store_true", help="TCP loopback only")
     parser.add_argument("--no-c", action="store_true", help="leave out the C anchor")
-    parser.add_argument("--paths", type=_names(list(PATH_KEYS)), help="comma-separated")
-    parser.add_argument("--sizes", type=_names(list(SIZES)), help="comma-separated")
+    parser.add_argument("--paths", type=names_in(list(PATH_KEYS)), help="comma-separated")
+    parser.add_argument("--sizes", type=names_in(list(SIZES)), help="comma-separated")
     parser.add_argument(
         "--uring",
         action="store_true",

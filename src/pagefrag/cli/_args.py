@@ -28,6 +28,21 @@ def int_in(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
+def names_in(known: tuple[str, ...] | list[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated, non-empty subset of ``known``."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in known]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(bad) or 'nothing'}: choose from {', '.join(known)}"
+            )
+        return names
+
+    return parse
+
+
 def seconds_up_to(hi: float) -> Callable[[str], float]:
     """An argparse type: a finite number of seconds, more than 0 and at most ``hi``."""
 

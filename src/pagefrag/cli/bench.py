@@ -9,29 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._args import UsageError, int_in, seconds_up_to, writable_file, writable_folder
+from ._args import UsageError, int_in, names_in, seconds_up_to, writable_file, writable_folder
 
 PATHS = ("tcp-loopback", "tcp-veth", "udp")
 SIZE_NAMES = ("4KiB", "16KiB", "60000B", "64KiB", "1MiB")
-
-
-def _names(known: tuple[str, ...]) -> Callable[[str], list[str]]:
-    """An argparse type: a comma-separated subset of ``known``."""
-
-    def parse(text: str) -> list[str]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        bad = [n for n in names if n not in known]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(
-                f"{', '.join(bad) or 'nothing'}: choose from {', '.join(known)}"
-            )
-        return names
-
-    return parse
 
 
 EXAMPLE = """examples:
@@ -61,10 +45,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--no-c", action="store_true", help="leave out the C anchor")
     p.add_argument(
-        "--paths", type=_names(PATHS), help=f"only these paths, comma-separated ({','.join(PATHS)})"
+        "--paths",
+        type=names_in(PATHS),
+        help=f"only these paths, comma-separated ({','.join(PATHS)})",
     )
     p.add_argument(
-        "--sizes", type=_names(SIZE_NAMES), help=f"only these sizes ({','.join(SIZE_NAMES)})"
+        "--sizes", type=names_in(SIZE_NAMES), help=f"only these sizes ({','.join(SIZE_NAMES)})"
     )
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
