@@ -470,6 +470,63 @@ def test_a_write_whose_bytes_never_reach_the_kernel_still_raises(
     assert "the connection ended during the write" in str(outcome), repr(outcome)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_is_bounded_by_linger_and_keeps_the_pins_until_the_kernel_releases(
+    lab: NetLab, run: Run, backend: str
+) -> None:
+    """close() with frames in flight to a peer no frame reaches (100 % loss) returns
+    once linger (1 s here) has passed, not when TCP gives up; the pages the kernel
+    holds stay pinned past it (the caller's array is still referenced), and are
+    released, with nothing lost, once the loss is lifted."""
+    _skip_unsupported(backend)
+    config = {
+        "distributed.comm.pagefrag.backend": backend,
+        "distributed.comm.pagefrag.zerocopy": "always",
+        "distributed.comm.pagefrag.wait-for-release": False,
+        "distributed.comm.pagefrag.linger": "1s",
+    }
+
+    async def main() -> tuple[float, int, int]:
+        received: list[Any] = []
+
+        async def hold(comm: Any) -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    received.append(await comm.read())
+
+        with lab.inside(lab.receiver):
+            listener = listen(f"pagefrag://{RECEIVER_IP}:0", hold)
+            await listener.start()
+        try:
+            with lab.inside(lab.sender):
+                comm = await connect(listener.contact_address, timeout=30)
+            comm.allow_offload = False  # no distributed offload thread (see above)
+            lab.add_loss(100)
+            array = np.arange(MIB, dtype="u8")  # 8 MiB
+            alive = weakref.ref(array)  # a bare ndarray is weak-referenceable
+            await asyncio.wait_for(comm.write({"a": array}), 30)  # queued, not released
+            del array
+            start = time.monotonic()
+            await asyncio.wait_for(comm.close(), 30)
+            took = time.monotonic() - start
+            pinned = comm.pinned_bytes
+            held = alive() is not None  # the pin keeps the memory alive past close()
+            lab.add_loss(0)
+            deadline = time.monotonic() + 60
+            while (comm.pinned_bytes or alive() is not None) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                gc.collect()
+            return took, pinned if held else -1, comm.pinned_bytes + (alive() is not None)
+        finally:
+            listener.stop()
+
+    with dask.config.set(config):
+        took, pinned, left = run(main(), timeout=120)
+    assert 0.9 <= took < 10, took
+    assert pinned > 0, "close() past linger must keep the pages pinned (and the array alive)"
+    assert left == 0, "the pins must go once the kernel releases the pages"
+
+
 @pytest.fixture(autouse=True)
 def no_threads_left_behind() -> Iterator[None]:
     """No thread a test starts (a cluster's loop, a comm's) outlives it. The one

@@ -194,7 +194,12 @@ class WriteQueue:
         queue, self.queue = self.queue, collections.deque()
         self.dropped += self.unsent
         self.unsent = 0
-        each(self._release, queue)  # every write, also if a handle raises an interrupt
+        try:
+            each(self._release, queue)  # every write, also if a handle raises an interrupt
+        finally:
+            # Emptied: whoever still refers to the old deque (the io_uring bridge's
+            # sent_by) must not keep the writes' views, and so their memory, alive.
+            queue.clear()
 
     def _release(self, w: _Write) -> None:
         if w.hold is not None:
