@@ -17,12 +17,23 @@ from pagefrag.testing.netlab import lab_namespaces, missing_tools
 CLI = [sys.executable, "-m", "pagefrag.cli"]
 
 
+def sigint_default() -> None:
+    """In the child before it runs: SIGINT back to its default, so Python installs its
+    KeyboardInterrupt handler even when this test run was started with SIGINT ignored
+    (a shell's background job: tests/run's second pass, nohup)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run the CLI to the end. On timeout it is terminated (SIGTERM, so it deletes its
     namespaces; SIGKILL only if it does not stop) and the timeout is raised; either way
     no namespace of it may be left behind."""
     proc = subprocess.Popen(
-        CLI + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        CLI + list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_default,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -154,6 +165,7 @@ def start_long_demo(*extra: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_default,
     )
 
 

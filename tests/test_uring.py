@@ -1411,6 +1411,7 @@ def test_enomem_always_a_stream_request_over_the_limit_goes_in_shorter_requests(
     }, out
 
 
+@needs_uring
 def test_a_signal_handled_by_another_thread_still_interrupts_a_waiting_send() -> None:
     """A signal whose C-level handler ran in another thread (or between two slices of
     the wait) does not interrupt the main thread's ``io_uring_enter``: its Python
