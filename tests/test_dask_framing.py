@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from pagefrag.dask import FramingError
 from pagefrag.dask import settings as dask_settings
-from pagefrag.dask._framing import DIRECT_READ_MIN, MessageReader, frame_message
+from pagefrag.dask._framing import DIRECT_READ_MIN, FRAME_COST, MessageReader, frame_message
 
 SIZES = st.one_of(
     st.just(0),
@@ -67,7 +67,9 @@ def test_any_split_of_the_stream_gives_back_every_frame(
     assert reader.idle
     got = list(reader.messages)
     assert [[bytes(f) for f in frames] for frames, _ in got] == sent
-    assert [n for _, n in got] == [total for _, total in streams]
+    assert [n for _, n in got] == [
+        total + FRAME_COST * len(frames) for (_, total), frames in zip(streams, sent, strict=True)
+    ]
     for frames, _ in got:
         assert all(not f.readonly for f in frames)  # numpy arrays made from them are writable
         bases = [f.obj for f in frames if f.nbytes]
@@ -206,3 +208,16 @@ def test_a_tcp_timeout_too_short_for_the_keepalive_probes_is_refused() -> None:
         dask_settings()
     with dask.config.set({"distributed.comm.timeouts.tcp": "45s"}):
         assert dask_settings().tcp_timeout == 45
+
+
+def test_readers_of_one_thread_share_one_scratch_buffer_and_empty_frames_cost_memory() -> None:
+    """1000 idle connections do not hold 1000 scratch buffers; a message of many empty
+    frames is charged for them (so read-high-water bounds what a peer can make us hold)."""
+    a, b = MessageReader(4, 1 << 20), MessageReader(4, 1 << 20)
+    assert a.get_buffer().obj is b.get_buffer().obj
+    reader = MessageReader(1 << 20, 1 << 30)
+    data, total = _stream([b""] * 10_000, 16)
+    _feed(reader, data, [])
+    ((frames, cost),) = reader.messages
+    assert len(frames) == 10_000 and cost == total + 10_000 * FRAME_COST
+    assert reader.message_bytes == cost

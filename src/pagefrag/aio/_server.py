@@ -29,6 +29,7 @@ ACCEPT_RETRY_DELAY = 1.0
 """Seconds the server stops accepting after running out of descriptors or memory (as
 asyncio's ``constants.ACCEPT_RETRY_DELAY``)."""
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_PEER_GONE = (errno.ENOTCONN, errno.ECONNRESET, errno.ECONNABORTED)
 
 
 class ZeroCopyServer(asyncio.AbstractServer):
@@ -111,6 +112,12 @@ class ZeroCopyServer(asyncio.AbstractServer):
                 self._on_accept(conn, self)  # closes or aborts the connection when it fails
             except (SystemExit, KeyboardInterrupt):
                 raise
+            except OSError as exc:
+                if exc.errno not in _PEER_GONE:
+                    loop.call_exception_handler(
+                        {"message": "setting up an accepted connection failed", "exception": exc}
+                    )
+                # else: reset by the peer while queued for accept; as asyncio, no report.
             except BaseException as exc:
                 loop.call_exception_handler(
                     {"message": "setting up an accepted connection failed", "exception": exc}

@@ -117,6 +117,16 @@ def _socket_error(exc: Exception) -> Exception:
     return exc
 
 
+def _peername(sock: socket.socket) -> Any:
+    """The peer's address, or None for a connection already reset (``ENOTCONN``) when
+    its accept is processed, as asyncio's transports record it: the reset then ends the
+    connection at its first read, not the set-up with an error."""
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+
+
 class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
     """A stream transport with per-write release notification (Linux ``MSG_ZEROCOPY``).
 
@@ -172,7 +182,7 @@ class ZeroCopyTransport(ReadingMixin, FlowControlMixin):
             {
                 "socket": sock,
                 "sockname": sock.getsockname(),
-                "peername": sock.getpeername(),
+                "peername": _peername(sock),
                 "zerocopy_socket": self._zs,
                 **(extra or {}),
             }

@@ -17,12 +17,14 @@ through a scratch buffer and one copy."""
 from __future__ import annotations
 
 import struct
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
     "DIRECT_READ_MIN",
+    "FRAME_COST",
     "FramingError",
     "MessageReader",
     "frame_message",
@@ -34,6 +36,23 @@ DIRECT_READ_MIN = 64 * 1024
 """A frame with at least this many bytes still to come is received straight into its own
 buffer; below it, through the scratch buffer."""
 _SCRATCH = 256 * 1024
+FRAME_COST = 256
+"""What a received frame costs in memory beyond its bytes (its buffer and view objects),
+charged with its bytes wherever received data is bounded: a message of many empty frames
+is not free."""
+_EMPTY = memoryview(bytearray(0))  # every empty frame: nothing to write into, nothing held
+_local = threading.local()
+
+
+def _shared_scratch() -> memoryview:
+    """This thread's scratch buffer, shared by its readers: a receive into it is parsed
+    out of it before the next receive (get_buffer, recv_into, buffer_updated in one
+    synchronous step), so idle connections cost no scratch memory of their own."""
+    scratch: memoryview | None = getattr(_local, "scratch", None)
+    if scratch is None:
+        scratch = _local.scratch = memoryview(bytearray(_SCRATCH))
+    return scratch
+
 
 Piece = tuple[Any, bool]
 """A piece of a framed message and whether it is the caller's memory (``True``: a frame
@@ -88,7 +107,8 @@ class MessageReader:
     """Received bytes in, whole messages out (each a list of writable memoryviews, one
     buffer per frame). Drive it as an ``asyncio.BufferedProtocol`` is driven: receive into
     :meth:`get_buffer`, then report the count to :meth:`buffer_updated`; completed
-    messages wait in :attr:`messages` (with their byte counts) until taken.
+    messages wait in :attr:`messages` (each with its cost: its bytes on the wire plus
+    :data:`FRAME_COST` per frame) until taken.
 
     ``max_frames``, ``max_bytes``: the bounds of one message (header included);
     ``allocate(n)``: a writable byte memoryview of ``n`` bytes for a large frame (e.g.
@@ -105,10 +125,10 @@ class MessageReader:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self._allocate = allocate
-        self._scratch = memoryview(bytearray(_SCRATCH))
+        self._scratch = _shared_scratch()
         self._direct = False  # the last get_buffer() was the current frame's own memory
         self.messages: deque[tuple[list[memoryview], int]] = deque()
-        self.message_bytes = 0  # the bytes of every message completed so far
+        self.message_bytes = 0  # the cost of every message completed so far
         self._start()
 
     def _start(self) -> None:
@@ -178,11 +198,12 @@ class MessageReader:
         while len(self._frames) < len(self._sizes):
             n = self._sizes[len(self._frames)]
             if n == 0:
-                self._frames.append(memoryview(bytearray(0)))
+                self._frames.append(_EMPTY)
                 continue
             self._target = self._allocate(n) if n >= DIRECT_READ_MIN else _bytearray_view(n)
             self._filled = 0
             return
-        self.messages.append((self._frames, self._nbytes))
-        self.message_bytes += self._nbytes
+        cost = self._nbytes + FRAME_COST * len(self._frames)
+        self.messages.append((self._frames, cost))
+        self.message_bytes += cost
         self._start()

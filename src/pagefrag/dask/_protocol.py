@@ -41,6 +41,7 @@ class CommProtocol(asyncio.BufferedProtocol):
         self.lost: asyncio.Future[None] | None = None
         self.exc: BaseException | None = None  # why the connection ended, if it failed
         self.eof = False
+        self.stopped = False  # closed or aborted here: no read waits any longer
 
     # -- the transport's calls -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -57,9 +58,10 @@ class CommProtocol(asyncio.BufferedProtocol):
         before = reader.message_bytes
         try:
             reader.buffer_updated(nbytes)
-        except FramingError as exc:
-            # Never trust the network: a header out of bounds ends the connection.
-            logger.warning("pagefrag comm: %s; aborting the connection", exc)
+        except (FramingError, MemoryError) as exc:
+            # Never trust the network: a header out of bounds, or a frame it claims that
+            # cannot be allocated, ends this connection (and only it).
+            logger.warning("pagefrag comm: %r; aborting the connection", exc)
             self.exc = exc
             assert self.transport is not None
             self.transport.abort()
@@ -118,7 +120,7 @@ class CommProtocol(asyncio.BufferedProtocol):
         failure or loss) and none is left."""
         reader = self.reader
         while not reader.messages:
-            if self.eof or self.done:
+            if self.eof or self.done or self.stopped:
                 return None
             waiter = self._message_waiter = asyncio.get_running_loop().create_future()
             try:
@@ -137,6 +139,13 @@ class CommProtocol(asyncio.BufferedProtocol):
         ):
             transport.resume_reading()
         return frames
+
+    def stop(self) -> None:
+        """Our own close() or abort(): a read waiting for a message returns None now
+        (as a closed stream fails a pending read at once), not at ``connection_lost``,
+        which close() may reach only after ``linger``."""
+        self.stopped = True
+        self._wake_reader()
 
     def _wake_reader(self) -> None:
         waiter = self._message_waiter

@@ -159,6 +159,9 @@ class PagefragListener(BaseListener):
                     servers[0].close()
                     raise
                 logger.debug("pagefrag listener: no IPv6 socket: %s", e)
+            except BaseException:  # cancelled meanwhile: not left listening
+                servers[0].close()
+                raise
         return servers
 
     def stop(self) -> None:
@@ -171,15 +174,17 @@ class PagefragListener(BaseListener):
     def _accepted(self, protocol: CommProtocol) -> None:
         transport = protocol.transport
         assert transport is not None
-        if self._stopped:
-            # stop() ran after the accept: nobody will handshake or abort this comm.
+        peer = transport.get_extra_info("peername")
+        if self._stopped or peer is None:
+            # stop() ran after the accept (nobody would handshake or abort this comm), or
+            # the peer reset the connection before its accept was processed.
             transport.abort()
             return
         try:
             comm = PagefragComm(
                 protocol,
                 _address(transport.get_extra_info("sockname")),
-                _address(transport.get_extra_info("peername")),
+                _address(peer),
                 self._settings,
                 self.deserialize,
             )
@@ -192,6 +197,11 @@ class PagefragListener(BaseListener):
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, comm: PagefragComm) -> None:
+        if self._stopped:
+            # stop() (and abort_handshaking_comms()) ran before this task did: the comm
+            # was not yet among the handshaking ones, so it is aborted here.
+            comm.abort()
+            return
         logger.debug("Incoming connection from %r to %r", comm.peer_address, self.contact_address)
         try:
             await self.on_connection(comm)

@@ -130,9 +130,11 @@ class PagefragComm(Comm):
         return self._peer_addr
 
     def closed(self) -> bool:
-        """True after ``close()``/``abort()`` or once the connection has ended (messages
-        received before the end can still be read)."""
-        return self._closed or self._protocol.done or self._protocol.eof
+        """True after ``close()``/``abort()``, or once the connection has ended and every
+        message received before the end has been read (Dask's server loop stops at
+        ``closed()``: a message the peer sent before closing is still handled)."""
+        p = self._protocol
+        return self._closed or ((p.done or p.eof) and not p.reader.messages)
 
     async def read(self, deserializers: Any = None) -> Any:
         """The next message, deserialized as Dask's ``from_frames`` does (unless the
@@ -168,9 +170,12 @@ class PagefragComm(Comm):
         """Serialize and send ``msg``; return the bytes written (header included).
         With ``wait-for-release`` (the default), return only once the kernel has
         released every frame that is the caller's memory: the caller may then free or
-        change it. ``CommClosedError`` if the comm is closed or some of the message's
-        bytes never reached the kernel (as TCP's comm: not when the connection ends after
-        they all did). Kernel: ``sendmsg(MSG_ZEROCOPY)`` / io_uring ``SEND_ZC``.
+        change it. ``CommClosedError`` if the comm is closed, or if bytes were dropped
+        unsent before ``write()`` returned, or our own ``abort()`` came meanwhile (as
+        TCP's comm, not when the connection ends after they all went out). A write of
+        small frames only (copied, nothing to wait for) returns once queued, as TCP's
+        does: its bytes may still be dropped later. Kernel: ``sendmsg(MSG_ZEROCOPY)`` /
+        io_uring ``SEND_ZC``.
 
         Refs: a pin on each large frame until the kernel releases it."""
         transport = self._transport
@@ -231,6 +236,7 @@ class PagefragComm(Comm):
         if transport is None:
             return
         self._finalizer.detach()
+        self._protocol.stop()
         transport.close()
         lost = self._protocol.lost
         if lost is not None:
@@ -241,9 +247,11 @@ class PagefragComm(Comm):
         the kernel holds are released only when it reports them. Kernel:
         ``connect(AF_UNSPEC)``. Refs: dropped as the completions arrive."""
         transport, self._transport = self._transport, None
-        self._closed = self._aborted = True
+        self._closed = True
         if transport is not None:
+            self._aborted = True  # (not after a close(): its writes went out whole)
             self._finalizer.detach()
+            self._protocol.stop()
             transport.abort()
 
     # -- what a worker's memory is made of -------------------------------------------------
