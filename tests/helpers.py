@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import socket
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -222,3 +223,30 @@ def drop_sent_udp(lab: Any, match: str) -> None:
 
 def stop_dropping(lab: Any) -> None:
     lab.ns(lab.sender, "nft", "delete table inet out")
+
+
+@contextlib.asynccontextmanager
+async def comm_across(lab: NetLab) -> AsyncIterator[Any]:
+    """A ``pagefrag://`` comm from the lab's sender namespace to a listener in its
+    receiver namespace whose handler reads (and drops) every message until the end.
+    Serialization stays in the loop (``allow_offload`` off): no distributed offload
+    thread outlives the test. The listener is stopped afterwards."""
+    from distributed.comm import connect, listen
+
+    from pagefrag.testing.netlab import RECEIVER_IP
+
+    async def hold(comm: Any) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                await comm.read()
+
+    with lab.inside(lab.receiver):
+        listener = listen(f"pagefrag://{RECEIVER_IP}:0", hold)
+        await listener.start()
+    try:
+        with lab.inside(lab.sender):
+            comm = await connect(listener.contact_address, timeout=30)
+        comm.allow_offload = False
+        yield comm
+    finally:
+        listener.stop()

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import SRC, Run
+from helpers import SRC, Run, comm_across
 
 pytest.importorskip("distributed")
 import dask
@@ -432,19 +432,7 @@ def test_a_write_whose_bytes_never_reach_the_kernel_still_raises(
     }
 
     async def main() -> Any:
-        async def hold(comm: Any) -> None:
-            with contextlib.suppress(OSError):
-                await comm.read()
-
-        with lab.inside(lab.receiver):
-            listener = listen(f"pagefrag://{RECEIVER_IP}:0", hold)
-            await listener.start()
-        try:
-            with lab.inside(lab.sender):
-                comm = await connect(listener.contact_address, timeout=30)
-            # Serialized here, not in distributed's offload thread (> 10 MiB would be):
-            # the test starts no thread that outlives it.
-            comm.allow_offload = False
+        async with comm_across(lab) as comm:
             lab.add_loss(100)
             write = asyncio.ensure_future(comm.write({"big": np.ones(32 * MIB // 8)}))
             try:
@@ -461,8 +449,6 @@ def test_a_write_whose_bytes_never_reach_the_kernel_still_raises(
             finally:
                 write.cancel()
                 comm.abort()
-        finally:
-            listener.stop()
 
     with dask.config.set(config):
         outcome = run(main(), timeout=120)
@@ -487,20 +473,7 @@ def test_close_is_bounded_by_linger_and_keeps_the_pins_until_the_kernel_releases
     }
 
     async def main() -> tuple[float, int, int]:
-        received: list[Any] = []
-
-        async def hold(comm: Any) -> None:
-            with contextlib.suppress(OSError):
-                while True:
-                    received.append(await comm.read())
-
-        with lab.inside(lab.receiver):
-            listener = listen(f"pagefrag://{RECEIVER_IP}:0", hold)
-            await listener.start()
-        try:
-            with lab.inside(lab.sender):
-                comm = await connect(listener.contact_address, timeout=30)
-            comm.allow_offload = False  # no distributed offload thread (see above)
+        async with comm_across(lab) as comm:
             lab.add_loss(100)
             array = np.arange(MIB, dtype="u8")  # 8 MiB
             alive = weakref.ref(array)  # a bare ndarray is weak-referenceable
@@ -517,8 +490,6 @@ def test_close_is_bounded_by_linger_and_keeps_the_pins_until_the_kernel_releases
                 await asyncio.sleep(0.05)
                 gc.collect()
             return took, pinned if held else -1, comm.pinned_bytes + (alive() is not None)
-        finally:
-            listener.stop()
 
     with dask.config.set(config):
         took, pinned, left = run(main(), timeout=120)

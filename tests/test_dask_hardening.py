@@ -16,7 +16,7 @@ from typing import Any
 import dask
 import numpy as np
 import pytest
-from helpers import Run
+from helpers import Run, comm_across
 
 pytest.importorskip("distributed")
 from distributed.comm import CommClosedError, connect, listen
@@ -24,7 +24,7 @@ from distributed.core import Server
 from distributed.core import connect as core_connect
 
 from pagefrag.dask import PagefragListener
-from pagefrag.testing.netlab import RECEIVER_IP, NetLab
+from pagefrag.testing.netlab import NetLab
 
 SCHEMES = ["tcp", "pagefrag"]
 
@@ -240,18 +240,7 @@ def test_a_read_waiting_while_close_lingers_fails_at_once(lab: NetLab, run: Run)
     }
 
     async def main() -> tuple[float, float]:
-        async def hold(comm: Any) -> None:
-            with contextlib.suppress(OSError):
-                while True:
-                    await comm.read()
-
-        with lab.inside(lab.receiver):
-            listener = listen(f"pagefrag://{RECEIVER_IP}:0", hold)
-            await listener.start()
-        try:
-            with lab.inside(lab.sender):
-                comm = await connect(listener.contact_address, timeout=30)
-            comm.allow_offload = False
+        async with comm_across(lab) as comm:
             lab.add_loss(100)
             await asyncio.wait_for(comm.write({"a": np.ones(1 << 20)}), 30)
             reading = asyncio.ensure_future(comm.read())
@@ -263,9 +252,6 @@ def test_a_read_waiting_while_close_lingers_fails_at_once(lab: NetLab, run: Run)
             read_done = time.monotonic() - start
             await asyncio.wait_for(closing, 30)
             return read_done, time.monotonic() - start
-        finally:
-            lab.add_loss(0)
-            listener.stop()
 
     with dask.config.set(config):
         read_done, close_done = run(main(), timeout=120)
