@@ -172,18 +172,11 @@ async def _serve(host: str) -> None:
 # -- the sender: one process per path, one cell per command line -------------------------
 
 
-def _vm_hwm_mib() -> float:
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (``VmHWM``: peak RSS, ``VmRSS``), in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _vm_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -200,7 +193,7 @@ async def _cell(arrays: list[Any], cmd: dict[str, Any]) -> dict[str, Any]:
 
     workload, seconds = cmd["workload"], cmd["seconds"]
     _reset_hwm()
-    rss0 = _vm_rss_mib()
+    rss0 = _status_mib("VmRSS")
     config = (
         {} if cmd["zerocopy"] is None else {"distributed.comm.pagefrag.zerocopy": cmd["zerocopy"]}
     )
@@ -242,8 +235,8 @@ async def _cell(arrays: list[Any], cmd: dict[str, Any]) -> dict[str, Any]:
         "msgs_per_s": messages / wall,
         "sender_cpu_us_per_msg": cpu / messages * 1e6,
         "receiver_cpu_us_per_msg": peer["cpu"] / messages * 1e6,
-        "peak_rss_mib": _vm_hwm_mib(),
-        "rss_growth_mib": _vm_hwm_mib() - rss0,
+        "peak_rss_mib": _status_mib("VmHWM"),
+        "rss_growth_mib": _status_mib("VmHWM") - rss0,
     }
     if workload == "array":
         gb = sent / 1e9
@@ -271,7 +264,7 @@ async def _drive(array_bytes: int, workset_bytes: int) -> None:
     count = max(1, workset_bytes // array_bytes)
     # np.full writes every page: real, distinct memory, not the shared zero page.
     arrays = [np.full(array_bytes // 8, float(i)) for i in range(count)]
-    print(json.dumps({"ready": True, "rss_mib": _vm_rss_mib()}), flush=True)
+    print(json.dumps({"ready": True, "rss_mib": _status_mib("VmRSS")}), flush=True)
     loop = asyncio.get_running_loop()
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         result = await _cell(arrays, json.loads(line))
